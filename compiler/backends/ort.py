@@ -1,0 +1,132 @@
+"""ONNX Runtime backend: fp32 (offline graph optimization), fp16, int8 static QDQ."""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from compiler.backends import BACKENDS, Artifact, CompileOptions
+from compiler.prepare import PreparedModel
+from compiler.runtime import OnnxRuntimeRunner, Runner
+from device_profiles import DeviceProfile, Runtime
+from edgec.errors import ConversionError, OptionError
+from edgec.manifest import Precision, TargetFormat
+
+__all__ = ["BACKEND", "OnnxRuntimeBackend"]
+
+logger = logging.getLogger(__name__)
+
+
+def _optimization_level(profile: DeviceProfile) -> ort.GraphOptimizationLevel:
+    # Extended fusions produce CPU-provider-only ops; a GPU or NPU device gets the portable
+    # basic level (constant folding, redundant node removal) and fuses on the device.
+    if profile.onnxruntime_providers == [Runtime.CPU]:
+        return ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    return ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+
+
+def optimize(source: Path, target: Path, level: ort.GraphOptimizationLevel) -> None:
+    """Run onnxruntime's graph optimizer offline and save the result."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    options.optimized_model_filepath = str(target)
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ConversionError(f"onnxruntime graph optimization failed: {e}") from e
+
+
+class _CalibrationReader:
+    """onnxruntime.quantization's data reader: one feed per ``get_next`` call."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self._feeds = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def _to_fp16(source: Path, target: Path) -> None:
+    from onnxconverter_common import float16
+
+    model = onnx.load(str(source))
+    try:
+        converted = float16.convert_float_to_float16(model, keep_io_types=True)
+    except Exception as e:
+        raise ConversionError(f"fp16 conversion failed: {e}") from e
+    onnx.save(converted, str(target))
+
+
+def _to_int8(source: Path, target: Path, options: CompileOptions, workdir: Path) -> None:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if options.calibration is None:
+        raise OptionError("int8 needs calibration data: pass --calibration FILE.npz|DIR")
+    preprocessed = workdir / "int8-pre.onnx"
+    try:
+        quant_pre_process(str(source), str(preprocessed), skip_symbolic_shape=True)
+        quantize_static(
+            str(preprocessed),
+            str(target),
+            _CalibrationReader(list(options.calibration)),
+            quant_format=QuantFormat.QDQ,
+            per_channel=options.per_channel,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
+    except Exception as e:
+        raise ConversionError(f"int8 quantization failed: {e}") from e
+
+
+class OnnxRuntimeBackend:
+    spec = BACKENDS[TargetFormat.ONNX]
+
+    def compile(
+        self, prepared: PreparedModel, profile: DeviceProfile, options: CompileOptions, workdir: Path
+    ) -> Artifact:
+        level = _optimization_level(profile)
+        target = workdir / self.spec.model_file
+        if options.precision is Precision.FP32:
+            optimize(prepared.path, target, level)
+        elif options.precision is Precision.FP16:
+            # Convert first, then optimize: fusing first would leave fused CPU ops whose
+            # fp16 kernels do not exist.
+            fp16 = workdir / "fp16.onnx"
+            _to_fp16(prepared.path, fp16)
+            optimize(fp16, target, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+        else:
+            # Quantize the unfused graph so the device's runtime can fuse QDQ itself.
+            _to_int8(prepared.path, target, options, workdir)
+        tools = {
+            "onnx": version("onnx"),
+            "onnxruntime": version("onnxruntime"),
+        }
+        if options.precision is Precision.FP16:
+            tools["onnxconverter-common"] = version("onnxconverter-common")
+        notes = [f"graph optimization: {level.name}"] if options.precision is Precision.FP32 else []
+        if options.precision is Precision.INT8:
+            per = "per-channel" if options.per_channel else "per-tensor"
+            notes.append(f"int8 static QDQ, {per} symmetric weights, asymmetric activations")
+        return Artifact(
+            format=TargetFormat.ONNX,
+            precision=options.precision,
+            path=target,
+            inputs=prepared.inputs,
+            outputs=prepared.outputs,
+            tool_versions=tools,
+            notes=notes,
+        )
+
+    def open(self, artifact: Artifact) -> Runner:
+        return OnnxRuntimeRunner(artifact.path)
+
+
+BACKEND = OnnxRuntimeBackend()

@@ -1,0 +1,346 @@
+"""``edgec build``: source model -> prepared graph -> per target: compile, verify, bundle.
+
+Every check that can fail on bad input runs before any slow work, so a typo costs no
+time and leaves nothing behind. A target that fails to convert or misses its gate is
+reported with its figures; the other targets are still built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import version as dist_version
+from pathlib import Path
+
+import numpy as np
+
+import edgec
+from compiler.backends import BACKENDS, Artifact, CompileOptions, get_backend
+from compiler.bundle import bundle_dir_name, write_bundle
+from compiler.prepare import PreparedModel, prepare
+from compiler.report import BuildResult, TargetResult
+from compiler.source import SourceModel, load_source
+from compiler.stats import tensor_stats
+from compiler.tensors import SampleSet, generate_samples, load_samples
+from compiler.verify import Outputs, compare, gate_failures, run_samples
+from device_profiles import DeviceProfile, load_profile
+from edgec.errors import BuildError, GateError, OptionError, OutputDirError, UserInputError
+from edgec.manifest import (
+    BundleStatus,
+    FileEntry,
+    Manifest,
+    Metrics,
+    Precision,
+    ProfileRef,
+    TargetFormat,
+    TensorSpec,
+    TensorStats,
+    Verification,
+)
+
+__all__ = ["BuildRequest", "build"]
+
+logger = logging.getLogger(__name__)
+
+GENERATED_SAMPLES = 32
+GOLDEN_SAMPLES = 8
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    model: Path
+    targets: Sequence[str | Path]
+    out: Path
+    format: TargetFormat | None = None
+    precision: Precision | None = None
+    calibration: Path | None = None
+    eval: Path | None = None
+    input_shapes: Mapping[str, list[int]] = field(default_factory=dict)
+    name: str | None = None
+    version: str = "1.0.0"
+    force: bool = False
+    ignore_gates: bool = False
+
+
+@dataclass(frozen=True)
+class _Plan:
+    profile: DeviceProfile
+    format: TargetFormat
+    precision: Precision
+    bundle: Path
+
+
+@dataclass
+class _Shared:
+    """Everything the targets of one build have in common, computed once."""
+
+    request: BuildRequest
+    source: SourceModel
+    prepared: PreparedModel
+    calibration: SampleSet | None
+    verify_set: SampleSet
+    reference: Outputs
+    stats: list[TensorStats]
+
+
+def _plan(request: BuildRequest, profiles: list[DeviceProfile], name: str) -> list[_Plan]:
+    plans = []
+    for profile in profiles:
+        fmt = request.format or profile.default_format
+        if fmt not in profile.formats:
+            runs = ", ".join(f.value for f in profile.formats)
+            raise OptionError(f"profile {profile.id} does not run {fmt.value}; it runs: {runs}")
+        precision = request.precision or profile.default_precision
+        if precision not in profile.precisions:
+            allowed = ", ".join(p.value for p in profile.precisions)
+            raise OptionError(f"profile {profile.id} does not allow {precision.value}; allowed: {allowed}")
+        spec = BACKENDS.get(fmt)
+        if spec is not None and precision not in spec.precisions:
+            raise OptionError(f"the {fmt.value} backend cannot build {precision.value}")
+        if precision is Precision.INT8 and request.calibration is None:
+            raise OptionError(
+                f"int8 for {profile.id} needs calibration data: pass --calibration FILE.npz|DIR "
+                "(or choose --precision fp16)"
+            )
+        folder = bundle_dir_name(name, request.version, profile.id)
+        plans.append(_Plan(profile, fmt, precision, request.out / folder))
+    folders = [p.bundle for p in plans]
+    if len(set(folders)) != len(folders):
+        raise OptionError("the same profile is named twice in --target")
+    return plans
+
+
+def _check_out_dir(out: Path, plans: list[_Plan], force: bool) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise OutputDirError(
+            f"cannot write to output folder {out}: {e.strerror or e}; choose another --out"
+        ) from e
+    if not force:
+        for plan in plans:
+            if plan.bundle.exists():
+                raise OutputDirError(
+                    f"bundle {plan.bundle} already exists; pass --force to replace it "
+                    "or set another --version"
+                )
+
+
+def _with_shapes(specs: list[TensorSpec], sample: Mapping[str, np.ndarray]) -> list[TensorSpec]:
+    """Fill dimensions shape inference left unknown from an actual run."""
+    return [
+        s if -1 not in s.shape else s.model_copy(update={"shape": list(sample[s.name].shape)}) for s in specs
+    ]
+
+
+def _reference_stats(samples: SampleSet, outputs: Outputs, output_names: Sequence[str]) -> list[TensorStats]:
+    stats = [tensor_stats(name, list(array)) for name, array in samples.arrays.items()]
+    stats += [tensor_stats(name, [o[name] for o in outputs]) for name in output_names]
+    return [s for s in stats if s is not None]
+
+
+def _prepare_shared(request: BuildRequest, source: SourceModel, workdir: Path, progress: Progress) -> _Shared:
+    progress(f"preparing {source.path.name}")
+    prepared = prepare(source.onnx_path, request.input_shapes, workdir)
+    calibration = (
+        load_samples(request.calibration, prepared.inputs, "calibration") if request.calibration else None
+    )
+    evaluation = load_samples(request.eval, prepared.inputs, "eval") if request.eval else None
+    verify_set = evaluation or calibration or generate_samples(prepared.inputs, GENERATED_SAMPLES)
+    progress(f"running the source model on {len(verify_set)} {verify_set.origin} samples")
+    runner = source.runner()
+    reference = run_samples(runner, verify_set)
+    prepared = PreparedModel(
+        path=prepared.path,
+        model=prepared.model,
+        inputs=prepared.inputs,
+        outputs=_with_shapes(prepared.outputs, reference[0]),
+        opset=prepared.opset,
+    )
+    names = [o.name for o in prepared.outputs]
+    if calibration is not None and calibration is not verify_set:
+        stats = _reference_stats(calibration, run_samples(runner, calibration), names)
+    else:
+        stats = _reference_stats(verify_set, reference, names)
+    return _Shared(request, source, prepared, calibration, verify_set, reference, stats)
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _gate(profile: DeviceProfile, precision: Precision) -> dict[str, float]:
+    gate = profile.gates[precision].model_dump()
+    gate["max_artifact_bytes"] = float(profile.max_artifact_bytes)
+    return gate
+
+
+def _tool_versions(artifact: Artifact) -> dict[str, str]:
+    versions = {
+        "edgec": edgec.__version__,
+        "python": platform.python_version(),
+        "numpy": dist_version("numpy"),
+    }
+    versions.update(artifact.tool_versions)
+    return versions
+
+
+def _golden(shared: _Shared) -> dict[str, np.ndarray]:
+    count = min(GOLDEN_SAMPLES, len(shared.verify_set))
+    golden = {f"inputs/{k}": v[:count] for k, v in shared.verify_set.arrays.items()}
+    for spec in shared.prepared.outputs:
+        golden[f"outputs/{spec.name}"] = np.stack([o[spec.name] for o in shared.reference[:count]])
+    return golden
+
+
+def _build_target(plan: _Plan, shared: _Shared, progress: Progress) -> TargetResult:
+    label = f"{plan.profile.id} {plan.format.value} {plan.precision.value}"
+    timings: dict[str, float] = {}
+    gate = _gate(plan.profile, plan.precision)
+    result = TargetResult(
+        profile=plan.profile.id,
+        format=plan.format,
+        precision=plan.precision,
+        status=BundleStatus.FAILED,
+        gate=gate,
+    )
+    metrics: Metrics | None = None
+    artifact: Artifact | None = None
+    try:
+        backend = get_backend(plan.format)
+        with tempfile.TemporaryDirectory(prefix="edgec-target-") as tmp:
+            started = time.perf_counter()
+            progress(f"{label}: converting")
+            options = CompileOptions(precision=plan.precision, calibration=shared.calibration)
+            artifact = backend.compile(shared.prepared, plan.profile, options, Path(tmp))
+            timings["compile"] = time.perf_counter() - started
+            size = _size(artifact.path)
+
+            started = time.perf_counter()
+            progress(f"{label}: verifying on {len(shared.verify_set)} {shared.verify_set.origin} samples")
+            candidate = run_samples(backend.open(artifact), shared.verify_set)
+            output_names = [o.name for o in shared.prepared.outputs]
+            metrics = compare(shared.reference, candidate, shared.verify_set.labels, output_names)
+            timings["verify"] = time.perf_counter() - started
+            failures = gate_failures(metrics, plan.profile.gates[plan.precision])
+            if size > plan.profile.max_artifact_bytes:
+                failures.append(f"size {size} bytes > {plan.profile.max_artifact_bytes}")
+            waived = None
+            if failures:
+                if not shared.request.ignore_gates:
+                    raise GateError(
+                        f"missed the {plan.precision.value} gate: {'; '.join(failures)}", failures
+                    )
+                waived = "gate missed, bundle written because of --ignore-gates"
+            verification = Verification(
+                status=BundleStatus.OK,
+                data=shared.verify_set.origin,
+                metrics=metrics,
+                gate=gate,
+                gate_failures=failures,
+                reason=waived,
+            )
+            result = result.model_copy(
+                update={
+                    "status": BundleStatus.OK,
+                    "metrics": metrics,
+                    "size_bytes": size,
+                    "gate_failures": failures,
+                    "notes": artifact.notes + ([waived] if waived else []),
+                }
+            )
+            started = time.perf_counter()
+            progress(f"{label}: writing bundle {plan.bundle.name}")
+            report = result.model_copy(update={"timings_s": timings}).model_dump(mode="json")
+
+            def manifest(files: list[FileEntry]) -> Manifest:
+                return _manifest(plan, shared, artifact, verification, files)
+
+            write_bundle(
+                plan.bundle,
+                artifact_path=artifact.path,
+                model_file=BACKENDS[plan.format].model_file,
+                golden=_golden(shared),
+                report=report,
+                make_manifest=manifest,
+                replace=shared.request.force,
+            )
+            timings["bundle"] = time.perf_counter() - started
+    except GateError as e:
+        return result.model_copy(
+            update={
+                "error": str(e),
+                "metrics": metrics,
+                "gate_failures": e.failures,
+                "timings_s": timings,
+                "notes": artifact.notes if artifact else [],
+            }
+        )
+    except (BuildError, OutputDirError) as e:
+        return result.model_copy(update={"error": str(e), "timings_s": timings})
+    except Exception as e:  # a converter's own failure must not stop the other targets
+        logger.exception("unexpected failure building %s", label)
+        return result.model_copy(update={"error": f"internal error: {type(e).__name__}: {e}"})
+    return result.model_copy(update={"path": str(plan.bundle), "timings_s": timings})
+
+
+def _manifest(
+    plan: _Plan, shared: _Shared, artifact: Artifact, verification: Verification, files: list[FileEntry]
+) -> Manifest:
+    request = shared.request
+    return Manifest(
+        name=_name(request),
+        version=request.version,
+        profile=ProfileRef(id=plan.profile.id, sha256=plan.profile.sha256()),
+        format=plan.format,
+        precision=plan.precision,
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        files=files,
+        model_file=BACKENDS[plan.format].model_file,
+        inputs=artifact.inputs,
+        outputs=_with_shapes(artifact.outputs, shared.reference[0]),
+        verification=verification,
+        reference_stats=shared.stats,
+        max_latency_ms=plan.profile.max_latency_ms,
+        tool_versions=_tool_versions(artifact),
+        source=shared.source.ref,
+    )
+
+
+def _name(request: BuildRequest) -> str:
+    return request.name or request.model.stem
+
+
+def build(request: BuildRequest, progress: Progress | None = None) -> BuildResult:
+    """Build one bundle per target. Raises ``UserInputError`` before any work on bad input."""
+    say = progress or (lambda _message: None)
+    if not request.targets:
+        raise OptionError("no target: pass --target PROFILE (see edgec profiles list)")
+    profiles = [load_profile(t) for t in request.targets]
+    plans = _plan(request, profiles, _name(request))
+    source = load_source(request.model)
+    created = not request.out.exists()
+    _check_out_dir(request.out, plans, request.force)
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgec-build-") as tmp:
+            shared = _prepare_shared(request, source, Path(tmp), say)
+            results = [_build_target(plan, shared, say) for plan in plans]
+    except UserInputError:
+        if created:
+            with contextlib.suppress(OSError):
+                request.out.rmdir()  # only if still empty
+        raise
+    logger.info("built %d target(s) on %s", len(results), sys.platform)
+    return BuildResult(bundles=results)

@@ -1,0 +1,100 @@
+"""Writing a bundle: a temporary folder beside the destination, renamed into place.
+
+A failed write leaves nothing: the temporary folder is removed, and the destination
+appears only once every file in it is complete and synced.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from edgec.errors import OutputDirError
+from edgec.manifest import MANIFEST_NAME, FileEntry, Manifest, file_entry
+
+__all__ = ["GOLDEN_NAME", "REPORT_NAME", "bundle_dir_name", "write_bundle"]
+
+logger = logging.getLogger(__name__)
+
+GOLDEN_NAME = "golden.npz"
+REPORT_NAME = "report.json"
+_TMP_PREFIX = ".edgec-tmp-"
+
+
+def bundle_dir_name(name: str, version: str, profile_id: str, suffix: str = "") -> str:
+    return f"{name}-{version}-{profile_id}" + (f"-{suffix}" if suffix else "")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def _files_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def write_bundle(
+    destination: Path,
+    *,
+    artifact_path: Path,
+    model_file: str,
+    golden: dict[str, np.ndarray],
+    report: dict[str, object],
+    make_manifest: Callable[[list[FileEntry]], Manifest],
+    replace: bool = False,
+) -> Path:
+    """Assemble the bundle in a temp folder, then rename it to ``destination``.
+
+    ``make_manifest`` receives the file entries (path, sha256, length) of everything but
+    the manifest itself.
+    """
+    parent = destination.parent
+    if destination.exists() and not replace:
+        raise OutputDirError(
+            f"bundle {destination} already exists; pass --force to replace it or set --version"
+        )
+    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=parent))
+    try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; a bundle is an ordinary folder
+        model_path = tmp / model_file
+        if artifact_path.is_dir():
+            shutil.copytree(artifact_path, model_path)
+        else:
+            shutil.copyfile(artifact_path, model_path)
+        np.savez_compressed(tmp / GOLDEN_NAME, **golden)  # type: ignore[arg-type]  # numpy's stub
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        entries = [file_entry(tmp, p) for p in _files_under(tmp)]
+        manifest = make_manifest(entries)
+        (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        for path in _files_under(tmp):
+            _fsync(path)
+        if destination.exists():
+            old = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=parent))
+            os.replace(destination, old / "old")
+            os.rename(tmp, destination)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, destination)
+        _fsync(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote bundle %s", destination)
+    return destination

@@ -1,0 +1,39 @@
+"""What a build returns: one result per target, as JSON and as a readable table."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from edgec.errors import EXIT_OK, EXIT_TARGET_FAILED
+from edgec.manifest import BundleStatus, Metrics, Precision, TargetFormat
+
+__all__ = ["BuildResult", "TargetResult"]
+
+
+class TargetResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    profile: str
+    format: TargetFormat
+    precision: Precision
+    path: str | None = None
+    size_bytes: int | None = None
+    status: BundleStatus
+    error: str | None = None
+    metrics: Metrics | None = None
+    gate: dict[str, float] = {}
+    gate_failures: list[str] = []
+    notes: list[str] = []
+    timings_s: dict[str, float] = {}
+
+
+class BuildResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bundles: list[TargetResult]
+
+    @property
+    def exit_code(self) -> int:
+        if any(b.status is BundleStatus.FAILED for b in self.bundles):
+            return EXIT_TARGET_FAILED
+        return EXIT_OK

@@ -1,0 +1,47 @@
+"""Running a model: the one small interface verification uses for every runtime."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from edgec.errors import ConversionError
+
+__all__ = ["OnnxRuntimeRunner", "Runner"]
+
+logger = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    """Runs one sample: a feed of named arrays in, named arrays out."""
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class OnnxRuntimeRunner:
+    """An onnxruntime CPU session over a model file."""
+
+    def __init__(self, path: Path, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own untyped errors
+            raise ConversionError(f"onnxruntime cannot load {path.name}: {_first_line(e)}") from e
+        self._output_names = [o.name for o in self._session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self._session.run(self._output_names, feeds)
+        return dict(zip(self._output_names, values, strict=True))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,5 @@
+import sys
+
+from edgec.cli import main
+
+sys.exit(main())

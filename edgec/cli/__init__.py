@@ -1,0 +1,59 @@
+"""The ``edgec`` command line. Thin: parse, call the library, print, set the exit code.
+
+Subcommands import their packages only when they run, so ``edgec --help`` loads no ML
+package. Errors raised on purpose print as one line; ``-v`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from edgec import __version__
+from edgec.errors import EXIT_INTERNAL, EdgecError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    from edgec.cli import build, inspect, profiles
+
+    parser = argparse.ArgumentParser(
+        prog="edgec",
+        description="Compile models for edge devices, verify them, and ship them over the air.",
+    )
+    parser.add_argument("--version", action="version", version=f"edgec {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging; tracebacks on errors"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in (build, profiles, inspect):
+        module.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * args.verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        code: int = args.run(args)
+        return code
+    except EdgecError as e:
+        if args.verbose:
+            logging.exception("edgec failed")
+        print(f"edgec: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("edgec: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.verbose:
+            logging.exception("internal error")
+        print(
+            f"edgec: internal error: {type(e).__name__}: {e} (run with -v for the traceback)", file=sys.stderr
+        )
+        return EXIT_INTERNAL

@@ -1,0 +1,158 @@
+"""``edgec build``: compile a model for device profiles and write verified bundles."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgec._table import render_table
+from edgec.manifest import Precision, TargetFormat
+
+if TYPE_CHECKING:
+    from compiler.report import BuildResult
+
+__all__ = ["register"]
+
+
+def register(commands: Any) -> None:
+    parser = commands.add_parser(
+        "build",
+        help="compile a model into verified bundles for device profiles",
+        description="Convert and quantize MODEL for each --target profile, verify every "
+        "artifact against MODEL, and write one bundle per target.",
+    )
+    parser.add_argument("model", type=Path, help="the trained model (.onnx)")
+    parser.add_argument(
+        "--target",
+        "-t",
+        action="append",
+        required=True,
+        metavar="PROFILE",
+        help="a profile id or .toml file; repeat for several",
+    )
+    parser.add_argument(
+        "--format",
+        choices=[f.value for f in TargetFormat],
+        help="artifact format (default: the profile's first)",
+    )
+    parser.add_argument(
+        "--precision", choices=[p.value for p in Precision], help="numeric precision (default: the profile's)"
+    )
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        metavar="FILE.npz|DIR",
+        help="representative inputs for int8, keyed by input name",
+    )
+    parser.add_argument(
+        "--eval",
+        type=Path,
+        metavar="FILE.npz",
+        help="evaluation inputs (and labels under 'y') for verification",
+    )
+    parser.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=D0,D1,...",
+        help="fix an input's dynamic dimensions; repeat per input",
+    )
+    parser.add_argument("--name", help="bundle name (default: the model file's stem)")
+    parser.add_argument("--version", default="1.0.0", help="bundle version (default: 1.0.0)")
+    parser.add_argument("--out", type=Path, default=Path("build"), help="output folder (default: build)")
+    parser.add_argument("--force", action="store_true", help="replace bundles that already exist")
+    parser.add_argument(
+        "--ignore-gates",
+        action="store_true",
+        help="write bundles that miss their verification gate (recorded in the manifest)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON document to stdout")
+    parser.set_defaults(run=run)
+
+
+class _Progress:
+    def __init__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.perf_counter() - self._start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def render(result: BuildResult) -> str:
+    rows = []
+    for b in result.bundles:
+        m = b.metrics
+        acc = "-"
+        if m is not None and m.accuracy is not None and m.source_accuracy is not None:
+            acc = f"{m.accuracy * 100:.2f} ({m.source_accuracy * 100:.2f})"
+        rows.append(
+            (
+                b.profile,
+                b.format.value,
+                b.precision.value,
+                b.status.value,
+                _size(b.size_bytes),
+                _fmt(m.max_abs_err if m else None, ".2e"),
+                _fmt(m.cosine if m else None, ".5f"),
+                _fmt(m.top1_agreement if m else None, ".4f"),
+                acc,
+            )
+        )
+    headers = (
+        "profile",
+        "format",
+        "precision",
+        "status",
+        "size",
+        "max err",
+        "cosine",
+        "top-1 agree",
+        "acc % (source)",
+    )
+    lines = [render_table(headers, rows, right=(4, 5, 6, 7, 8))]
+    for b in result.bundles:
+        if b.path:
+            lines.append(f"{b.profile}: {b.path}")
+        if b.error:
+            lines.append(f"{b.profile}: {b.status.value}: {b.error}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from compiler.build import BuildRequest, build
+    from compiler.prepare import parse_input_shapes
+
+    request = BuildRequest(
+        model=args.model,
+        targets=args.target,
+        out=args.out,
+        format=TargetFormat(args.format) if args.format else None,
+        precision=Precision(args.precision) if args.precision else None,
+        calibration=args.calibration,
+        eval=args.eval,
+        input_shapes=parse_input_shapes(args.input_shape),
+        name=args.name,
+        version=args.version,
+        force=args.force,
+        ignore_gates=args.ignore_gates,
+    )
+    result = build(request, progress=None if args.json and not sys.stderr.isatty() else _Progress())
+    if args.json:
+        print(json.dumps(result.model_dump(mode="json"), indent=2))
+    else:
+        print(render(result))
+    return result.exit_code

@@ -1,0 +1,109 @@
+"""The error tree shared by every part of edgec.
+
+Errors are named by whose fault they are. Each carries the exit code the command line
+uses for it, so the CLI never has to guess:
+
+- ``UserInputError`` (exit 2): the user gave something we cannot use: a model that does
+  not load, an unknown profile, a bad shape spec, data that does not match the model, an
+  output folder we cannot write. Nothing was built.
+- ``BuildError`` (exit 3): a target failed to convert or missed its verification gate.
+  Other targets are still built.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_INTERNAL",
+    "EXIT_OK",
+    "EXIT_TARGET_FAILED",
+    "BackendUnavailableError",
+    "BuildError",
+    "BundleError",
+    "ConversionError",
+    "DataMismatchError",
+    "EdgecError",
+    "GateError",
+    "ModelLoadError",
+    "OptionError",
+    "OutputDirError",
+    "ProfileError",
+    "ShapeSpecError",
+    "UnsupportedOperatorError",
+    "UserInputError",
+]
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_BAD_INPUT = 2
+EXIT_TARGET_FAILED = 3
+
+
+class EdgecError(Exception):
+    """Base of every error edgec raises on purpose. ``str(err)`` is one line for the user."""
+
+    exit_code = EXIT_INTERNAL
+
+
+class UserInputError(EdgecError):
+    """The input is unusable; the message says what is wrong and how to fix it."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class ModelLoadError(UserInputError):
+    """The source model cannot be read or is not a valid model."""
+
+
+class ProfileError(UserInputError):
+    """A device profile is unknown or its file is invalid."""
+
+
+class ShapeSpecError(UserInputError):
+    """An ``--input-shape`` spec is malformed or does not fit the model."""
+
+
+class DataMismatchError(UserInputError):
+    """Calibration or evaluation data does not match the model's inputs."""
+
+
+class OutputDirError(UserInputError):
+    """The output folder cannot be created or written, or a bundle is already there."""
+
+
+class OptionError(UserInputError):
+    """An impossible combination of options (say, int8 without calibration data)."""
+
+
+class BundleError(UserInputError):
+    """A bundle folder is missing, unreadable or its manifest is invalid."""
+
+
+class BuildError(EdgecError):
+    """A target could not be built or verified. The other targets go on."""
+
+    exit_code = EXIT_TARGET_FAILED
+
+
+class BackendUnavailableError(BuildError):
+    """The backend for a format is not installed (its SDK or extra is missing)."""
+
+
+class ConversionError(BuildError):
+    """A converter failed on the model."""
+
+
+class UnsupportedOperatorError(ConversionError):
+    """The model has operators the target cannot run; ``nodes`` names them."""
+
+    def __init__(self, message: str, nodes: list[str]) -> None:
+        super().__init__(message)
+        self.nodes = nodes
+
+
+class GateError(BuildError):
+    """The artifact's verification figures miss the profile's gate; ``failures`` says which."""
+
+    def __init__(self, message: str, failures: list[str]) -> None:
+        super().__init__(message)
+        self.failures = failures

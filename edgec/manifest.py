@@ -1,0 +1,224 @@
+"""The bundle manifest: what the compiler writes and the agent and server read.
+
+A bundle is one folder per model x version x profile (see DESIGN.md, "Bundle"). The
+manifest lists every other file with its sha256 and length, the tensors the model takes
+and gives (with layout, so a runtime feeds it right), the verification figures, and the
+reference statistics the agent compares live traffic against for drift.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "MANIFEST_NAME",
+    "SCHEMA_VERSION",
+    "BundleStatus",
+    "FileEntry",
+    "Layout",
+    "Manifest",
+    "Metrics",
+    "Precision",
+    "ProfileRef",
+    "SourceRef",
+    "TargetFormat",
+    "TensorSpec",
+    "TensorStats",
+    "Verification",
+    "check_files",
+    "file_entry",
+    "read_manifest",
+    "sha256_file",
+]
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+_CHUNK = 1 << 20
+
+
+class TargetFormat(enum.StrEnum):
+    """Artifact formats edgec can write."""
+
+    ONNX = "onnx"
+    TFLITE = "tflite"
+    COREML = "coreml"
+    TENSORRT = "tensorrt"
+
+
+class Precision(enum.StrEnum):
+    """Numeric precision of an artifact's weights and compute."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+
+class Layout(enum.StrEnum):
+    """Memory layout of an image-like tensor; ``ANY`` for everything else."""
+
+    NCHW = "NCHW"
+    NHWC = "NHWC"
+    ANY = "any"
+
+
+class BundleStatus(enum.StrEnum):
+    """Outcome of one target's build."""
+
+    OK = "ok"
+    FAILED = "failed"
+    UNVERIFIED = "unverified"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Model):
+    """One model input or output as the artifact expects it."""
+
+    name: str
+    shape: list[int]
+    dtype: str  # numpy dtype name: float32, int64, ...
+    layout: Layout = Layout.ANY
+
+
+class FileEntry(_Model):
+    path: str
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    length: Annotated[int, Field(ge=0)]
+
+
+class ProfileRef(_Model):
+    id: str
+    sha256: str
+
+
+class SourceRef(_Model):
+    filename: str
+    format: str
+    sha256: str
+
+
+class Metrics(_Model):
+    """Artifact vs source model on the same inputs. ``None`` where it does not apply."""
+
+    samples: int
+    max_abs_err: float | None = None
+    mean_abs_err: float | None = None
+    cosine: float | None = None
+    top1_agreement: float | None = None
+    accuracy: float | None = None
+    source_accuracy: float | None = None
+
+
+class Verification(_Model):
+    status: BundleStatus
+    data: str  # "eval", "calibration" or "generated"
+    metrics: Metrics | None = None
+    gate: dict[str, float]
+    gate_failures: list[str] = []
+    reason: str | None = None  # why a bundle is unverified, or why its gate was waived
+
+
+class TensorStats(_Model):
+    """Reference distribution of one tensor, for drift checks (PSI) on the device.
+
+    ``bin_edges`` has one more element than ``bin_fractions``; the first and last bins are
+    open-ended on the device (values outside the reference range fall into them).
+    """
+
+    name: str
+    count: int
+    mean: float
+    std: float
+    min: float
+    max: float
+    bin_edges: list[float]
+    bin_fractions: list[float]
+
+
+class Manifest(_Model):
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    version: str
+    profile: ProfileRef
+    format: TargetFormat
+    precision: Precision
+    created_at: str
+    files: list[FileEntry]
+    model_file: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    preprocessing: dict[str, str] = {}
+    verification: Verification
+    reference_stats: list[TensorStats]
+    max_latency_ms: float
+    tool_versions: dict[str, str]
+    source: SourceRef
+
+    def file(self, path: str) -> FileEntry:
+        for entry in self.files:
+            if entry.path == path:
+                return entry
+        raise KeyError(path)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entry(root: Path, path: Path) -> FileEntry:
+    """The manifest entry for ``path``, stored relative to the bundle ``root``."""
+    return FileEntry(
+        path=path.relative_to(root).as_posix(),
+        sha256=sha256_file(path),
+        length=os.path.getsize(path),
+    )
+
+
+def read_manifest(bundle: Path) -> Manifest:
+    """Load and validate ``bundle/manifest.json``. Raises ``BundleError``."""
+    from edgec.errors import BundleError
+
+    path = bundle / MANIFEST_NAME
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{bundle} is not a bundle: it has no {MANIFEST_NAME}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"cannot read {path}: {e}") from e
+    try:
+        return Manifest.model_validate(raw)
+    except ValueError as e:
+        first = str(e).splitlines()
+        raise BundleError(f"{path} is not a valid edgec manifest: {' '.join(first[:3])}") from e
+
+
+def check_files(bundle: Path, manifest: Manifest) -> dict[str, str | None]:
+    """Each manifest file's problem (``None`` when its length and sha256 match)."""
+    problems: dict[str, str | None] = {}
+    root = bundle.resolve()
+    for entry in manifest.files:
+        path = (bundle / entry.path).resolve()
+        if not path.is_relative_to(root):
+            problems[entry.path] = "path leaves the bundle"
+        elif not path.is_file():
+            problems[entry.path] = "missing"
+        elif path.stat().st_size != entry.length:
+            problems[entry.path] = f"length {path.stat().st_size} != {entry.length}"
+        elif sha256_file(path) != entry.sha256:
+            problems[entry.path] = "sha256 mismatch"
+        else:
+            problems[entry.path] = None
+    return problems
