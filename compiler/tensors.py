@@ -36,7 +36,8 @@ class SampleSet:
         return len(next(iter(self.arrays.values())))
 
     def sample(self, index: int) -> dict[str, np.ndarray]:
-        return {name: array[index] for name, array in self.arrays.items()}
+        # np.asarray: a scalar input indexes to a numpy scalar, runtimes want a 0-d array
+        return {name: np.asarray(array[index]) for name, array in self.arrays.items()}
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return (self.sample(i) for i in range(len(self)))

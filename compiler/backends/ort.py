@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import TensorProto
 import onnxruntime as ort
 
 from compiler.backends import BACKENDS, Artifact, CompileOptions
@@ -60,7 +61,25 @@ def _to_fp16(source: Path, target: Path) -> None:
         converted = float16.convert_float_to_float16(model, keep_io_types=True)
     except Exception as e:
         raise ConversionError(f"fp16 conversion failed: {e}") from e
+    _retarget_float_casts(converted)
     onnx.save(converted, str(target))
+
+
+def _retarget_float_casts(model: onnx.ModelProto) -> None:
+    """Make inner ``Cast(to=float)`` nodes cast to float16, as the converter typed their outputs.
+
+    onnxconverter-common retypes a Cast's output to float16 but leaves ``to=FLOAT`` (an
+    int64 -> float cast feeding an fp16 MatMul, say), which onnxruntime rejects.
+    """
+    fp16_tensors = {
+        vi.name for vi in model.graph.value_info if vi.type.tensor_type.elem_type == TensorProto.FLOAT16
+    }
+    for node in model.graph.node:
+        if node.op_type != "Cast" or node.output[0] not in fp16_tensors:
+            continue
+        for attr in node.attribute:
+            if attr.name == "to" and attr.i == TensorProto.FLOAT:
+                attr.i = TensorProto.FLOAT16
 
 
 def _to_int8(source: Path, target: Path, options: CompileOptions, workdir: Path) -> None:
@@ -71,7 +90,7 @@ def _to_int8(source: Path, target: Path, options: CompileOptions, workdir: Path)
         raise OptionError("int8 needs calibration data: pass --calibration FILE.npz|DIR")
     preprocessed = workdir / "int8-pre.onnx"
     try:
-        quant_pre_process(str(source), str(preprocessed), skip_symbolic_shape=True)
+        quant_pre_process(str(source), str(preprocessed), skip_optimization=True, skip_symbolic_shape=True)
         quantize_static(
             str(preprocessed),
             str(target),

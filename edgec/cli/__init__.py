@@ -16,6 +16,8 @@ from edgec.errors import EXIT_INTERNAL, EdgecError
 
 __all__ = ["main"]
 
+OUR_PACKAGES = ("edgec", "compiler", "device_profiles", "agent", "ota_server")
+
 
 def _parser() -> argparse.ArgumentParser:
     from edgec.cli import build, inspect, profiles
@@ -34,11 +36,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configure_logging(verbose: int) -> None:
+    """Our warnings always; other libraries' (converters are chatty) only with ``-v``."""
+    ours = max(logging.WARNING - 10 * verbose, logging.DEBUG)
+    logging.basicConfig(
+        level=ours if verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s"
+    )
+    for package in OUR_PACKAGES:
+        logging.getLogger(package).setLevel(ours)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * args.verbose
-    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging(args.verbose)
     try:
         code: int = args.run(args)
         return code
