@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto
 import onnxruntime as ort
+from onnx import TensorProto
 
 from compiler.backends import BACKENDS, Artifact, CompileOptions
 from compiler.prepare import PreparedModel

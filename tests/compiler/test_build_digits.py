@@ -49,7 +49,8 @@ def _accuracy_in_onnxruntime(model: Path) -> float:
 
 
 def test_int8_bundle_keeps_accuracy_within_one_point(int8):
-    assert int8["status"] == "ok" and int8["error"] is None
+    assert int8["status"] == "ok"
+    assert int8["error"] is None
     m = int8["metrics"]
     assert m["samples"] == 540
     assert m["source_accuracy"] >= 0.95
@@ -84,7 +85,8 @@ def test_manifest_hashes_match_every_file(int8):
 def test_manifest_records_contract_fields(int8):
     manifest = json.loads((Path(int8["path"]) / "manifest.json").read_text())
     assert manifest["schema_version"] == 1
-    assert manifest["profile"]["id"] == "x86-64-cpu" and len(manifest["profile"]["sha256"]) == 64
+    assert manifest["profile"]["id"] == "x86-64-cpu"
+    assert len(manifest["profile"]["sha256"]) == 64
     assert (manifest["format"], manifest["precision"]) == ("onnx", "int8")
     assert manifest["inputs"] == [{"name": "x", "shape": [1, 1, 8, 8], "dtype": "float32", "layout": "NCHW"}]
     assert manifest["outputs"][0]["shape"] == [1, 10]
@@ -94,7 +96,8 @@ def test_manifest_records_contract_fields(int8):
     stats = {s["name"]: s for s in manifest["reference_stats"]}
     assert set(stats) == {"x", "logits"}
     assert sum(stats["x"]["bin_fractions"]) == pytest.approx(1.0)
-    assert stats["x"]["min"] == 0.0 and stats["x"]["max"] == 1.0
+    assert stats["x"]["min"] == 0.0
+    assert stats["x"]["max"] == 1.0
     assert manifest["verification"]["data"] == "eval"
     assert manifest["verification"]["gate"]["max_accuracy_drop_points"] == 1.0
 
@@ -104,7 +107,8 @@ def test_golden_vectors_reproduce_in_the_bundle_model(int8):
     golden = np.load(bundle / "golden.npz")
     session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
     inputs, expected = golden["inputs/x"], golden["outputs/logits"]
-    assert inputs.shape == (8, 1, 1, 8, 8) and expected.shape == (8, 1, 10)
+    assert inputs.shape == (8, 1, 1, 8, 8)
+    assert expected.shape == (8, 1, 10)
     got = np.stack([session.run(None, {"x": x})[0] for x in inputs])
     # golden outputs are the source model's: the int8 artifact agrees on the class
     assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.875
@@ -133,7 +137,8 @@ def test_fp32_is_exact_enough_and_inspect_reads_it(tmp_path):
     assert bundle["metrics"]["accuracy"] == bundle["metrics"]["source_accuracy"]
     shown = run_edgec("inspect", bundle["path"])
     assert shown.returncode == 0, shown.stderr
-    assert "x86-64-cpu" in shown.stdout and "sha256 mismatch" not in shown.stdout
+    assert "x86-64-cpu" in shown.stdout
+    assert "sha256 mismatch" not in shown.stdout
 
 
 def test_inspect_finds_a_tampered_file(int8, tmp_path):
@@ -162,5 +167,6 @@ def test_table_output_and_progress(tmp_path):
         tmp_path,
     )
     assert result.returncode == 0, result.stderr
-    assert "raspberry-pi-4" in result.stdout and "cosine" in result.stdout
+    assert "raspberry-pi-4" in result.stdout
+    assert "cosine" in result.stdout
     assert "verifying on 32 generated samples" in result.stderr

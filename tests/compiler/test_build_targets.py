@@ -61,7 +61,8 @@ def test_several_integer_and_scalar_inputs(multi, tmp_path, precision):
         "scale": np.array(2.0, np.float32),
     }
     scores, total = session.run(["scores", "total"], feeds)
-    assert scores.shape == (1, 6) and total.tolist() == [6]
+    assert scores.shape == (1, 6)
+    assert total.tolist() == [6]
 
 
 def test_one_target_missing_its_gate_does_not_stop_the_others(tmp_path):
@@ -86,19 +87,21 @@ def test_one_target_missing_its_gate_does_not_stop_the_others(tmp_path):
     result = run_edgec(*args, "--target", strict, "--target", "x86-64-cpu", "--json")
     assert result.returncode == 3, result.stderr
     failed, ok = result.json()["bundles"]
-    assert failed["profile"] == "strict-box" and failed["status"] == "failed"
-    assert "cosine" in failed["error"] and failed["path"] is None
+    assert failed["profile"] == "strict-box"
+    assert failed["status"] == "failed"
+    assert "cosine" in failed["error"]
+    assert failed["path"] is None
     assert failed["metrics"]["cosine"] < 0.99999
-    assert ok["status"] == "ok" and Path(ok["path"]).is_dir()
+    assert ok["status"] == "ok"
+    assert Path(ok["path"]).is_dir()
     assert sorted(p.name for p in out.iterdir()) == ["model-1.0.0-x86-64-cpu"]
 
     waived = run_edgec(*args, "--target", strict, "--json", "--ignore-gates")
     assert waived.returncode == 0, waived.stderr
     bundle = waived.json()["bundles"][0]
     manifest = json.loads((Path(bundle["path"]) / "manifest.json").read_text())
-    assert (
-        manifest["verification"]["gate_failures"] and "--ignore-gates" in manifest["verification"]["reason"]
-    )
+    assert manifest["verification"]["gate_failures"]
+    assert "--ignore-gates" in manifest["verification"]["reason"]
 
 
 def test_profile_defaults_choose_precision(tmp_path):
@@ -140,5 +143,6 @@ def test_default_format_not_built_yet_fails_that_target(tmp_path):
     )
     assert result.returncode == 3
     pi, x86 = result.json()["bundles"]
-    assert pi["status"] == "failed" and "tflite" in pi["error"]
+    assert pi["status"] == "failed"
+    assert "tflite" in pi["error"]
     assert x86["status"] == "ok"

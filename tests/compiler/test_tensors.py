@@ -49,7 +49,8 @@ def test_wrong_key_names_the_expected_ones(tmp_path):
     path = _npz(tmp_path, image=np.zeros((2, 3, 4, 4)))
     with pytest.raises(DataMismatchError) as err:
         load_samples(path, [IMAGE], "calibration")
-    assert "missing 'x'" in str(err.value) and "unknown 'image'" in str(err.value)
+    assert "missing 'x'" in str(err.value)
+    assert "unknown 'image'" in str(err.value)
 
 
 def test_wrong_shape_says_what_is_accepted(tmp_path):
@@ -91,6 +92,7 @@ def test_unreadable_file(tmp_path):
 def test_generated_samples_match_shapes_and_dtypes():
     samples = generate_samples([IMAGE, STEP, TensorSpec(name="m", shape=[1, 2], dtype="bool")], 4)
     assert samples.arrays["x"].shape == (4, 1, 3, 4, 4)
-    assert samples.arrays["step"].dtype == np.int64 and samples.arrays["step"].shape == (4,)
+    assert samples.arrays["step"].dtype == np.int64
+    assert samples.arrays["step"].shape == (4,)
     assert samples.arrays["m"].dtype == np.bool_
     assert samples.origin == "generated"

@@ -12,7 +12,8 @@ def _outputs(rows):
 def test_identical_outputs():
     ref = _outputs([[0.1, 2.0, -1.0], [3.0, 0.0, 0.5]])
     m = compare(ref, ref, labels=np.array([1, 0]), output_names=["logits"])
-    assert m.max_abs_err == 0.0 and m.mean_abs_err == 0.0
+    assert m.max_abs_err == 0.0
+    assert m.mean_abs_err == 0.0
     assert m.cosine == pytest.approx(1.0)
     assert m.top1_agreement == 1.0
     assert m.accuracy == m.source_accuracy == 1.0
@@ -23,7 +24,8 @@ def test_one_flipped_prediction():
     cand = _outputs([[0.0, 1.0], [1.0, 0.0], [0.0, 2.0], [0.0, 2.0]])
     m = compare(ref, cand, labels=np.array([1, 0, 1, 0]), output_names=["logits"])
     assert m.top1_agreement == 0.75
-    assert m.source_accuracy == 1.0 and m.accuracy == 0.75
+    assert m.source_accuracy == 1.0
+    assert m.accuracy == 0.75
     assert m.max_abs_err == 2.0
     assert m.mean_abs_err == pytest.approx(4.0 / 8)
     # cosine of the flipped sample is 0, the others 1
@@ -35,7 +37,8 @@ def test_integer_outputs_count_mismatches_not_errors():
     cand = [{"total": np.array([4], np.int64)}]
     m = compare(ref, cand, labels=None, output_names=["total"])
     assert m.max_abs_err == 1.0
-    assert m.cosine is None and m.top1_agreement is None
+    assert m.cosine is None
+    assert m.top1_agreement is None
 
 
 def test_gate_failures_name_figure_and_limit():
