@@ -314,6 +314,7 @@ def _manifest(
         verification=verification,
         reference_stats=shared.stats,
         max_latency_ms=plan.profile.max_latency_ms,
+        runtime_config=artifact.runtime_config,
         tool_versions=_tool_versions(artifact),
         source=shared.source.ref,
     )

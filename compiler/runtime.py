@@ -10,7 +10,7 @@ import numpy as np
 
 from edgec.errors import ConversionError
 
-__all__ = ["OnnxRuntimeRunner", "Runner"]
+__all__ = ["ORT_SESSION_CONFIG", "OnnxRuntimeRunner", "Runner"]
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +21,13 @@ class Runner(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
+# Session settings a bundle's model needs for faithful results; recorded in the manifest so
+# the agent opens its session the same way. On x86 CPUs without VNNI, onnxruntime's fast
+# u8s8 int8 kernels saturate 16-bit intermediates and can wreck a quantized model's output;
+# this switches them to exact u8u8 kernels (no effect on ARM or VNNI CPUs).
+ORT_SESSION_CONFIG = {"session.x64quantprecision": "1"}
+
+
 class OnnxRuntimeRunner:
     """An onnxruntime CPU session over a model file."""
 
@@ -29,6 +36,8 @@ class OnnxRuntimeRunner:
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        for key, value in ORT_SESSION_CONFIG.items():
+            options.add_session_config_entry(key, value)
         if threads:
             options.intra_op_num_threads = threads
         try:

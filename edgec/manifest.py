@@ -160,6 +160,7 @@ class Manifest(_Model):
     verification: Verification
     reference_stats: list[TensorStats]
     max_latency_ms: float
+    runtime_config: dict[str, str] = {}  # session settings the runtime must use (onnxruntime keys)
     tool_versions: dict[str, str]
     source: SourceRef
 

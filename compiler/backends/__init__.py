@@ -59,6 +59,7 @@ class Artifact:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     tool_versions: dict[str, str] = field(default_factory=dict)
+    runtime_config: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 

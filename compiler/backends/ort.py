@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from importlib.metadata import version
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from onnx import TensorProto
 
 from compiler.backends import BACKENDS, Artifact, CompileOptions
 from compiler.prepare import PreparedModel
-from compiler.runtime import OnnxRuntimeRunner, Runner
+from compiler.runtime import ORT_SESSION_CONFIG, OnnxRuntimeRunner, Runner
 from device_profiles import DeviceProfile, Runtime
 from edgec.errors import ConversionError, OptionError
 from edgec.manifest import Precision, TargetFormat
@@ -53,16 +54,23 @@ class _CalibrationReader:
         return next(self._feeds, None)
 
 
-def _to_fp16(source: Path, target: Path) -> None:
+def _to_fp16(source: Path, target: Path) -> list[str]:
+    """Convert to float16 with float32 inputs and outputs; returns notes for the report."""
     from onnxconverter_common import float16
 
     model = onnx.load(str(source))
     try:
-        converted = float16.convert_float_to_float16(model, keep_io_types=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            converted = float16.convert_float_to_float16(model, keep_io_types=True)
     except Exception as e:
         raise ConversionError(f"fp16 conversion failed: {e}") from e
     _retarget_float_casts(converted)
     onnx.save(converted, str(target))
+    truncated = sum("truncated" in str(w.message) for w in caught)
+    if truncated:
+        return [f"{truncated} weight value(s) outside float16's range were clamped"]
+    return []
 
 
 def _retarget_float_casts(model: onnx.ModelProto) -> None:
@@ -111,29 +119,26 @@ class OnnxRuntimeBackend:
     def compile(
         self, prepared: PreparedModel, profile: DeviceProfile, options: CompileOptions, workdir: Path
     ) -> Artifact:
-        level = _optimization_level(profile)
         target = workdir / self.spec.model_file
+        tools = {"onnx": version("onnx"), "onnxruntime": version("onnxruntime")}
+        runtime_config: dict[str, str] = {}
         if options.precision is Precision.FP32:
+            level = _optimization_level(profile)
             optimize(prepared.path, target, level)
+            notes = [f"graph optimization: {level.name}"]
         elif options.precision is Precision.FP16:
-            # Convert first, then optimize: fusing first would leave fused CPU ops whose
-            # fp16 kernels do not exist.
-            fp16 = workdir / "fp16.onnx"
-            _to_fp16(prepared.path, fp16)
-            optimize(fp16, target, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+            # Not optimized offline: onnxruntime's CPU provider would bake in Casts back to
+            # float32 around every op it has no fp16 kernel for, and a GPU device would then
+            # compute in float32. The device's runtime optimizes the graph when it loads it.
+            notes = _to_fp16(prepared.path, target)
+            notes.append("verified with onnxruntime's CPU provider: fp16 weights, float32 compute")
+            tools["onnxconverter-common"] = version("onnxconverter-common")
         else:
             # Quantize the unfused graph so the device's runtime can fuse QDQ itself.
             _to_int8(prepared.path, target, options, workdir)
-        tools = {
-            "onnx": version("onnx"),
-            "onnxruntime": version("onnxruntime"),
-        }
-        if options.precision is Precision.FP16:
-            tools["onnxconverter-common"] = version("onnxconverter-common")
-        notes = [f"graph optimization: {level.name}"] if options.precision is Precision.FP32 else []
-        if options.precision is Precision.INT8:
             per = "per-channel" if options.per_channel else "per-tensor"
-            notes.append(f"int8 static QDQ, {per} symmetric weights, asymmetric activations")
+            notes = [f"int8 static QDQ, {per} symmetric weights, asymmetric activations"]
+            runtime_config = dict(ORT_SESSION_CONFIG)
         return Artifact(
             format=TargetFormat.ONNX,
             precision=options.precision,
@@ -141,6 +146,7 @@ class OnnxRuntimeBackend:
             inputs=prepared.inputs,
             outputs=prepared.outputs,
             tool_versions=tools,
+            runtime_config=runtime_config,
             notes=notes,
         )
 

@@ -41,9 +41,18 @@ def int8(tmp_path_factory):
     return result.json()["bundles"][0]
 
 
-def _accuracy_in_onnxruntime(model: Path) -> float:
+def _session(bundle: Path) -> ort.InferenceSession:
+    """Open the bundle's model as a device would: with the manifest's runtime settings."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    options = ort.SessionOptions()
+    for key, value in manifest["runtime_config"].items():
+        options.add_session_config_entry(key, value)
+    return ort.InferenceSession(str(bundle / manifest["model_file"]), options, providers=["CPUExecutionProvider"])
+
+
+def _accuracy_in_onnxruntime(bundle: Path) -> float:
     data = np.load(DIGITS / "eval.npz")
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    session = _session(bundle)
     predictions = [session.run(None, {"x": x[None]})[0].argmax() for x in data["x"]]
     return float(np.mean(np.array(predictions) == data["y"]))
 
@@ -56,7 +65,7 @@ def test_int8_bundle_keeps_accuracy_within_one_point(int8):
     assert m["source_accuracy"] >= 0.95
     assert (m["source_accuracy"] - m["accuracy"]) * 100 <= 1.0
     # the figure is what the artifact really does in onnxruntime, not a copy of the source's
-    assert _accuracy_in_onnxruntime(Path(int8["path"]) / "model.onnx") == pytest.approx(m["accuracy"])
+    assert _accuracy_in_onnxruntime(Path(int8["path"])) == pytest.approx(m["accuracy"])
 
 
 def test_int8_bundle_is_quantized_and_smaller(int8):
@@ -98,6 +107,7 @@ def test_manifest_records_contract_fields(int8):
     assert sum(stats["x"]["bin_fractions"]) == pytest.approx(1.0)
     assert stats["x"]["min"] == 0.0
     assert stats["x"]["max"] == 1.0
+    assert manifest["runtime_config"] == {"session.x64quantprecision": "1"}
     assert manifest["verification"]["data"] == "eval"
     assert manifest["verification"]["gate"]["max_accuracy_drop_points"] == 1.0
 
@@ -105,7 +115,7 @@ def test_manifest_records_contract_fields(int8):
 def test_golden_vectors_reproduce_in_the_bundle_model(int8):
     bundle = Path(int8["path"])
     golden = np.load(bundle / "golden.npz")
-    session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = _session(bundle)
     inputs, expected = golden["inputs/x"], golden["outputs/logits"]
     assert inputs.shape == (8, 1, 1, 8, 8)
     assert expected.shape == (8, 1, 10)
