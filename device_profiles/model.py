@@ -62,6 +62,7 @@ class DeviceProfile(_Model):
     accelerators: list[Accelerator] = []
     formats: Annotated[list[TargetFormat], Field(min_length=1)]
     onnxruntime_providers: Annotated[list[Runtime], Field(min_length=1)] = [Runtime.CPU]
+    tflite_int8_io: bool = False  # int8 TFLite artifacts take and give int8 (else float) tensors
     precisions: Annotated[list[Precision], Field(min_length=1)]
     default_precision: Precision
     gates: dict[Precision, Gate]

@@ -61,10 +61,18 @@ class Precision(enum.StrEnum):
 
 
 class Layout(enum.StrEnum):
-    """Memory layout of an image-like tensor; ``ANY`` for everything else."""
+    """Memory layout of a tensor with a channel axis; ``ANY`` for everything else.
 
+    TFLite and CoreML artifacts converted from ONNX take channels-last tensors (NHWC) where
+    the source took channels-first (NCHW); the manifest records which, so callers feed them.
+    """
+
+    NCW = "NCW"
+    NWC = "NWC"
     NCHW = "NCHW"
     NHWC = "NHWC"
+    NCDHW = "NCDHW"
+    NDHWC = "NDHWC"
     ANY = "any"
 
 
@@ -87,6 +95,9 @@ class TensorSpec(_Model):
     shape: list[int]
     dtype: str  # numpy dtype name: float32, int64, ...
     layout: Layout = Layout.ANY
+    runtime_name: str | None = None  # the runtime's own key for it, where that differs from name
+    scale: float | None = None  # for integer-quantized I/O: real = scale * (q - zero_point)
+    zero_point: int | None = None
 
 
 class FileEntry(_Model):

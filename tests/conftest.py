@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -10,6 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+# Nothing may reach the network during a build: point every proxy at a closed port, so a
+# converter that tries to download something fails instead of fetching it. Local servers
+# that later tests start stay reachable.
+for _var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+    os.environ[_var] = "http://127.0.0.1:9"
+os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost,::1"
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "samples" / "digits"
@@ -25,10 +34,17 @@ class CliResult:
         return json.loads(self.stdout)
 
 
-def run_edgec(*args: str | Path, cwd: Path | None = None) -> CliResult:
-    """Run the real command line in a subprocess, as a user would."""
+UNSHARE = shutil.which("unshare")
+
+
+def run_edgec(*args: str | Path, cwd: Path | None = None, offline: bool = False) -> CliResult:
+    """Run the real command line in a subprocess, as a user would.
+
+    ``offline`` runs it in a network namespace of its own with no network at all.
+    """
+    prefix = [UNSHARE, "--net"] if offline and UNSHARE else []
     proc = subprocess.run(
-        [sys.executable, "-m", "edgec", *map(str, args)],
+        [*prefix, sys.executable, "-m", "edgec", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd or ROOT,

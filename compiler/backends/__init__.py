@@ -56,8 +56,10 @@ class Artifact:
     format: TargetFormat
     precision: Precision
     path: Path
-    inputs: list[TensorSpec]
+    inputs: list[TensorSpec]  # as the artifact takes them (layout, runtime names, int8 scales)
     outputs: list[TensorSpec]
+    source_inputs: list[TensorSpec]  # the same tensors as the source model has them
+    source_outputs: list[TensorSpec]
     tool_versions: dict[str, str] = field(default_factory=dict)
     runtime_config: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -81,6 +83,14 @@ BACKENDS: dict[TargetFormat, BackendSpec] = {
         requires=("onnx", "onnxruntime", "onnxconverter_common"),
         extra="compiler",
         model_file="model.onnx",
+    ),
+    TargetFormat.TFLITE: BackendSpec(
+        format=TargetFormat.TFLITE,
+        module="compiler.backends.tflite",
+        precisions=(Precision.FP32, Precision.FP16, Precision.INT8),
+        requires=("tensorflow", "onnx2tf", "ai_edge_litert"),
+        extra="compiler",
+        model_file="model.tflite",
     ),
 }
 

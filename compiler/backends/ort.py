@@ -145,6 +145,8 @@ class OnnxRuntimeBackend:
             path=target,
             inputs=prepared.inputs,
             outputs=prepared.outputs,
+            source_inputs=prepared.inputs,
+            source_outputs=prepared.outputs,
             tool_versions=tools,
             runtime_config=runtime_config,
             notes=notes,

@@ -19,7 +19,7 @@ def multi_input_model(path: Path) -> Path:
     # a clear winner per sample (see multi_input_data), so top-1 is not decided by noise
     weights = np.eye(4, 6, dtype=np.float32) * 4 + rng.standard_normal((4, 6)).astype(np.float32) * 0.2
     w = numpy_helper.from_array(weights, "W")
-    v = numpy_helper.from_array(rng.standard_normal((3, 6)).astype(np.float32) * 0.3, "V")
+    v = numpy_helper.from_array(rng.standard_normal((3, 6)).astype(np.float32) * 0.05, "V")
     axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")
     nodes = [
         helper.make_node("MatMul", ["x", "W"], ["xw"], name="model/dense:0"),

@@ -1,0 +1,111 @@
+"""The TensorFlow SavedModel that the TFLite and CoreML backends convert from.
+
+For an ONNX source, onnx2tf writes it (channels-last, once per build, shared by every
+target). onnx2tf runs offline: it is never asked to quantize (which would make it download
+sample images for calibration); quantization is done by the TFLite converter with our data.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+from compiler._capture import captured_output
+from compiler.prepare import PreparedModel
+from edgec.errors import ConversionError, UnsupportedOperatorError
+
+__all__ = ["TfModel", "TfTensor", "saved_model_from_onnx"]
+
+logger = logging.getLogger(__name__)
+_FOLDER = "onnx2tf-saved-model"
+
+
+@dataclass(frozen=True)
+class TfTensor:
+    key: str  # the signature's name for it
+    shape: list[int]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class TfModel:
+    """A SavedModel and its serving signature, in the source model's input/output order."""
+
+    path: Path
+    inputs: list[TfTensor]
+    outputs: list[TfTensor]
+    tool_versions: dict[str, str]
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", name)
+
+
+def _static(shape: object) -> list[int]:
+    """Unknown dimensions (onnx2tf makes a scalar input a ``[None]``) become 1."""
+    return [1 if d is None else int(d) for d in shape]  # type: ignore[attr-defined]
+
+
+def describe_saved_model(path: Path, input_names: list[str], output_count: int) -> TfModel:
+    """Read the serving signature and line it up with the source's inputs and outputs."""
+    import tensorflow as tf
+
+    signature = tf.saved_model.load(str(path)).signatures["serving_default"]
+    specs = signature.structured_input_signature[1]
+    inputs = []
+    for name in input_names:
+        key = name if name in specs else _safe(name)
+        if key not in specs:
+            raise ConversionError(f"the SavedModel has no input for {name!r}; it has {sorted(specs)}")
+        spec = specs[key]
+        inputs.append(TfTensor(key, _static(spec.shape), spec.dtype.as_numpy_dtype.__name__))
+    outs = signature.structured_outputs
+    if len(outs) != output_count:
+        raise ConversionError(f"the SavedModel has {len(outs)} outputs, the source {output_count}")
+    keys = sorted(outs, key=lambda k: int(k.rsplit("_", 1)[-1]) if k.rsplit("_", 1)[-1].isdigit() else k)
+    outputs = [TfTensor(k, _static(outs[k].shape), outs[k].dtype.as_numpy_dtype.__name__) for k in keys]
+    return TfModel(path, inputs, outputs, {"tensorflow": version("tensorflow")})
+
+
+def saved_model_from_onnx(prepared: PreparedModel) -> TfModel:
+    """Convert the prepared ONNX graph with onnx2tf, once per build."""
+    folder = prepared.path.parent / _FOLDER
+    names = [t.name for t in prepared.inputs]
+    if not (folder / "saved_model.pb").exists():
+        import onnx2tf
+
+        failure: BaseException | None = None
+        with captured_output() as out:
+            try:
+                onnx2tf.convert(
+                    input_onnx_file_path=str(prepared.path),
+                    output_folder_path=str(folder),
+                    non_verbose=True,
+                    output_signaturedefs=True,
+                )
+            except (Exception, SystemExit) as e:  # onnx2tf calls sys.exit on failure
+                failure = e
+        if failure is not None or not (folder / "saved_model.pb").exists():
+            raise _onnx2tf_error(failure, out.text, prepared)
+    model = describe_saved_model(folder, names, len(prepared.outputs))
+    versions = dict(model.tool_versions, onnx2tf=version("onnx2tf"))
+    return TfModel(model.path, model.inputs, model.outputs, versions)
+
+
+def _onnx2tf_error(failure: BaseException | None, log: str, prepared: PreparedModel) -> ConversionError:
+    """Name the ONNX nodes onnx2tf stopped at, when its log says which."""
+    node_names = {n.name for n in prepared.model.graph.node}
+    mentioned = [name for name in re.findall(r"onnx_op_name:\s*(\S+)", log) if name in node_names]
+    lines = [ln.strip() for ln in log.splitlines() if "ERROR" in ln or "Error" in ln]
+    detail = lines[-1] if lines else (str(failure) or type(failure).__name__ if failure else "no output")
+    detail = re.sub(r"\x1b\[[0-9;]*m", "", detail)[:300]
+    if mentioned:
+        nodes = sorted(set(mentioned))
+        ops = sorted({n.op_type for n in prepared.model.graph.node if n.name in nodes})
+        return UnsupportedOperatorError(
+            f"onnx2tf cannot convert node(s) {', '.join(nodes)} (op {', '.join(ops)}): {detail}", nodes
+        )
+    return ConversionError(f"onnx2tf failed: {detail}")
