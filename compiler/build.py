@@ -18,20 +18,22 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version as dist_version
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 import edgec
-from compiler.backends import BACKENDS, Artifact, CompileOptions, get_backend
+from compiler.backends import BACKENDS, Artifact, Backend, CompileOptions, get_backend
 from compiler.bundle import bundle_dir_name, write_bundle
 from compiler.prepare import PreparedModel, prepare
 from compiler.report import BuildResult, TargetResult
+from compiler.runtime import RuntimeUnavailableError
 from compiler.source import SourceModel, load_source
 from compiler.stats import tensor_stats
 from compiler.tensors import SampleSet, generate_samples, load_samples
 from compiler.verify import Outputs, compare, gate_failures, run_samples
 from device_profiles import DeviceProfile, load_profile
-from edgec.errors import BuildError, GateError, OptionError, OutputDirError, UserInputError
+from edgec.errors import BuildError, OptionError, OutputDirError, UserInputError
 from edgec.manifest import (
     BundleStatus,
     FileEntry,
@@ -59,7 +61,7 @@ class BuildRequest:
     model: Path
     targets: Sequence[str | Path]
     out: Path
-    format: TargetFormat | None = None
+    format: TargetFormat | Literal["all"] | None = None  # None: each profile's first format
     precision: Precision | None = None
     calibration: Path | None = None
     eval: Path | None = None
@@ -91,27 +93,36 @@ class _Shared:
     stats: list[TensorStats]
 
 
+def _formats(request: BuildRequest, profile: DeviceProfile) -> list[TargetFormat]:
+    if request.format == "all":
+        return list(profile.formats)
+    fmt = request.format or profile.default_format
+    if fmt not in profile.formats:
+        runs = ", ".join(f.value for f in profile.formats)
+        raise OptionError(f"profile {profile.id} does not run {fmt.value}; it runs: {runs}")
+    return [fmt]
+
+
 def _plan(request: BuildRequest, profiles: list[DeviceProfile], name: str) -> list[_Plan]:
     plans = []
     for profile in profiles:
-        fmt = request.format or profile.default_format
-        if fmt not in profile.formats:
-            runs = ", ".join(f.value for f in profile.formats)
-            raise OptionError(f"profile {profile.id} does not run {fmt.value}; it runs: {runs}")
         precision = request.precision or profile.default_precision
         if precision not in profile.precisions:
             allowed = ", ".join(p.value for p in profile.precisions)
             raise OptionError(f"profile {profile.id} does not allow {precision.value}; allowed: {allowed}")
-        spec = BACKENDS.get(fmt)
-        if spec is not None and precision not in spec.precisions:
-            raise OptionError(f"the {fmt.value} backend cannot build {precision.value}")
         if precision is Precision.INT8 and request.calibration is None:
             raise OptionError(
                 f"int8 for {profile.id} needs calibration data: pass --calibration FILE.npz|DIR "
                 "(or choose --precision fp16)"
             )
-        folder = bundle_dir_name(name, request.version, profile.id)
-        plans.append(_Plan(profile, fmt, precision, request.out / folder))
+        formats = _formats(request, profile)
+        for fmt in formats:
+            spec = BACKENDS.get(fmt)
+            if spec is not None and precision not in spec.precisions:
+                raise OptionError(f"the {fmt.value} backend cannot build {precision.value}")
+            suffix = fmt.value if len(formats) > 1 else ""
+            folder = bundle_dir_name(name, request.version, profile.id, suffix)
+            plans.append(_Plan(profile, fmt, precision, request.out / folder))
     folders = [p.bundle for p in plans]
     if len(set(folders)) != len(folders):
         raise OptionError("the same profile is named twice in --target")
@@ -205,19 +216,44 @@ def _golden(shared: _Shared) -> dict[str, np.ndarray]:
     return golden
 
 
+@dataclass
+class _Checked:
+    """What verification found out about one artifact."""
+
+    metrics: Metrics | None
+    failures: list[str]
+    unverified: str | None  # why the artifact could not be run (or fully run) here
+
+
+def _verify(backend: Backend, artifact: Artifact, plan: _Plan, shared: _Shared) -> _Checked:
+    try:
+        runner = backend.open(artifact)
+    except RuntimeUnavailableError as e:
+        return _Checked(None, _size_failures(artifact, plan), str(e))
+    candidate = run_samples(runner, shared.verify_set)
+    names = [o.name for o in shared.prepared.outputs]
+    metrics = compare(shared.reference, candidate, shared.verify_set.labels, names)
+    failures = gate_failures(metrics, plan.profile.gates[plan.precision]) + _size_failures(artifact, plan)
+    return _Checked(metrics, failures, artifact.unverified_reason)
+
+
+def _size_failures(artifact: Artifact, plan: _Plan) -> list[str]:
+    size = _size(artifact.path)
+    limit = plan.profile.max_artifact_bytes
+    return [f"size {size} bytes > {limit}"] if size > limit else []
+
+
 def _build_target(plan: _Plan, shared: _Shared, progress: Progress) -> TargetResult:
     label = f"{plan.profile.id} {plan.format.value} {plan.precision.value}"
     timings: dict[str, float] = {}
-    gate = _gate(plan.profile, plan.precision)
     result = TargetResult(
         profile=plan.profile.id,
         format=plan.format,
         precision=plan.precision,
         status=BundleStatus.FAILED,
-        gate=gate,
+        gate=_gate(plan.profile, plan.precision),
+        timings_s=timings,
     )
-    metrics: Metrics | None = None
-    artifact: Artifact | None = None
     try:
         backend = get_backend(plan.format)
         with tempfile.TemporaryDirectory(prefix="edgec-target-") as tmp:
@@ -226,74 +262,59 @@ def _build_target(plan: _Plan, shared: _Shared, progress: Progress) -> TargetRes
             options = CompileOptions(precision=plan.precision, calibration=shared.calibration)
             artifact = backend.compile(shared.prepared, plan.profile, options, Path(tmp))
             timings["compile"] = time.perf_counter() - started
-            size = _size(artifact.path)
+            result = result.model_copy(update={"size_bytes": _size(artifact.path), "notes": artifact.notes})
 
             started = time.perf_counter()
             progress(f"{label}: verifying on {len(shared.verify_set)} {shared.verify_set.origin} samples")
-            candidate = run_samples(backend.open(artifact), shared.verify_set)
-            output_names = [o.name for o in shared.prepared.outputs]
-            metrics = compare(shared.reference, candidate, shared.verify_set.labels, output_names)
+            checked = _verify(backend, artifact, plan, shared)
             timings["verify"] = time.perf_counter() - started
-            failures = gate_failures(metrics, plan.profile.gates[plan.precision])
-            if size > plan.profile.max_artifact_bytes:
-                failures.append(f"size {size} bytes > {plan.profile.max_artifact_bytes}")
-            waived = None
-            if failures:
-                if not shared.request.ignore_gates:
-                    raise GateError(
-                        f"missed the {plan.precision.value} gate: {'; '.join(failures)}", failures
-                    )
-                waived = "gate missed, bundle written because of --ignore-gates"
-            verification = Verification(
-                status=BundleStatus.OK,
-                data=shared.verify_set.origin,
-                metrics=metrics,
-                gate=gate,
-                gate_failures=failures,
-                reason=waived,
-            )
-            result = result.model_copy(
-                update={
-                    "status": BundleStatus.OK,
-                    "metrics": metrics,
-                    "size_bytes": size,
-                    "gate_failures": failures,
-                    "notes": artifact.notes + ([waived] if waived else []),
-                }
-            )
-            started = time.perf_counter()
-            progress(f"{label}: writing bundle {plan.bundle.name}")
-            report = result.model_copy(update={"timings_s": timings}).model_dump(mode="json")
-
-            def manifest(files: list[FileEntry]) -> Manifest:
-                return _manifest(plan, shared, artifact, verification, files)
-
-            write_bundle(
-                plan.bundle,
-                artifact_path=artifact.path,
-                model_file=BACKENDS[plan.format].model_file,
-                golden=_golden(shared),
-                report=report,
-                make_manifest=manifest,
-                replace=shared.request.force,
-            )
+            result = result.model_copy(update={"metrics": checked.metrics, "gate_failures": checked.failures})
+            if checked.failures and not shared.request.ignore_gates:
+                message = f"missed the {plan.precision.value} gate: {'; '.join(checked.failures)}"
+                return result.model_copy(update={"error": message, "size_bytes": None})
+            progress(f"{label}: writing {plan.bundle.name}")
+            result = _write(plan, shared, artifact, checked, result)
             timings["bundle"] = time.perf_counter() - started
-    except GateError as e:
-        return result.model_copy(
-            update={
-                "error": str(e),
-                "metrics": metrics,
-                "gate_failures": e.failures,
-                "timings_s": timings,
-                "notes": artifact.notes if artifact else [],
-            }
-        )
     except (BuildError, OutputDirError) as e:
-        return result.model_copy(update={"error": str(e), "timings_s": timings})
+        return result.model_copy(update={"error": str(e), "size_bytes": None})
     except Exception as e:  # a converter's own failure must not stop the other targets
         logger.exception("unexpected failure building %s", label)
         return result.model_copy(update={"error": f"internal error: {type(e).__name__}: {e}"})
-    return result.model_copy(update={"path": str(plan.bundle), "timings_s": timings})
+    return result
+
+
+def _write(
+    plan: _Plan, shared: _Shared, artifact: Artifact, checked: _Checked, result: TargetResult
+) -> TargetResult:
+    reasons = [checked.unverified] if checked.unverified else []
+    if checked.failures:
+        reasons.append("gate missed, bundle written because of --ignore-gates")
+    status = BundleStatus.UNVERIFIED if checked.unverified else BundleStatus.OK
+    verification = Verification(
+        status=status,
+        data=shared.verify_set.origin,
+        metrics=checked.metrics,
+        gate=result.gate,
+        gate_failures=checked.failures,
+        reason="; ".join(reasons) or None,
+    )
+    result = result.model_copy(
+        update={"status": status, "path": str(plan.bundle), "reason": verification.reason}
+    )
+
+    def manifest(files: list[FileEntry]) -> Manifest:
+        return _manifest(plan, shared, artifact, verification, files)
+
+    write_bundle(
+        plan.bundle,
+        artifact_path=artifact.path,
+        model_file=BACKENDS[plan.format].model_file,
+        golden=_golden(shared),
+        report=result.model_dump(mode="json"),
+        make_manifest=manifest,
+        replace=shared.request.force,
+    )
+    return result
 
 
 def _manifest(

@@ -20,6 +20,7 @@ class TargetResult(BaseModel):
     size_bytes: int | None = None
     status: BundleStatus
     error: str | None = None
+    reason: str | None = None  # why a bundle is unverified, or why its gate was waived
     metrics: Metrics | None = None
     gate: dict[str, float] = {}
     gate_failures: list[str] = []

@@ -10,9 +10,14 @@ import numpy as np
 
 from edgec.errors import ConversionError
 
-__all__ = ["ORT_SESSION_CONFIG", "OnnxRuntimeRunner", "Runner"]
+__all__ = ["ORT_SESSION_CONFIG", "OnnxRuntimeRunner", "Runner", "RuntimeUnavailableError"]
 
 logger = logging.getLogger(__name__)
+
+
+class RuntimeUnavailableError(Exception):
+    """The artifact's runtime cannot run on this machine (CoreML off macOS, TensorRT with no
+    GPU); ``str()`` says why. The bundle is then reported as unverified, never as passed."""
 
 
 class Runner(Protocol):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -42,6 +42,7 @@ class Accelerator(_Model):
     name: str
     peak_tops_int8: Annotated[float, Field(gt=0)] | None = None
     peak_tflops_fp16: Annotated[float, Field(gt=0)] | None = None
+    cuda_compute_capability: Annotated[str, Field(pattern=r"^\d+\.\d+$")] | None = None
 
 
 class Gate(_Model):
@@ -63,6 +64,8 @@ class DeviceProfile(_Model):
     formats: Annotated[list[TargetFormat], Field(min_length=1)]
     onnxruntime_providers: Annotated[list[Runtime], Field(min_length=1)] = [Runtime.CPU]
     tflite_int8_io: bool = False  # int8 TFLite artifacts take and give int8 (else float) tensors
+    coreml_deployment_target: Annotated[str, Field(pattern=r"^(macOS|iOS)\d+$")] = "macOS13"
+    coreml_int8_weights: Literal["linear", "palettize"] = "linear"  # how CoreML int8 compresses
     precisions: Annotated[list[Precision], Field(min_length=1)]
     default_precision: Precision
     gates: dict[Precision, Gate]

@@ -63,6 +63,7 @@ class Artifact:
     tool_versions: dict[str, str] = field(default_factory=dict)
     runtime_config: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    unverified_reason: str | None = None  # the figures come from a stand-in runtime, and why
 
 
 class Backend(Protocol):
@@ -91,6 +92,22 @@ BACKENDS: dict[TargetFormat, BackendSpec] = {
         requires=("tensorflow", "onnx2tf", "ai_edge_litert"),
         extra="compiler",
         model_file="model.tflite",
+    ),
+    TargetFormat.TENSORRT: BackendSpec(
+        format=TargetFormat.TENSORRT,
+        module="compiler.backends.tensorrt",
+        precisions=(Precision.FP32, Precision.FP16, Precision.INT8),
+        requires=("onnx", "onnxruntime", "onnxconverter_common"),
+        extra="compiler",
+        model_file="model.trt",
+    ),
+    TargetFormat.COREML: BackendSpec(
+        format=TargetFormat.COREML,
+        module="compiler.backends.coreml",
+        precisions=(Precision.FP32, Precision.FP16, Precision.INT8),
+        requires=("tensorflow", "onnx2tf", "coremltools"),
+        extra="compiler",
+        model_file="model.mlpackage",
     ),
 }
 

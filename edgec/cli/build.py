@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from edgec._table import render_table
 from edgec.manifest import Precision, TargetFormat
@@ -36,8 +36,8 @@ def register(commands: Any) -> None:
     )
     parser.add_argument(
         "--format",
-        choices=[f.value for f in TargetFormat],
-        help="artifact format (default: the profile's first)",
+        choices=[*(f.value for f in TargetFormat), "all"],
+        help="artifact format (default: the profile's first; all: every format the profile runs)",
     )
     parser.add_argument(
         "--precision", choices=[p.value for p in Precision], help="numeric precision (default: the profile's)"
@@ -127,9 +127,15 @@ def render(result: BuildResult) -> str:
     for b in result.bundles:
         if b.path:
             lines.append(f"{b.profile}: {b.path}")
-        if b.error:
-            lines.append(f"{b.profile}: {b.status.value}: {b.error}")
+        if b.error or b.reason:
+            lines.append(f"{b.profile}: {b.status.value}: {b.error or b.reason}")
     return "\n".join(lines)
+
+
+def _format(value: str | None) -> TargetFormat | Literal["all"] | None:
+    if value == "all":
+        return "all"
+    return TargetFormat(value) if value else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -140,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         targets=args.target,
         out=args.out,
-        format=TargetFormat(args.format) if args.format else None,
+        format=_format(args.format),
         precision=Precision(args.precision) if args.precision else None,
         calibration=args.calibration,
         eval=args.eval,
