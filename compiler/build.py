@@ -27,7 +27,7 @@ from compiler.backends import BACKENDS, Artifact, Backend, CompileOptions, get_b
 from compiler.bundle import bundle_dir_name, write_bundle
 from compiler.prepare import PreparedModel, prepare
 from compiler.report import BuildResult, TargetResult
-from compiler.runtime import RuntimeUnavailableError
+from compiler.runtime import RuntimeUnavailableError, first_line
 from compiler.source import SourceModel, load_source
 from compiler.stats import tensor_stats
 from compiler.tensors import SampleSet, generate_samples, load_samples
@@ -255,10 +255,10 @@ def _build_target(plan: _Plan, shared: _Shared, progress: Progress) -> TargetRes
         timings_s=timings,
     )
     try:
+        progress(f"{label}: converting")
         backend = get_backend(plan.format)
         with tempfile.TemporaryDirectory(prefix="edgec-target-") as tmp:
             started = time.perf_counter()
-            progress(f"{label}: converting")
             options = CompileOptions(precision=plan.precision, calibration=shared.calibration)
             artifact = backend.compile(shared.prepared, plan.profile, options, Path(tmp))
             timings["compile"] = time.perf_counter() - started
@@ -279,7 +279,7 @@ def _build_target(plan: _Plan, shared: _Shared, progress: Progress) -> TargetRes
         return result.model_copy(update={"error": str(e), "size_bytes": None})
     except Exception as e:  # a converter's own failure must not stop the other targets
         logger.exception("unexpected failure building %s", label)
-        return result.model_copy(update={"error": f"internal error: {type(e).__name__}: {e}"})
+        return result.model_copy(update={"error": f"internal error: {type(e).__name__}: {first_line(e)}"})
     return result
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
+from compiler.runtime import first_line
 from edgec.errors import ModelLoadError, ShapeSpecError
 from edgec.manifest import Layout, TensorSpec
 
@@ -158,7 +159,7 @@ def prepare(source: Path, input_shapes: Mapping[str, list[int]], workdir: Path) 
     try:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as e:
-        raise ModelLoadError(f"shape inference failed on {source.name}: {e}") from e
+        raise ModelLoadError(f"shape inference failed on {source.name}: {first_line(e)}") from e
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     path = workdir / "prepared.onnx"
     onnx.save(model, str(path))

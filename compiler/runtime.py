@@ -10,7 +10,7 @@ import numpy as np
 
 from edgec.errors import ConversionError
 
-__all__ = ["ORT_SESSION_CONFIG", "OnnxRuntimeRunner", "Runner", "RuntimeUnavailableError"]
+__all__ = ["ORT_SESSION_CONFIG", "OnnxRuntimeRunner", "Runner", "RuntimeUnavailableError", "first_line"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class OnnxRuntimeRunner:
         try:
             self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own untyped errors
-            raise ConversionError(f"onnxruntime cannot load {path.name}: {_first_line(e)}") from e
+            raise ConversionError(f"onnxruntime cannot load {path.name}: {first_line(e)}") from e
         self._output_names = [o.name for o in self._session.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -56,6 +56,7 @@ class OnnxRuntimeRunner:
         return dict(zip(self._output_names, values, strict=True))
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """An exception as one line for the user (converters raise multi-line essays)."""
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0][:300]

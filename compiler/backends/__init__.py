@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from compiler._capture import captured_output
 from compiler.prepare import PreparedModel
 from compiler.runtime import Runner
 from compiler.tensors import SampleSet
@@ -122,7 +123,8 @@ def get_backend(fmt: TargetFormat) -> Backend:
         )
     for module in spec.requires:
         try:
-            importlib.import_module(module)
+            with captured_output():  # TensorFlow and friends log to the terminal on import
+                importlib.import_module(module)
         except ImportError as e:
             raise BackendUnavailableError(
                 f"format {fmt.value!r} needs the Python package {module!r}, which is not "

@@ -11,6 +11,7 @@ import onnx
 from onnx import TensorProto
 
 from compiler.backends import CompileOptions
+from compiler.runtime import first_line
 from edgec.errors import ConversionError, OptionError
 
 __all__ = ["to_fp16", "to_int8"]
@@ -38,7 +39,7 @@ def to_fp16(source: Path, target: Path) -> list[str]:
             warnings.simplefilter("always")
             converted = float16.convert_float_to_float16(model, keep_io_types=True)
     except Exception as e:
-        raise ConversionError(f"fp16 conversion failed: {e}") from e
+        raise ConversionError(f"fp16 conversion failed: {first_line(e)}") from e
     _retarget_float_casts(converted)
     onnx.save(converted, str(target))
     truncated = sum("truncated" in str(w.message) for w in caught)
@@ -88,4 +89,4 @@ def to_int8(
             extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True},
         )
     except Exception as e:
-        raise ConversionError(f"int8 quantization failed: {e}") from e
+        raise ConversionError(f"int8 quantization failed: {first_line(e)}") from e

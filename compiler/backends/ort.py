@@ -11,7 +11,7 @@ import onnxruntime as ort
 from compiler.backends import BACKENDS, Artifact, CompileOptions
 from compiler.backends._quantize import to_fp16, to_int8
 from compiler.prepare import PreparedModel
-from compiler.runtime import ORT_SESSION_CONFIG, OnnxRuntimeRunner, Runner
+from compiler.runtime import ORT_SESSION_CONFIG, OnnxRuntimeRunner, Runner, first_line
 from device_profiles import DeviceProfile, Runtime
 from edgec.errors import ConversionError
 from edgec.manifest import Precision, TargetFormat
@@ -38,7 +38,7 @@ def optimize(source: Path, target: Path, level: ort.GraphOptimizationLevel) -> N
     try:
         ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise ConversionError(f"onnxruntime graph optimization failed: {e}") from e
+        raise ConversionError(f"onnxruntime graph optimization failed: {first_line(e)}") from e
 
 
 class OnnxRuntimeBackend:

@@ -20,7 +20,7 @@ from compiler.backends import BACKENDS, Artifact, CompileOptions
 from compiler.backends._tf import TfModel, saved_model_from_onnx
 from compiler.layouts import artifact_spec, to_artifact, to_source
 from compiler.prepare import PreparedModel
-from compiler.runtime import Runner
+from compiler.runtime import Runner, first_line
 from compiler.tensors import SampleSet
 from device_profiles import DeviceProfile
 from edgec.errors import ConversionError, OptionError, UnsupportedOperatorError
@@ -95,10 +95,11 @@ class LiteRtRunner:
         from ai_edge_litert.interpreter import Interpreter
 
         try:
-            self._interpreter = Interpreter(model_path=str(artifact.path), num_threads=2)
-            self._runner = self._interpreter.get_signature_runner()
+            with captured_output():  # LiteRT announces its XNNPACK delegate on the terminal
+                self._interpreter = Interpreter(model_path=str(artifact.path), num_threads=2)
+                self._runner = self._interpreter.get_signature_runner()
         except Exception as e:
-            raise ConversionError(f"LiteRT cannot load {artifact.path.name}: {e}") from e
+            raise ConversionError(f"LiteRT cannot load {artifact.path.name}: {first_line(e)}") from e
         self._sources = {s.name: s for s in artifact.source_inputs}
         self._inputs = artifact.inputs
         self._outputs = artifact.outputs

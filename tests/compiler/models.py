@@ -76,3 +76,28 @@ def dynamic_model(path: Path) -> Path:
     model.ir_version = 8
     onnx.save(model, str(path))
     return path
+
+
+def unsupported_op_model(path: Path) -> Path:
+    """``x`` float [N,8] -> MatMul -> Hardmax: onnxruntime runs it, TensorRT's parser does not.
+
+    The node is named with characters converters dislike, to check the name reported is the
+    sanitized one the user can find in the prepared graph.
+    """
+    rng = np.random.default_rng(3)
+    w = numpy_helper.from_array(rng.standard_normal((8, 5)).astype(np.float32), "W")
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["z"], name="head/dense"),
+        helper.make_node("Hardmax", ["z"], ["onehot"], axis=-1, name="head/hardmax:0"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "hardmax",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("onehot", TensorProto.FLOAT, ["N", 5])],
+        initializer=[w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path

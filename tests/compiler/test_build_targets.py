@@ -144,3 +144,25 @@ def test_profile_default_formats(tmp_path):
     assert result.returncode == 0, result.stderr
     formats = {b["profile"]: (b["format"], b["precision"]) for b in result.json()["bundles"]}
     assert formats == {"raspberry-pi-4": ("tflite", "int8"), "x86-64-cpu": ("onnx", "fp32")}
+
+
+def test_format_all_builds_every_format_the_profile_runs(tmp_path):
+    result = run_edgec(
+        "build",
+        DIGITS / "model.onnx",
+        "--target",
+        "raspberry-pi-5",
+        "--format",
+        "all",
+        "--precision",
+        "fp16",
+        "--json",
+        "--out",
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    built = {(b["format"], Path(b["path"]).name) for b in result.json()["bundles"]}
+    assert built == {
+        ("tflite", "model-1.0.0-raspberry-pi-5-tflite"),
+        ("onnx", "model-1.0.0-raspberry-pi-5-onnx"),
+    }
