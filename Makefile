@@ -21,7 +21,7 @@ $(PY):
 
 $(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[compiler,dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[compiler,pytorch,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -55,6 +55,7 @@ test: system-deps check pytest
 samples: $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[samples]"
 	$(PY) samples/digits/make_digits.py
+	$(PY) samples/digits/make_digits_keras.py
 
 mobilenet: $(STAMP)
 	$(PY) samples/mobilenet/make_mobilenetv2.py

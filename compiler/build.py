@@ -8,6 +8,7 @@ reported with its figures; the other targets are still built.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import platform
@@ -28,7 +29,7 @@ from compiler.bundle import bundle_dir_name, write_bundle
 from compiler.prepare import PreparedModel, prepare
 from compiler.report import BuildResult, TargetResult
 from compiler.runtime import RuntimeUnavailableError, first_line
-from compiler.source import SourceModel, load_source
+from compiler.source import SourceModel, identify, import_source
 from compiler.stats import tensor_stats
 from compiler.tensors import SampleSet, generate_samples, load_samples
 from compiler.verify import Outputs, compare, gate_failures, run_samples
@@ -41,6 +42,7 @@ from edgec.manifest import (
     Metrics,
     Precision,
     ProfileRef,
+    SourceRef,
     TargetFormat,
     TensorSpec,
     TensorStats,
@@ -160,9 +162,12 @@ def _reference_stats(samples: SampleSet, outputs: Outputs, output_names: Sequenc
     return [s for s in stats if s is not None]
 
 
-def _prepare_shared(request: BuildRequest, source: SourceModel, workdir: Path, progress: Progress) -> _Shared:
+def _prepare_shared(request: BuildRequest, ref: SourceRef, workdir: Path, progress: Progress) -> _Shared:
+    if ref.format != "onnx":
+        progress(f"importing {request.model.name} ({ref.format}) to ONNX")
+    source = import_source(request.model, ref, request.input_shapes, workdir)
     progress(f"preparing {source.path.name}")
-    prepared = prepare(source.onnx_path, request.input_shapes, workdir)
+    prepared = prepare(source.onnx_path, request.input_shapes, workdir, source.imported)
     calibration = (
         load_samples(request.calibration, prepared.inputs, "calibration") if request.calibration else None
     )
@@ -171,13 +176,7 @@ def _prepare_shared(request: BuildRequest, source: SourceModel, workdir: Path, p
     progress(f"running the source model on {len(verify_set)} {verify_set.origin} samples")
     runner = source.runner()
     reference = run_samples(runner, verify_set)
-    prepared = PreparedModel(
-        path=prepared.path,
-        model=prepared.model,
-        inputs=prepared.inputs,
-        outputs=_with_shapes(prepared.outputs, reference[0]),
-        opset=prepared.opset,
-    )
+    prepared = dataclasses.replace(prepared, outputs=_with_shapes(prepared.outputs, reference[0]))
     names = [o.name for o in prepared.outputs]
     if calibration is not None and calibration is not verify_set:
         stats = _reference_stats(calibration, run_samples(runner, calibration), names)
@@ -352,12 +351,12 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
         raise OptionError("no target: pass --target PROFILE (see edgec profiles list)")
     profiles = [load_profile(t) for t in request.targets]
     plans = _plan(request, profiles, _name(request))
-    source = load_source(request.model)
+    ref = identify(request.model)
     created = not request.out.exists()
     _check_out_dir(request.out, plans, request.force)
     try:
         with tempfile.TemporaryDirectory(prefix="edgec-build-") as tmp:
-            shared = _prepare_shared(request, source, Path(tmp), say)
+            shared = _prepare_shared(request, ref, Path(tmp), say)
             results = [_build_target(plan, shared, say) for plan in plans]
     except UserInputError:
         if created:

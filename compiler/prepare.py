@@ -15,6 +15,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
+from compiler.importers import Imported
 from compiler.runtime import first_line
 from edgec.errors import ModelLoadError, ShapeSpecError
 from edgec.manifest import Layout, TensorSpec
@@ -33,6 +34,8 @@ class PreparedModel:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     opset: int
+    tf_saved_model: Path | None = None  # the source's own serving SavedModel (TensorFlow family)
+    channels_last: bool = False  # the graph's image inputs are NHWC already
 
 
 def parse_input_shapes(specs: Sequence[str]) -> dict[str, list[int]]:
@@ -146,7 +149,9 @@ def tensor_spec(vi: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(name=vi.name, shape=shape, dtype=dtype, layout=_layout(shape))
 
 
-def prepare(source: Path, input_shapes: Mapping[str, list[int]], workdir: Path) -> PreparedModel:
+def prepare(
+    source: Path, input_shapes: Mapping[str, list[int]], workdir: Path, imported: Imported | None = None
+) -> PreparedModel:
     """Load, fix shapes, sanitize, infer shapes; save as ``workdir/prepared.onnx``."""
     model = load_onnx(source)
     _fix_input_dims(model, input_shapes)
@@ -166,4 +171,12 @@ def prepare(source: Path, input_shapes: Mapping[str, list[int]], workdir: Path) 
     inputs = [tensor_spec(vi) for vi in graph_inputs(model)]
     outputs = [tensor_spec(vi) for vi in model.graph.output]
     logger.info("prepared %s: opset %d, %d node(s) renamed", source.name, opset, renamed)
-    return PreparedModel(path=path, model=model, inputs=inputs, outputs=outputs, opset=opset)
+    return PreparedModel(
+        path=path,
+        model=model,
+        inputs=inputs,
+        outputs=outputs,
+        opset=opset,
+        tf_saved_model=imported.tf_saved_model if imported else None,
+        channels_last=imported.channels_last if imported else False,
+    )

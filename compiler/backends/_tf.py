@@ -1,6 +1,7 @@
 """The TensorFlow SavedModel that the TFLite and CoreML backends convert from.
 
-For an ONNX source, onnx2tf writes it (channels-last, once per build, shared by every
+A Keras or SavedModel source brings its own (written by the importer). For other sources
+onnx2tf writes it (channels-last, once per build, shared by every
 target). onnx2tf runs offline: it is never asked to quantize (which would make it download
 sample images for calibration); quantization is done by the TFLite converter with our data.
 """
@@ -17,7 +18,7 @@ from compiler._capture import captured_output
 from compiler.prepare import PreparedModel
 from edgec.errors import ConversionError, UnsupportedOperatorError
 
-__all__ = ["TfModel", "TfTensor", "saved_model_from_onnx"]
+__all__ = ["TfModel", "TfTensor", "saved_model_for"]
 
 logger = logging.getLogger(__name__)
 _FOLDER = "onnx2tf-saved-model"
@@ -49,7 +50,7 @@ def _static(shape: object) -> list[int]:
     return [1 if d is None else int(d) for d in shape]  # type: ignore[attr-defined]
 
 
-def describe_saved_model(path: Path, input_names: list[str], output_count: int) -> TfModel:
+def describe_saved_model(path: Path, input_names: list[str], output_names: list[str]) -> TfModel:
     """Read the serving signature and line it up with the source's inputs and outputs."""
     import tensorflow as tf
 
@@ -63,17 +64,23 @@ def describe_saved_model(path: Path, input_names: list[str], output_count: int) 
         spec = specs[key]
         inputs.append(TfTensor(key, _static(spec.shape), spec.dtype.as_numpy_dtype.__name__))
     outs = signature.structured_outputs
-    if len(outs) != output_count:
-        raise ConversionError(f"the SavedModel has {len(outs)} outputs, the source {output_count}")
-    keys = sorted(outs, key=lambda k: int(k.rsplit("_", 1)[-1]) if k.rsplit("_", 1)[-1].isdigit() else k)
+    if len(outs) != len(output_names):
+        raise ConversionError(f"the SavedModel has {len(outs)} outputs, the source {len(output_names)}")
+    if set(output_names) <= set(outs):
+        keys = list(output_names)
+    else:  # onnx2tf names them output_0, output_1, ... in the source's order
+        keys = sorted(outs, key=lambda k: int(k.rsplit("_", 1)[-1]) if k.rsplit("_", 1)[-1].isdigit() else k)
     outputs = [TfTensor(k, _static(outs[k].shape), outs[k].dtype.as_numpy_dtype.__name__) for k in keys]
     return TfModel(path, inputs, outputs, {"tensorflow": version("tensorflow")})
 
 
-def saved_model_from_onnx(prepared: PreparedModel) -> TfModel:
-    """Convert the prepared ONNX graph with onnx2tf, once per build."""
-    folder = prepared.path.parent / _FOLDER
+def saved_model_for(prepared: PreparedModel) -> TfModel:
+    """The source's own SavedModel when it has one, else onnx2tf's (converted once per build)."""
     names = [t.name for t in prepared.inputs]
+    output_names = [t.name for t in prepared.outputs]
+    if prepared.tf_saved_model is not None:
+        return describe_saved_model(prepared.tf_saved_model, names, output_names)
+    folder = prepared.path.parent / _FOLDER
     if not (folder / "saved_model.pb").exists():
         import onnx2tf
 
@@ -85,12 +92,14 @@ def saved_model_from_onnx(prepared: PreparedModel) -> TfModel:
                     output_folder_path=str(folder),
                     non_verbose=True,
                     output_signaturedefs=True,
+                    # a TensorFlow-family source's graph is NHWC already: keep it that way
+                    keep_nwc_or_nhwc_or_ndhwc_input_names=names if prepared.channels_last else None,
                 )
             except (Exception, SystemExit) as e:  # onnx2tf calls sys.exit on failure
                 failure = e
         if failure is not None or not (folder / "saved_model.pb").exists():
             raise _onnx2tf_error(failure, out.text, prepared)
-    model = describe_saved_model(folder, names, len(prepared.outputs))
+    model = describe_saved_model(folder, names, output_names)
     versions = dict(model.tool_versions, onnx2tf=version("onnx2tf"))
     return TfModel(model.path, model.inputs, model.outputs, versions)
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from compiler._capture import captured_output
 from compiler.backends import BACKENDS, Artifact, CompileOptions
-from compiler.backends._tf import saved_model_from_onnx
+from compiler.backends._tf import saved_model_for
 from compiler.layouts import artifact_spec, to_artifact, to_source
 from compiler.prepare import PreparedModel
 from compiler.runtime import Runner, RuntimeUnavailableError
@@ -115,7 +115,7 @@ class CoreMlBackend:
     def compile(
         self, prepared: PreparedModel, profile: DeviceProfile, options: CompileOptions, workdir: Path
     ) -> Artifact:
-        tf_model = saved_model_from_onnx(prepared)
+        tf_model = saved_model_for(prepared)
         package = workdir / self.spec.model_file
         with captured_output() as out:
             try:

@@ -17,7 +17,7 @@ import numpy as np
 
 from compiler._capture import captured_output
 from compiler.backends import BACKENDS, Artifact, CompileOptions
-from compiler.backends._tf import TfModel, saved_model_from_onnx
+from compiler.backends._tf import TfModel, saved_model_for
 from compiler.layouts import artifact_spec, to_artifact, to_source
 from compiler.prepare import PreparedModel
 from compiler.runtime import Runner, first_line
@@ -151,11 +151,14 @@ class TfliteBackend:
     def compile(
         self, prepared: PreparedModel, profile: DeviceProfile, options: CompileOptions, workdir: Path
     ) -> Artifact:
-        model = saved_model_from_onnx(prepared)
+        model = saved_model_for(prepared)
         target = workdir / self.spec.model_file
         convert(model, prepared, options, profile.tflite_int8_io, target)
         inputs, outputs = _io_specs(target, model, prepared)
-        notes = ["converted ONNX -> SavedModel with onnx2tf (channels-last)"]
+        if prepared.tf_saved_model is None:
+            notes = ["converted ONNX -> SavedModel with onnx2tf (channels-last)"]
+        else:
+            notes = ["converted from the source's own SavedModel with the TFLite converter"]
         if options.precision is Precision.INT8:
             io = "int8" if profile.tflite_int8_io else "float"
             count = min(CALIBRATION_SAMPLES, len(options.calibration or ()))

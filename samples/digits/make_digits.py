@@ -5,6 +5,7 @@ Writes, next to this script:
 
 - ``model.onnx``  input ``x`` float32 [N, 1, 8, 8] (pixels scaled to 0..1), output
   ``logits`` float32 [N, 10]; the batch axis is dynamic, ``edgec build`` fixes it;
+- ``model.pt2``   the same trained network as a ``torch.export`` program (dynamic batch);
 - ``calib.npz``   200 training images under ``x``, for int8 calibration;
 - ``eval.npz``    the held-out 30% under ``x`` with labels under ``y``.
 
@@ -82,6 +83,12 @@ def export(model: DigitsCNN, path: Path) -> None:
     )
 
 
+def export_program(model: DigitsCNN, path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(model, (torch.zeros(2, 1, 8, 8),), dynamic_shapes={"x": {0: batch}})
+    torch.export.save(program, str(path))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE)
@@ -98,11 +105,12 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     export(model, args.out / "model.onnx")
+    export_program(model, args.out / "model.pt2")
     rng = np.random.default_rng(SEED)
     calib = x_train[rng.choice(len(x_train), size=200, replace=False)]
     np.savez_compressed(args.out / "calib.npz", x=calib)
     np.savez_compressed(args.out / "eval.npz", x=x_test, y=y_test)
-    print(f"wrote model.onnx, calib.npz ({len(calib)}), eval.npz ({len(x_test)}) to {args.out}")
+    print(f"wrote model.onnx, model.pt2, calib.npz ({len(calib)}), eval.npz ({len(x_test)}) to {args.out}")
 
 
 if __name__ == "__main__":
