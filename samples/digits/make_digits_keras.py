@@ -13,7 +13,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-
 from make_digits import SEED, load_split  # the script folder is on sys.path
 
 HERE = Path(__file__).parent

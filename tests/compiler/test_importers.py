@@ -53,7 +53,7 @@ def test_keras_sample_to_onnx_and_tflite(tmp_path, precision):
         "raspberry-pi-4",
         precision=precision,
     )
-    onnx_bundle, tflite_bundle = _assert_within_gate(result)
+    _, tflite_bundle = _assert_within_gate(result)
     manifest = json.loads((Path(tflite_bundle["path"]) / "manifest.json").read_text())
     assert manifest["source"]["format"] == "keras"
     assert manifest["inputs"][0]["shape"] == [1, 8, 8, 1]
