@@ -1,5 +1,5 @@
 # edgec: two commands to start.
-#   make demo   build the bundled digits sample for several device profiles, print the report
+#   make demo   build the bundled digits sample for four device profiles, print the report
 #   make test   install what the tests need and run lint, type checks, import contracts, tests
 #
 # Uses the active virtual environment if there is one, else creates .venv here.
@@ -36,8 +36,8 @@ system-deps:
 demo: $(STAMP)
 	$(PY) -m edgec profiles list
 	$(PY) -m edgec build samples/digits/model.onnx --name digits --version 1.0.0 \
-	  --target x86-64-cpu --target raspberry-pi-4 --target jetson-orin-nano --target android-arm64 \
-	  --format onnx --calibration samples/digits/calib.npz --eval samples/digits/eval.npz \
+	  --target x86-64-cpu --target raspberry-pi-4 --target jetson-orin-nano --target apple-silicon-mac \
+	  --calibration samples/digits/calib.npz --eval samples/digits/eval.npz \
 	  --out $(DEMO_OUT) --force
 	$(PY) -m edgec inspect $(DEMO_OUT)/digits-1.0.0-raspberry-pi-4
 
@@ -62,6 +62,7 @@ mobilenet: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_onnx_precision.py
+	$(PY) bench/bench_formats.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache
