@@ -243,15 +243,19 @@ def _size_failures(artifact: Artifact, plan: _Plan) -> list[str]:
 
 
 def _build_target(plan: _Plan, shared: _Shared, progress: Progress) -> TargetResult:
-    label = f"{plan.profile.id} {plan.format.value} {plan.precision.value}"
     timings: dict[str, float] = {}
+    result = _build_timed(plan, shared, progress, timings)
+    return result.model_copy(update={"timings_s": {k: round(v, 3) for k, v in timings.items()}})
+
+
+def _build_timed(plan: _Plan, shared: _Shared, progress: Progress, timings: dict[str, float]) -> TargetResult:
+    label = f"{plan.profile.id} {plan.format.value} {plan.precision.value}"
     result = TargetResult(
         profile=plan.profile.id,
         format=plan.format,
         precision=plan.precision,
         status=BundleStatus.FAILED,
         gate=_gate(plan.profile, plan.precision),
-        timings_s=timings,
     )
     try:
         progress(f"{label}: converting")
@@ -272,7 +276,8 @@ def _build_target(plan: _Plan, shared: _Shared, progress: Progress) -> TargetRes
                 message = f"missed the {plan.precision.value} gate: {'; '.join(checked.failures)}"
                 return result.model_copy(update={"error": message, "size_bytes": None})
             progress(f"{label}: writing {plan.bundle.name}")
-            result = _write(plan, shared, artifact, checked, result)
+            started = time.perf_counter()
+            result = _write(plan, shared, artifact, checked, result.model_copy(update={"timings_s": timings}))
             timings["bundle"] = time.perf_counter() - started
     except (BuildError, OutputDirError) as e:
         return result.model_copy(update={"error": str(e), "size_bytes": None})

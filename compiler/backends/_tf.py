@@ -1,27 +1,35 @@
 """The TensorFlow SavedModel that the TFLite and CoreML backends convert from.
 
 A Keras or SavedModel source brings its own (written by the importer). For other sources
-onnx2tf writes it (channels-last, once per build, shared by every
-target). onnx2tf runs offline: it is never asked to quantize (which would make it download
-sample images for calibration); quantization is done by the TFLite converter with our data.
+onnx2tf writes it, channels-last, once per build, shared by every target. onnx2tf must run
+offline: it is never asked to quantize (the TFLite converter does that with the user's
+calibration data), and for RGB image models, where it runs the graph on sample images it
+would otherwise download, it is handed those images from the calibration set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import tempfile
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
+import numpy as np
+
 from compiler._capture import captured_output
 from compiler.prepare import PreparedModel
+from compiler.tensors import SampleSet
 from edgec.errors import ConversionError, UnsupportedOperatorError
 
 __all__ = ["TfModel", "TfTensor", "saved_model_for"]
 
 logger = logging.getLogger(__name__)
 _FOLDER = "onnx2tf-saved-model"
+_FAILED = "onnx2tf-failed.txt"
+_SAMPLE_IMAGES = "calibration_image_sample_data_20x128x128x3_float32.npy"  # the name onnx2tf looks for
 
 
 @dataclass(frozen=True)
@@ -74,17 +82,37 @@ def describe_saved_model(path: Path, input_names: list[str], output_names: list[
     return TfModel(path, inputs, outputs, {"tensorflow": version("tensorflow")})
 
 
-def saved_model_for(prepared: PreparedModel) -> TfModel:
-    """The source's own SavedModel when it has one, else onnx2tf's (converted once per build)."""
+def saved_model_for(prepared: PreparedModel, samples: SampleSet | None) -> TfModel:
+    """The source's own SavedModel when it has one, else onnx2tf's (converted once per build).
+
+    ``samples`` (the calibration set, if any) stand in for the sample images onnx2tf would
+    otherwise download for RGB models.
+    """
     names = [t.name for t in prepared.inputs]
     output_names = [t.name for t in prepared.outputs]
     if prepared.tf_saved_model is not None:
         return describe_saved_model(prepared.tf_saved_model, names, output_names)
     folder = prepared.path.parent / _FOLDER
+    failed = prepared.path.parent / _FAILED
+    if failed.exists():  # one failed conversion per build is enough
+        raise ConversionError(failed.read_text(encoding="utf-8"))
     if not (folder / "saved_model.pb").exists():
-        import onnx2tf
+        error = _run_onnx2tf(prepared, samples, folder)
+        if error is not None:
+            failed.write_text(str(error), encoding="utf-8")
+            raise error
+    model = describe_saved_model(folder, names, output_names)
+    versions = dict(model.tool_versions, onnx2tf=version("onnx2tf"))
+    return TfModel(model.path, model.inputs, model.outputs, versions)
 
-        failure: BaseException | None = None
+
+def _run_onnx2tf(prepared: PreparedModel, samples: SampleSet | None, folder: Path) -> ConversionError | None:
+    import onnx2tf
+
+    names = [t.name for t in prepared.inputs]
+    failure: BaseException | None = None
+    with tempfile.TemporaryDirectory(prefix="edgec-onnx2tf-") as cwd, contextlib.chdir(cwd):
+        _write_sample_images(Path(cwd), prepared, samples)
         with captured_output() as out:
             try:
                 onnx2tf.convert(
@@ -97,11 +125,29 @@ def saved_model_for(prepared: PreparedModel) -> TfModel:
                 )
             except (Exception, SystemExit) as e:  # onnx2tf calls sys.exit on failure
                 failure = e
-        if failure is not None or not (folder / "saved_model.pb").exists():
-            raise _onnx2tf_error(failure, out.text, prepared)
-    model = describe_saved_model(folder, names, output_names)
-    versions = dict(model.tool_versions, onnx2tf=version("onnx2tf"))
-    return TfModel(model.path, model.inputs, model.outputs, versions)
+    if failure is not None or not (folder / "saved_model.pb").exists():
+        return _onnx2tf_error(failure, out.text, prepared)
+    return None
+
+
+def _write_sample_images(cwd: Path, prepared: PreparedModel, samples: SampleSet | None) -> None:
+    """onnx2tf runs RGB image models once on 20 sample images it reads from the working
+    folder, or downloads when the file is not there. Give it ours: the first image input's
+    calibration samples (channels-last, resized to 128x128), else a fixed pattern."""
+    import tensorflow as tf
+
+    images = None
+    for spec in prepared.inputs:
+        if samples is None or len(spec.shape) != 4 or 3 not in (spec.shape[1], spec.shape[3]):
+            continue
+        batch = samples.arrays[spec.name].reshape(-1, *spec.shape[1:]).astype(np.float32)
+        images = batch if spec.shape[3] == 3 else batch.transpose(0, 2, 3, 1)
+        break
+    if images is None:
+        images = np.random.default_rng(0).standard_normal((20, 128, 128, 3)).astype(np.float32)
+    resized = tf.image.resize(images[:20], (128, 128)).numpy().astype(np.float32)
+    resized = np.resize(resized, (20, 128, 128, 3))  # repeats samples when there are fewer than 20
+    np.save(cwd / _SAMPLE_IMAGES, resized)
 
 
 def _onnx2tf_error(failure: BaseException | None, log: str, prepared: PreparedModel) -> ConversionError:

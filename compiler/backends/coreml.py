@@ -115,7 +115,7 @@ class CoreMlBackend:
     def compile(
         self, prepared: PreparedModel, profile: DeviceProfile, options: CompileOptions, workdir: Path
     ) -> Artifact:
-        tf_model = saved_model_for(prepared)
+        tf_model = saved_model_for(prepared, options.calibration)
         package = workdir / self.spec.model_file
         with captured_output() as out:
             try:

@@ -151,7 +151,7 @@ class TfliteBackend:
     def compile(
         self, prepared: PreparedModel, profile: DeviceProfile, options: CompileOptions, workdir: Path
     ) -> Artifact:
-        model = saved_model_for(prepared)
+        model = saved_model_for(prepared, options.calibration)
         target = workdir / self.spec.model_file
         convert(model, prepared, options, profile.tflite_int8_io, target)
         inputs, outputs = _io_specs(target, model, prepared)

@@ -101,3 +101,27 @@ def unsupported_op_model(path: Path) -> Path:
     model.ir_version = 8
     onnx.save(model, str(path))
     return path
+
+
+def rgb_model(path: Path) -> Path:
+    """``image`` float [N,3,16,16] -> Conv -> Relu -> GlobalAveragePool -> Flatten: an RGB
+    image model, the kind onnx2tf would fetch sample images for unless handed ours."""
+    rng = np.random.default_rng(5)
+    w = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3, "W")
+    nodes = [
+        helper.make_node("Conv", ["image", "W"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["features"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "rgb",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 8])],
+        initializer=[w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path

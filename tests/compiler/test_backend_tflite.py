@@ -11,7 +11,7 @@ from ai_edge_litert.interpreter import Interpreter
 
 from tests.conftest import DIGITS, UNSHARE, run_edgec
 
-from .models import multi_input_data, multi_input_model
+from .models import multi_input_data, multi_input_model, rgb_model
 
 PI4 = Path(__file__).resolve().parents[2] / "device_profiles" / "data" / "raspberry-pi-4.toml"
 
@@ -87,6 +87,35 @@ def test_build_needs_no_network(tmp_path):
     result = _build(tmp_path, "--target", "raspberry-pi-4", "--precision", "int8", offline=True)
     assert result.returncode == 0, result.stderr
     assert result.json()["bundles"][0]["status"] == "ok"
+
+
+@pytest.mark.skipif(UNSHARE is None, reason="unshare is not available to cut the network")
+def test_rgb_image_model_needs_no_network(tmp_path):
+    """onnx2tf fetches sample images for 3-channel models unless handed local ones."""
+    model = rgb_model(tmp_path / "rgb.onnx")
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, image=np.random.default_rng(1).random((24, 3, 16, 16), dtype=np.float32))
+    for data in ([], ["--calibration", calib]):
+        result = run_edgec(
+            "build",
+            model,
+            "--target",
+            "raspberry-pi-4",
+            "--format",
+            "tflite",
+            "--precision",
+            "fp32",
+            *data,
+            "--json",
+            "--out",
+            tmp_path / f"out{len(data)}",
+            offline=True,
+        )
+        assert result.returncode == 0, result.stderr
+        (bundle,) = result.json()["bundles"]
+        assert bundle["status"] == "ok", bundle["error"]
+        manifest = json.loads((Path(bundle["path"]) / "manifest.json").read_text())
+        assert manifest["inputs"][0]["layout"] == "NHWC"
 
 
 def test_several_integer_and_scalar_inputs(tmp_path):
