@@ -58,6 +58,7 @@ class Precision(enum.StrEnum):
     FP32 = "fp32"
     FP16 = "fp16"
     INT8 = "int8"
+    DYNAMIC = "dynamic"  # int8 weights, float activations (dynamic-range); needs no calibration
 
 
 class Layout(enum.StrEnum):

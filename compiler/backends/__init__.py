@@ -81,7 +81,7 @@ BACKENDS: dict[TargetFormat, BackendSpec] = {
     TargetFormat.ONNX: BackendSpec(
         format=TargetFormat.ONNX,
         module="compiler.backends.ort",
-        precisions=(Precision.FP32, Precision.FP16, Precision.INT8),
+        precisions=(Precision.FP32, Precision.FP16, Precision.INT8, Precision.DYNAMIC),
         requires=("onnx", "onnxruntime", "onnxconverter_common"),
         extra="compiler",
         model_file="model.onnx",
@@ -89,7 +89,7 @@ BACKENDS: dict[TargetFormat, BackendSpec] = {
     TargetFormat.TFLITE: BackendSpec(
         format=TargetFormat.TFLITE,
         module="compiler.backends.tflite",
-        precisions=(Precision.FP32, Precision.FP16, Precision.INT8),
+        precisions=(Precision.FP32, Precision.FP16, Precision.INT8, Precision.DYNAMIC),
         requires=("tensorflow", "onnx2tf", "ai_edge_litert"),
         extra="compiler",
         model_file="model.tflite",

@@ -14,7 +14,7 @@ from compiler.backends import CompileOptions
 from compiler.runtime import first_line
 from edgec.errors import ConversionError, OptionError
 
-__all__ = ["to_fp16", "to_int8"]
+__all__ = ["to_dynamic_int8", "to_fp16", "to_int8"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,3 +90,16 @@ def to_int8(
         )
     except Exception as e:
         raise ConversionError(f"int8 quantization failed: {first_line(e)}") from e
+
+
+def to_dynamic_int8(source: Path, target: Path, workdir: Path) -> None:
+    """int8 weights, activations quantized on the fly by the runtime: no calibration data."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    preprocessed = workdir / "dynamic-pre.onnx"
+    try:
+        quant_pre_process(str(source), str(preprocessed), skip_optimization=True, skip_symbolic_shape=True)
+        quantize_dynamic(str(preprocessed), str(target), per_channel=True, weight_type=QuantType.QInt8)
+    except Exception as e:
+        raise ConversionError(f"dynamic quantization failed: {first_line(e)}") from e

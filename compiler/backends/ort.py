@@ -9,7 +9,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from compiler.backends import BACKENDS, Artifact, CompileOptions
-from compiler.backends._quantize import to_fp16, to_int8
+from compiler.backends._quantize import to_dynamic_int8, to_fp16, to_int8
 from compiler.prepare import PreparedModel
 from compiler.runtime import ORT_SESSION_CONFIG, OnnxRuntimeRunner, Runner, first_line
 from device_profiles import DeviceProfile, Runtime
@@ -61,6 +61,10 @@ class OnnxRuntimeBackend:
             notes = to_fp16(prepared.path, target)
             notes.append("verified with onnxruntime's CPU provider: fp16 weights, float32 compute")
             tools["onnxconverter-common"] = version("onnxconverter-common")
+        elif options.precision is Precision.DYNAMIC:
+            to_dynamic_int8(prepared.path, target, workdir)
+            notes = ["dynamic quantization: int8 weights, activations quantized at run time"]
+            runtime_config = dict(ORT_SESSION_CONFIG)
         else:
             # Quantize the unfused graph so the device's runtime can fuse QDQ itself.
             to_int8(prepared.path, target, options, workdir, symmetric_activations=False)

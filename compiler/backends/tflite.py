@@ -56,6 +56,8 @@ def convert(
     if options.precision is Precision.FP16:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
+    elif options.precision is Precision.DYNAMIC:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no representative data: dynamic range
     elif options.precision is Precision.INT8:
         if options.calibration is None:
             raise OptionError("int8 needs calibration data: pass --calibration FILE.npz|DIR")
@@ -159,6 +161,8 @@ class TfliteBackend:
             notes = ["converted ONNX -> SavedModel with onnx2tf (channels-last)"]
         else:
             notes = ["converted from the source's own SavedModel with the TFLite converter"]
+        if options.precision is Precision.DYNAMIC:
+            notes.append("dynamic-range: int8 weights, float activations")
         if options.precision is Precision.INT8:
             io = "int8" if profile.tflite_int8_io else "float"
             count = min(CALIBRATION_SAMPLES, len(options.calibration or ()))

@@ -40,7 +40,9 @@ def register(commands: Any) -> None:
         help="artifact format (default: the profile's first; all: every format the profile runs)",
     )
     parser.add_argument(
-        "--precision", choices=[p.value for p in Precision], help="numeric precision (default: the profile's)"
+        "--precision",
+        choices=[p.value for p in Precision],
+        help="numeric precision (default: the profile's); dynamic: int8 weights, float activations",
     )
     parser.add_argument(
         "--calibration",

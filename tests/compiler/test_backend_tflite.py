@@ -53,7 +53,7 @@ def _litert_accuracy(bundle: Path) -> float:
     return hits / len(data["y"])
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "dynamic"])
 def test_digits_tflite_keeps_accuracy(tmp_path, precision):
     result = _build(tmp_path, "--target", "raspberry-pi-4", "--precision", precision)
     assert result.returncode == 0, result.stderr

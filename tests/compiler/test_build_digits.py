@@ -183,3 +183,18 @@ def test_table_output_and_progress(tmp_path):
     assert "raspberry-pi-4" in result.stdout
     assert "cosine" in result.stdout
     assert "verifying on 32 generated samples" in result.stderr
+
+
+def test_dynamic_quantization_needs_no_calibration(tmp_path):
+    result = _build(tmp_path, "dynamic")
+    assert result.returncode == 0, result.stderr
+    (bundle,) = result.json()["bundles"]
+    assert bundle["status"] == "ok"
+    assert (bundle["metrics"]["source_accuracy"] - bundle["metrics"]["accuracy"]) * 100 <= 1.0
+    assert bundle["size_bytes"] < 0.4 * (DIGITS / "model.onnx").stat().st_size
+    refused = run_edgec(
+        "build", DIGITS / "model.onnx", "--target", "apple-silicon-mac", "--precision", "dynamic",
+        "--out", tmp_path / "apple",
+    )
+    assert refused.returncode == 2
+    assert "does not allow dynamic" in refused.stderr
