@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,7 @@ def test_unknown_key_is_rejected(tmp_path):
 
 
 def test_default_precision_must_be_allowed(tmp_path):
-    text = X86.read_text().replace('precisions = ["fp32", "fp16", "int8"]', 'precisions = ["fp32"]')
+    text = re.sub(r"(?m)^precisions = .*$", 'precisions = ["fp32"]', X86.read_text())
     text = text.replace('default_precision = "fp32"', 'default_precision = "int8"')
     with pytest.raises(ProfileError, match="default_precision"):
         load_profile(_write(tmp_path, text))
