@@ -24,22 +24,22 @@ from typing import Literal
 import numpy as np
 
 import edgec
-from compiler.backends import BACKENDS, Artifact, Backend, CompileOptions, get_backend
+from compiler.backends import BACKENDS, Artifact, get_backend
 from compiler.bundle import bundle_dir_name, write_bundle
 from compiler.prepare import PreparedModel, prepare
 from compiler.report import BuildResult, TargetResult
-from compiler.runtime import RuntimeUnavailableError, first_line
+from compiler.runtime import first_line
+from compiler.search import Context, Trial, best, search, with_layer_errors
 from compiler.source import SourceModel, identify, import_source
 from compiler.stats import tensor_stats
 from compiler.tensors import SampleSet, generate_samples, load_samples
-from compiler.verify import Outputs, compare, gate_failures, run_samples
+from compiler.verify import Outputs, run_samples
 from device_profiles import DeviceProfile, load_profile
 from edgec.errors import BuildError, OptionError, OutputDirError, UserInputError
 from edgec.manifest import (
     BundleStatus,
     FileEntry,
     Manifest,
-    Metrics,
     Precision,
     ProfileRef,
     SourceRef,
@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 GENERATED_SAMPLES = 32
 GOLDEN_SAMPLES = 8
+LAYER_ERRORS_KEPT = 20
 Progress = Callable[[str], None]
 
 
@@ -64,7 +65,7 @@ class BuildRequest:
     targets: Sequence[str | Path]
     out: Path
     format: TargetFormat | Literal["all"] | None = None  # None: each profile's first format
-    precision: Precision | None = None
+    precision: Precision | Literal["auto"] | None = None  # None: each profile's default
     calibration: Path | None = None
     eval: Path | None = None
     input_shapes: Mapping[str, list[int]] = field(default_factory=dict)
@@ -78,7 +79,7 @@ class BuildRequest:
 class _Plan:
     profile: DeviceProfile
     format: TargetFormat
-    precision: Precision
+    precision: Precision | None  # None: auto
     bundle: Path
 
 
@@ -105,22 +106,30 @@ def _formats(request: BuildRequest, profile: DeviceProfile) -> list[TargetFormat
     return [fmt]
 
 
+def _precision(request: BuildRequest, profile: DeviceProfile) -> Precision | None:
+    """The precision to build for this profile; None for ``auto``. Checked up front."""
+    if request.precision == "auto":
+        return None
+    precision = request.precision or profile.default_precision
+    if precision not in profile.precisions:
+        allowed = ", ".join(p.value for p in profile.precisions)
+        raise OptionError(f"profile {profile.id} does not allow {precision.value}; allowed: {allowed}")
+    if precision is Precision.INT8 and request.calibration is None:
+        raise OptionError(
+            f"int8 for {profile.id} needs calibration data: pass --calibration FILE.npz|DIR "
+            "(or choose --precision fp16)"
+        )
+    return precision
+
+
 def _plan(request: BuildRequest, profiles: list[DeviceProfile], name: str) -> list[_Plan]:
-    plans = []
+    plans: list[_Plan] = []
     for profile in profiles:
-        precision = request.precision or profile.default_precision
-        if precision not in profile.precisions:
-            allowed = ", ".join(p.value for p in profile.precisions)
-            raise OptionError(f"profile {profile.id} does not allow {precision.value}; allowed: {allowed}")
-        if precision is Precision.INT8 and request.calibration is None:
-            raise OptionError(
-                f"int8 for {profile.id} needs calibration data: pass --calibration FILE.npz|DIR "
-                "(or choose --precision fp16)"
-            )
+        precision = _precision(request, profile)
         formats = _formats(request, profile)
         for fmt in formats:
             spec = BACKENDS.get(fmt)
-            if spec is not None and precision not in spec.precisions:
+            if precision is not None and spec is not None and precision not in spec.precisions:
                 raise OptionError(f"the {fmt.value} backend cannot build {precision.value}")
             suffix = fmt.value if len(formats) > 1 else ""
             folder = bundle_dir_name(name, request.version, profile.id, suffix)
@@ -185,12 +194,6 @@ def _prepare_shared(request: BuildRequest, ref: SourceRef, workdir: Path, progre
     return _Shared(request, source, prepared, calibration, verify_set, reference, stats)
 
 
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
-
-
 def _gate(profile: DeviceProfile, precision: Precision) -> dict[str, float]:
     gate = profile.gates[precision].model_dump()
     gate["max_artifact_bytes"] = float(profile.max_artifact_bytes)
@@ -215,31 +218,15 @@ def _golden(shared: _Shared) -> dict[str, np.ndarray]:
     return golden
 
 
-@dataclass
-class _Checked:
-    """What verification found out about one artifact."""
-
-    metrics: Metrics | None
-    failures: list[str]
-    unverified: str | None  # why the artifact could not be run (or fully run) here
-
-
-def _verify(backend: Backend, artifact: Artifact, plan: _Plan, shared: _Shared) -> _Checked:
-    try:
-        runner = backend.open(artifact)
-    except RuntimeUnavailableError as e:
-        return _Checked(None, _size_failures(artifact, plan), str(e))
-    candidate = run_samples(runner, shared.verify_set)
-    names = [o.name for o in shared.prepared.outputs]
-    metrics = compare(shared.reference, candidate, shared.verify_set.labels, names)
-    failures = gate_failures(metrics, plan.profile.gates[plan.precision]) + _size_failures(artifact, plan)
-    return _Checked(metrics, failures, artifact.unverified_reason)
-
-
-def _size_failures(artifact: Artifact, plan: _Plan) -> list[str]:
-    size = _size(artifact.path)
-    limit = plan.profile.max_artifact_bytes
-    return [f"size {size} bytes > {limit}"] if size > limit else []
+def _candidates(plan: _Plan, shared: _Shared) -> list[Precision]:
+    """The precisions to try: the one asked for, or for ``auto`` the smallest first."""
+    if plan.precision is not None:
+        return [plan.precision]
+    spec = BACKENDS[plan.format]
+    order = [Precision.INT8, Precision.FP16, Precision.FP32]
+    if shared.calibration is None:
+        order.remove(Precision.INT8)
+    return [p for p in order if p in plan.profile.precisions and p in spec.precisions]
 
 
 def _build_target(plan: _Plan, shared: _Shared, progress: Progress) -> TargetResult:
@@ -248,36 +235,58 @@ def _build_target(plan: _Plan, shared: _Shared, progress: Progress) -> TargetRes
     return result.model_copy(update={"timings_s": {k: round(v, 3) for k, v in timings.items()}})
 
 
+def _trail(trials: list[Trial], chosen: Trial | None, auto: bool) -> list[dict[str, object]]:
+    return [t.as_dict(t is chosen) for t in trials] if len(trials) > 1 or auto else []
+
+
 def _build_timed(plan: _Plan, shared: _Shared, progress: Progress, timings: dict[str, float]) -> TargetResult:
-    label = f"{plan.profile.id} {plan.format.value} {plan.precision.value}"
+    precisions = _candidates(plan, shared)
+    label = f"{plan.profile.id} {plan.format.value} {plan.precision.value if plan.precision else 'auto'}"
     result = TargetResult(
         profile=plan.profile.id,
         format=plan.format,
-        precision=plan.precision,
+        precision=precisions[0] if precisions else Precision.FP32,
         status=BundleStatus.FAILED,
-        gate=_gate(plan.profile, plan.precision),
+        gate=_gate(plan.profile, precisions[0] if precisions else Precision.FP32),
     )
     try:
         progress(f"{label}: converting")
         backend = get_backend(plan.format)
         with tempfile.TemporaryDirectory(prefix="edgec-target-") as tmp:
             started = time.perf_counter()
-            options = CompileOptions(precision=plan.precision, calibration=shared.calibration)
-            artifact = backend.compile(shared.prepared, plan.profile, options, Path(tmp))
-            timings["compile"] = time.perf_counter() - started
-            result = result.model_copy(update={"size_bytes": _size(artifact.path), "notes": artifact.notes})
-
-            started = time.perf_counter()
-            progress(f"{label}: verifying on {len(shared.verify_set)} {shared.verify_set.origin} samples")
-            checked = _verify(backend, artifact, plan, shared)
-            timings["verify"] = time.perf_counter() - started
-            result = result.model_copy(update={"metrics": checked.metrics, "gate_failures": checked.failures})
-            if checked.failures and not shared.request.ignore_gates:
-                message = f"missed the {plan.precision.value} gate: {'; '.join(checked.failures)}"
-                return result.model_copy(update={"error": message, "size_bytes": None})
+            ctx = Context(
+                backend,
+                plan.profile,
+                shared.prepared,
+                shared.calibration,
+                shared.verify_set,
+                shared.reference,
+                Path(tmp),
+                progress,
+            )
+            searching = not shared.request.ignore_gates
+            trials = search(ctx, precisions, searching)
+            chosen = best(trials)
+            if chosen.precision is Precision.INT8:
+                with_layer_errors(ctx, chosen)
+            timings["compile_and_verify"] = time.perf_counter() - started
+            result = result.model_copy(
+                update={
+                    "precision": chosen.precision,
+                    "gate": _gate(plan.profile, chosen.precision),
+                    "metrics": chosen.metrics,
+                    "size_bytes": chosen.size_bytes,
+                    "gate_failures": chosen.failures,
+                    "notes": chosen.artifact.notes,
+                    "search": _trail(trials, chosen if chosen.passed else None, plan.precision is None),
+                    "layer_errors": [e.as_dict() for e in chosen.layer_errors[:LAYER_ERRORS_KEPT]],
+                }
+            )
+            if chosen.failures and not shared.request.ignore_gates:
+                return result.model_copy(update={"error": _gate_error(chosen, trials), "size_bytes": None})
             progress(f"{label}: writing {plan.bundle.name}")
             started = time.perf_counter()
-            result = _write(plan, shared, artifact, checked, result.model_copy(update={"timings_s": timings}))
+            result = _write(plan, shared, chosen, result.model_copy(update={"timings_s": timings}))
             timings["bundle"] = time.perf_counter() - started
     except (BuildError, OutputDirError) as e:
         return result.model_copy(update={"error": str(e), "size_bytes": None})
@@ -287,19 +296,30 @@ def _build_timed(plan: _Plan, shared: _Shared, progress: Progress, timings: dict
     return result
 
 
-def _write(
-    plan: _Plan, shared: _Shared, artifact: Artifact, checked: _Checked, result: TargetResult
-) -> TargetResult:
-    reasons = [checked.unverified] if checked.unverified else []
-    if checked.failures:
+def _gate_error(chosen: Trial, trials: list[Trial]) -> str:
+    message = f"missed the {chosen.precision.value} gate: {'; '.join(chosen.failures)}"
+    if len(trials) > 1:
+        message = (
+            f"no configuration met the gate in {len(trials)} tries; best {chosen.label()}: "
+            + "; ".join(chosen.failures)
+        )
+    if chosen.layer_errors:
+        worst = ", ".join(f"{e.tensor} ({e.qdq_db:.1f} dB)" for e in chosen.layer_errors[:3])
+        message += f"; layers that hurt most: {worst}"
+    return message
+
+
+def _write(plan: _Plan, shared: _Shared, chosen: Trial, result: TargetResult) -> TargetResult:
+    reasons = [chosen.unverified] if chosen.unverified else []
+    if chosen.failures:
         reasons.append("gate missed, bundle written because of --ignore-gates")
-    status = BundleStatus.UNVERIFIED if checked.unverified else BundleStatus.OK
+    status = BundleStatus.UNVERIFIED if chosen.unverified else BundleStatus.OK
     verification = Verification(
         status=status,
         data=shared.verify_set.origin,
-        metrics=checked.metrics,
+        metrics=chosen.metrics,
         gate=result.gate,
-        gate_failures=checked.failures,
+        gate_failures=chosen.failures,
         reason="; ".join(reasons) or None,
     )
     result = result.model_copy(
@@ -307,11 +327,11 @@ def _write(
     )
 
     def manifest(files: list[FileEntry]) -> Manifest:
-        return _manifest(plan, shared, artifact, verification, files)
+        return _manifest(plan, shared, chosen, verification, files)
 
     write_bundle(
         plan.bundle,
-        artifact_path=artifact.path,
+        artifact_path=chosen.artifact.path,
         model_file=BACKENDS[plan.format].model_file,
         golden=_golden(shared),
         report=result.model_dump(mode="json"),
@@ -322,15 +342,16 @@ def _write(
 
 
 def _manifest(
-    plan: _Plan, shared: _Shared, artifact: Artifact, verification: Verification, files: list[FileEntry]
+    plan: _Plan, shared: _Shared, chosen: Trial, verification: Verification, files: list[FileEntry]
 ) -> Manifest:
     request = shared.request
+    artifact = chosen.artifact
     return Manifest(
         name=_name(request),
         version=request.version,
         profile=ProfileRef(id=plan.profile.id, sha256=plan.profile.sha256()),
         format=plan.format,
-        precision=plan.precision,
+        precision=chosen.precision,
         created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         files=files,
         model_file=BACKENDS[plan.format].model_file,

@@ -25,6 +25,8 @@ class TargetResult(BaseModel):
     gate: dict[str, float] = {}
     gate_failures: list[str] = []
     notes: list[str] = []
+    search: list[dict[str, object]] = []  # every configuration tried, when more than one
+    layer_errors: list[dict[str, object]] = []  # int8: the worst quantized tensors, for explain
     timings_s: dict[str, float] = {}
 
 

@@ -11,7 +11,7 @@ import importlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from compiler._capture import captured_output
 from compiler.prepare import PreparedModel
@@ -27,10 +27,34 @@ __all__ = [
     "Backend",
     "BackendSpec",
     "CompileOptions",
+    "Int8Config",
     "get_backend",
 ]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    """One point of the int8 search space. The default is the first thing tried."""
+
+    per_channel: bool = True  # weights: one scale per output channel, else per tensor
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    symmetric_activations: bool = False
+    int16_activations: bool = False  # TFLite's 16x8 mode: int16 activations, int8 weights
+    float_nodes: tuple[str, ...] = ()  # mixed precision: nodes kept in float
+
+    def label(self) -> str:
+        parts = [
+            "per-channel" if self.per_channel else "per-tensor",
+            self.calibration_method,
+            "symmetric" if self.symmetric_activations else "asymmetric",
+        ]
+        if self.int16_activations:
+            parts.append("int16 activations")
+        if self.float_nodes:
+            parts.append(f"{len(self.float_nodes)} node(s) in float")
+        return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -41,13 +65,17 @@ class BackendSpec:
     requires: tuple[str, ...]  # importable modules the backend needs
     extra: str  # the pip extra that installs them
     model_file: str  # name of the artifact inside a bundle
+    # int8: the configuration tried first, then the ones to try, in order, if it misses the gate
+    int8_default: Int8Config = Int8Config()
+    int8_search: tuple[Int8Config, ...] = ()
+    mixed_precision: bool = False  # can keep chosen nodes in float (ranked by per-layer error)
 
 
 @dataclass(frozen=True)
 class CompileOptions:
     precision: Precision
     calibration: SampleSet | None = None
-    per_channel: bool = True
+    int8: Int8Config = Int8Config()
 
 
 @dataclass
@@ -65,6 +93,7 @@ class Artifact:
     runtime_config: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     unverified_reason: str | None = None  # the figures come from a stand-in runtime, and why
+    qdq_graph: Path | None = None  # the Q/DQ ONNX graph of an int8 artifact, for per-layer error
 
 
 class Backend(Protocol):
@@ -77,6 +106,13 @@ class Backend(Protocol):
     def open(self, artifact: Artifact) -> Runner: ...
 
 
+_ONNX_INT8_SEARCH = (
+    Int8Config(per_channel=False),
+    Int8Config(calibration_method="entropy"),
+    Int8Config(calibration_method="percentile"),
+    Int8Config(symmetric_activations=True),
+)
+
 BACKENDS: dict[TargetFormat, BackendSpec] = {
     TargetFormat.ONNX: BackendSpec(
         format=TargetFormat.ONNX,
@@ -85,6 +121,8 @@ BACKENDS: dict[TargetFormat, BackendSpec] = {
         requires=("onnx", "onnxruntime", "onnxconverter_common"),
         extra="compiler",
         model_file="model.onnx",
+        int8_search=_ONNX_INT8_SEARCH,
+        mixed_precision=True,
     ),
     TargetFormat.TFLITE: BackendSpec(
         format=TargetFormat.TFLITE,
@@ -93,6 +131,10 @@ BACKENDS: dict[TargetFormat, BackendSpec] = {
         requires=("tensorflow", "onnx2tf", "ai_edge_litert"),
         extra="compiler",
         model_file="model.tflite",
+        int8_search=(
+            Int8Config(per_channel=False),
+            Int8Config(int16_activations=True),
+        ),
     ),
     TargetFormat.TENSORRT: BackendSpec(
         format=TargetFormat.TENSORRT,
@@ -101,6 +143,14 @@ BACKENDS: dict[TargetFormat, BackendSpec] = {
         requires=("onnx", "onnxruntime", "onnxconverter_common"),
         extra="compiler",
         model_file="model.trt",
+        # TensorRT takes symmetric activations only (zero points 0)
+        int8_default=Int8Config(symmetric_activations=True),
+        int8_search=(
+            Int8Config(per_channel=False, symmetric_activations=True),
+            Int8Config(calibration_method="entropy", symmetric_activations=True),
+            Int8Config(calibration_method="percentile", symmetric_activations=True),
+        ),
+        mixed_precision=True,
     ),
     TargetFormat.COREML: BackendSpec(
         format=TargetFormat.COREML,

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from compiler._capture import captured_output
 from compiler.backends import CompileOptions
 from compiler.runtime import first_line
 from edgec.errors import ConversionError, OptionError
@@ -17,6 +18,7 @@ from edgec.errors import ConversionError, OptionError
 __all__ = ["to_dynamic_int8", "to_fp16", "to_int8"]
 
 logger = logging.getLogger(__name__)
+_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 
 class _CalibrationReader:
@@ -66,28 +68,37 @@ def _retarget_float_casts(model: onnx.ModelProto) -> None:
 
 
 def to_int8(
-    source: Path, target: Path, options: CompileOptions, workdir: Path, symmetric_activations: bool
+    source: Path, target: Path, options: CompileOptions, workdir: Path, tensorrt: bool = False
 ) -> None:
-    """Static int8 QDQ: symmetric int8 weights (per channel by default), activations from
-    the calibration set; symmetric activations (zero point 0) where TensorRT will run it."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    """Static int8 QDQ as ``options.int8`` says: symmetric int8 weights (per channel by
+    default), activation ranges from the calibration set, chosen nodes left in float.
+    TensorRT takes only symmetric activations (zero point 0)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if options.calibration is None:
         raise OptionError("int8 needs calibration data: pass --calibration FILE.npz|DIR")
+    config = options.int8
     preprocessed = workdir / "int8-pre.onnx"
     try:
         quant_pre_process(str(source), str(preprocessed), skip_optimization=True, skip_symbolic_shape=True)
-        quantize_static(
-            str(preprocessed),
-            str(target),
-            _CalibrationReader(list(options.calibration)),
-            quant_format=QuantFormat.QDQ,
-            per_channel=options.per_channel,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True},
-        )
+        with captured_output():  # the entropy and percentile calibrators print progress
+            quantize_static(
+                str(preprocessed),
+                str(target),
+                _CalibrationReader(list(options.calibration)),
+                quant_format=QuantFormat.QDQ,
+                per_channel=config.per_channel,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod[_METHODS[config.calibration_method]],
+                nodes_to_exclude=list(config.float_nodes),
+                extra_options={
+                    "ActivationSymmetric": config.symmetric_activations or tensorrt,
+                    "WeightSymmetric": True,
+                    "CalibMovingAverage": False,
+                },
+            )
     except Exception as e:
         raise ConversionError(f"int8 quantization failed: {first_line(e)}") from e
 

@@ -62,7 +62,8 @@ def describe_saved_model(path: Path, input_names: list[str], output_names: list[
     """Read the serving signature and line it up with the source's inputs and outputs."""
     import tensorflow as tf
 
-    signature = tf.saved_model.load(str(path)).signatures["serving_default"]
+    with captured_output():
+        signature = tf.saved_model.load(str(path)).signatures["serving_default"]
     specs = signature.structured_input_signature[1]
     inputs = []
     for name in input_names:

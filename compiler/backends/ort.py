@@ -67,9 +67,8 @@ class OnnxRuntimeBackend:
             runtime_config = dict(ORT_SESSION_CONFIG)
         else:
             # Quantize the unfused graph so the device's runtime can fuse QDQ itself.
-            to_int8(prepared.path, target, options, workdir, symmetric_activations=False)
-            per = "per-channel" if options.per_channel else "per-tensor"
-            notes = [f"int8 static QDQ, {per} symmetric weights, asymmetric activations"]
+            to_int8(prepared.path, target, options, workdir)
+            notes = [f"int8 static QDQ: {options.int8.label()}"]
             runtime_config = dict(ORT_SESSION_CONFIG)
         return Artifact(
             format=TargetFormat.ONNX,
@@ -82,6 +81,7 @@ class OnnxRuntimeBackend:
             tool_versions=tools,
             runtime_config=runtime_config,
             notes=notes,
+            qdq_graph=target if options.precision is Precision.INT8 else None,
         )
 
     def open(self, artifact: Artifact) -> Runner:

@@ -192,8 +192,8 @@ class TensorRtBackend:
         elif options.precision is Precision.FP16:
             notes = to_fp16(prepared.path, graph) + notes
         else:
-            to_int8(prepared.path, graph, options, workdir, symmetric_activations=True)
-            notes.append("int8 as explicit symmetric Q/DQ (zero points 0), per-channel weights")
+            to_int8(prepared.path, graph, options, workdir, tensorrt=True)
+            notes.append(f"int8 as explicit symmetric Q/DQ (zero points 0): {options.int8.label()}")
         problems = preflight(onnx.load(str(graph)))
         if problems:
             nodes = [p.split(" ", 1)[0] for p in problems]
@@ -227,6 +227,7 @@ class TensorRtBackend:
             source_outputs=prepared.outputs,
             tool_versions=tools,
             notes=notes,
+            qdq_graph=graph if options.precision is Precision.INT8 else None,
             unverified_reason=None
             if blocker is None
             else f"{blocker}; figures are onnxruntime's on the TensorRT-ready graph",

@@ -63,8 +63,12 @@ def convert(
             raise OptionError("int8 needs calibration data: pass --calibration FILE.npz|DIR")
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = _representative(model, prepared.inputs, options.calibration)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        if int8_io:
+        ops = tf.lite.OpsSet.TFLITE_BUILTINS_INT8
+        if options.int8.int16_activations:
+            ops = tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
+        converter.target_spec.supported_ops = [ops]
+        converter._experimental_disable_per_channel = not options.int8.per_channel
+        if int8_io and not options.int8.int16_activations:
             converter.inference_input_type = tf.int8
             converter.inference_output_type = tf.int8
     with captured_output() as out:
@@ -131,7 +135,8 @@ def _io_specs(
     """The TFLite file's own tensors (dtypes, int8 scales), lined up with the source's."""
     from ai_edge_litert.interpreter import Interpreter
 
-    runner = Interpreter(model_path=str(path)).get_signature_runner()
+    with captured_output():
+        runner = Interpreter(model_path=str(path)).get_signature_runner()
     details_in, details_out = runner.get_input_details(), runner.get_output_details()
 
     def spec(source: TensorSpec, key: str, details: dict[str, Any]) -> TensorSpec:
@@ -166,7 +171,10 @@ class TfliteBackend:
         if options.precision is Precision.INT8:
             io = "int8" if profile.tflite_int8_io else "float"
             count = min(CALIBRATION_SAMPLES, len(options.calibration or ()))
-            notes.append(f"full-integer int8, {io} inputs/outputs, calibrated on {count} samples")
+            notes.append(
+                f"full-integer int8 ({options.int8.label()}), {io} inputs/outputs, "
+                f"calibrated on {count} samples"
+            )
         return Artifact(
             format=TargetFormat.TFLITE,
             precision=options.precision,

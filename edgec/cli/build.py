@@ -41,8 +41,9 @@ def register(commands: Any) -> None:
     )
     parser.add_argument(
         "--precision",
-        choices=[p.value for p in Precision],
-        help="numeric precision (default: the profile's); dynamic: int8 weights, float activations",
+        choices=[*(p.value for p in Precision), "auto"],
+        help="numeric precision (default: the profile's); dynamic: int8 weights, float "
+        "activations; auto: the smallest artifact that meets the gate (int8, mixed, fp16, fp32)",
     )
     parser.add_argument(
         "--calibration",
@@ -94,6 +95,26 @@ def _size(n: int | None) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
+def _trail_table(trail: list[dict[str, Any]]) -> str:
+    rows = []
+    for step in trail:
+        m = step["metrics"] or {}
+        acc = m.get("accuracy")
+        rows.append(
+            (
+                "*" if step["chosen"] else "",
+                step["configuration"],
+                _size(step["size_bytes"]),
+                _fmt(m.get("cosine"), ".5f"),
+                _fmt(m.get("top1_agreement"), ".4f"),
+                "-" if acc is None else f"{acc * 100:.2f}",
+                "pass" if step["passed"] else "fail",
+            )
+        )
+    headers = ("", "configuration", "size", "cosine", "top-1 agree", "acc %", "gate")
+    return render_table(headers, rows, right=(2, 3, 4, 5))
+
+
 def render(result: BuildResult) -> str:
     rows = []
     for b in result.bundles:
@@ -127,6 +148,10 @@ def render(result: BuildResult) -> str:
     )
     lines = [render_table(headers, rows, right=(4, 5, 6, 7, 8))]
     for b in result.bundles:
+        if b.search:
+            lines.append(f"\n{b.profile} {b.format.value}: configurations tried")
+            lines.append(_trail_table(b.search))
+    for b in result.bundles:
         if b.path:
             lines.append(f"{b.profile}: {b.path}")
         if b.error or b.reason:
@@ -140,6 +165,12 @@ def _format(value: str | None) -> TargetFormat | Literal["all"] | None:
     return TargetFormat(value) if value else None
 
 
+def _precision(value: str | None) -> Precision | Literal["auto"] | None:
+    if value == "auto":
+        return "auto"
+    return Precision(value) if value else None
+
+
 def run(args: argparse.Namespace) -> int:
     from compiler.build import BuildRequest, build
     from compiler.prepare import parse_input_shapes
@@ -149,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         targets=args.target,
         out=args.out,
         format=_format(args.format),
-        precision=Precision(args.precision) if args.precision else None,
+        precision=_precision(args.precision),
         calibration=args.calibration,
         eval=args.eval,
         input_shapes=parse_input_shapes(args.input_shape),
