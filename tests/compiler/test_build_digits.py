@@ -193,8 +193,14 @@ def test_dynamic_quantization_needs_no_calibration(tmp_path):
     assert (bundle["metrics"]["source_accuracy"] - bundle["metrics"]["accuracy"]) * 100 <= 1.0
     assert bundle["size_bytes"] < 0.4 * (DIGITS / "model.onnx").stat().st_size
     refused = run_edgec(
-        "build", DIGITS / "model.onnx", "--target", "apple-silicon-mac", "--precision", "dynamic",
-        "--out", tmp_path / "apple",
+        "build",
+        DIGITS / "model.onnx",
+        "--target",
+        "apple-silicon-mac",
+        "--precision",
+        "dynamic",
+        "--out",
+        tmp_path / "apple",
     )
     assert refused.returncode == 2
     assert "does not allow dynamic" in refused.stderr
