@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import hashlib
 import logging
 import platform
 import sys
@@ -17,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as dist_version
 from pathlib import Path
 from typing import Literal
@@ -26,6 +28,7 @@ import numpy as np
 import edgec
 from compiler.backends import BACKENDS, Artifact, get_backend
 from compiler.bundle import bundle_dir_name, write_bundle
+from compiler.cache import BuildCache, default_cache_dir
 from compiler.prepare import PreparedModel, prepare
 from compiler.report import BuildResult, TargetResult
 from compiler.runtime import first_line
@@ -47,6 +50,7 @@ from edgec.manifest import (
     TensorSpec,
     TensorStats,
     Verification,
+    sha256_file,
 )
 
 __all__ = ["BuildRequest", "build"]
@@ -55,6 +59,21 @@ logger = logging.getLogger(__name__)
 
 GENERATED_SAMPLES = 32
 GOLDEN_SAMPLES = 8
+CONVERTERS = (
+    "numpy",
+    "onnx",
+    "onnxruntime",
+    "onnxconverter-common",
+    "tensorflow",
+    "tf_keras",
+    "tf2onnx",
+    "onnx2tf",
+    "ai-edge-litert",
+    "coremltools",
+    "torch",
+    "onnxscript",
+    "tensorrt",
+)
 LAYER_ERRORS_KEPT = 20
 Progress = Callable[[str], None]
 
@@ -73,6 +92,7 @@ class BuildRequest:
     version: str = "1.0.0"
     force: bool = False
     ignore_gates: bool = False
+    cache: Path | None = field(default_factory=default_cache_dir)  # None: no build cache
 
 
 @dataclass(frozen=True)
@@ -94,6 +114,7 @@ class _Shared:
     verify_set: SampleSet
     reference: Outputs
     stats: list[TensorStats]
+    cache_parts: dict[str, object]
 
 
 def _formats(request: BuildRequest, profile: DeviceProfile) -> list[TargetFormat]:
@@ -191,7 +212,38 @@ def _prepare_shared(request: BuildRequest, ref: SourceRef, workdir: Path, progre
         stats = _reference_stats(calibration, run_samples(runner, calibration), names)
     else:
         stats = _reference_stats(verify_set, reference, names)
-    return _Shared(request, source, prepared, calibration, verify_set, reference, stats)
+    cache_parts: dict[str, object] = {
+        "edgec": edgec.__version__,
+        "prepared": sha256_file(prepared.path),
+        "calibration": _data_digest(calibration),
+        "verification": _data_digest(verify_set),
+        "tools": _installed_versions(),
+    }
+    return _Shared(request, source, prepared, calibration, verify_set, reference, stats, cache_parts)
+
+
+def _data_digest(samples: SampleSet | None) -> str | None:
+    if samples is None:
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(samples.arrays):
+        array = np.ascontiguousarray(samples.arrays[name])
+        digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
+        digest.update(array.tobytes())
+    if samples.labels is not None:
+        digest.update(np.ascontiguousarray(samples.labels).tobytes())
+    return digest.hexdigest()
+
+
+def _installed_versions() -> dict[str, str]:
+    """Versions of every converter and runtime that can shape an artifact (cache key)."""
+    found = {}
+    for package in CONVERTERS:
+        try:
+            found[package] = dist_version(package)
+        except PackageNotFoundError:
+            continue
+    return found
 
 
 def _gate(profile: DeviceProfile, precision: Precision) -> dict[str, float]:
@@ -263,6 +315,8 @@ def _build_timed(plan: _Plan, shared: _Shared, progress: Progress, timings: dict
                 shared.reference,
                 Path(tmp),
                 progress,
+                cache=BuildCache(shared.request.cache) if shared.request.cache else None,
+                cache_parts=shared.cache_parts,
             )
             searching = not shared.request.ignore_gates
             trials = search(ctx, precisions, searching)
@@ -279,6 +333,7 @@ def _build_timed(plan: _Plan, shared: _Shared, progress: Progress, timings: dict
                     "gate_failures": chosen.failures,
                     "notes": chosen.artifact.notes,
                     "search": _trail(trials, chosen if chosen.passed else None, plan.precision is None),
+                    "cached": chosen.cached,
                     "layer_errors": [e.as_dict() for e in chosen.layer_errors[:LAYER_ERRORS_KEPT]],
                 }
             )

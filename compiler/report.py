@@ -27,6 +27,7 @@ class TargetResult(BaseModel):
     notes: list[str] = []
     search: list[dict[str, object]] = []  # every configuration tried, when more than one
     layer_errors: list[dict[str, object]] = []  # int8: the worst quantized tensors, for explain
+    cached: bool = False  # the artifact and its figures came from the build cache
     timings_s: dict[str, float] = {}
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compiler.backends import Artifact, Backend, CompileOptions, Int8Config
+from compiler.cache import BuildCache, CachedTrial, fingerprint
 from compiler.layer_error import LayerError, layer_errors, nodes_touching
 from compiler.prepare import PreparedModel
 from compiler.runtime import RuntimeUnavailableError, first_line
@@ -43,6 +44,8 @@ class Context:
     reference: Outputs
     workdir: Path
     progress: Callable[[str], None]
+    cache: BuildCache | None = None
+    cache_parts: dict[str, object] = field(default_factory=dict)  # the build's share of each key
 
 
 @dataclass
@@ -55,6 +58,8 @@ class Trial:
     failures: list[str]
     unverified: str | None
     layer_errors: list[LayerError] = field(default_factory=list)
+    cache_key: str | None = None
+    cached: bool = False  # taken from the build cache, not converted and verified again
 
     @property
     def passed(self) -> bool:
@@ -84,39 +89,87 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
+def _failures(ctx: Context, precision: Precision, metrics: Metrics | None, size: int) -> list[str]:
+    limit = ctx.profile.max_artifact_bytes
+    failures = [f"size {size} bytes > {limit}"] if size > limit else []
+    if metrics is not None:
+        failures = gate_failures(metrics, ctx.profile.gates[precision]) + failures
+    return failures
+
+
+def _cache_key(ctx: Context, precision: Precision, config: Int8Config) -> str:
+    spec = ctx.backend.spec
+    profile = ctx.profile.model_dump(mode="json", include=set(spec.profile_fields))
+    int8 = dataclasses.asdict(config) if precision is Precision.INT8 else None
+    return fingerprint(
+        {**ctx.cache_parts, "format": spec.format, "precision": precision, "int8": int8, "profile": profile}
+    )
+
+
 def trial(ctx: Context, precision: Precision, config: Int8Config | None = None) -> Trial:
-    """Compile one configuration into its own folder and verify it."""
+    """Compile one configuration into its own folder and verify it (or take both from the cache)."""
     folder = ctx.workdir / f"trial-{len(list(ctx.workdir.glob('trial-*')))}"
     folder.mkdir(parents=True)
     config = config or ctx.backend.spec.int8_default
+    key = _cache_key(ctx, precision, config) if ctx.cache is not None else None
+    if ctx.cache is not None and key is not None and (hit := ctx.cache.get(key, folder)):
+        record, artifact = hit
+        found = Trial(
+            precision,
+            config,
+            artifact,
+            record.size_bytes,
+            record.metrics,
+            _failures(ctx, precision, record.metrics, record.size_bytes),
+            record.unverified,
+            [LayerError(**e) for e in record.layer_errors or []],
+            key,
+            cached=True,
+        )
+        ctx.progress(f"  {found.label()}: reused from the build cache")
+        return found
     options = CompileOptions(precision=precision, calibration=ctx.calibration, int8=config)
     artifact = ctx.backend.compile(ctx.prepared, ctx.profile, options, folder)
     size = _size(artifact.path)
-    limit = ctx.profile.max_artifact_bytes
-    size_failures = [f"size {size} bytes > {limit}"] if size > limit else []
+    metrics: Metrics | None = None
+    unverified: str | None
     try:
         runner = ctx.backend.open(artifact)
     except RuntimeUnavailableError as e:
-        return Trial(precision, config, artifact, size, None, size_failures, str(e))
-    ctx.progress(f"  verifying on {len(ctx.verify_set)} {ctx.verify_set.origin} samples")
-    candidate = run_samples(runner, ctx.verify_set)
-    names = [o.name for o in ctx.prepared.outputs]
-    metrics = compare(ctx.reference, candidate, ctx.verify_set.labels, names)
-    failures = gate_failures(metrics, ctx.profile.gates[precision]) + size_failures
-    found = Trial(precision, config, artifact, size, metrics, failures, artifact.unverified_reason)
-    logger.info("%s: %s", found.label(), "passed" if found.passed else "; ".join(failures))
+        unverified = str(e)
+    else:
+        ctx.progress(f"  verifying on {len(ctx.verify_set)} {ctx.verify_set.origin} samples")
+        candidate = run_samples(runner, ctx.verify_set)
+        names = [o.name for o in ctx.prepared.outputs]
+        metrics = compare(ctx.reference, candidate, ctx.verify_set.labels, names)
+        unverified = artifact.unverified_reason
+    if ctx.cache is not None and key is not None:
+        ctx.cache.put(key, CachedTrial.of(artifact, size, metrics, unverified), artifact)
+    found = Trial(
+        precision,
+        config,
+        artifact,
+        size,
+        metrics,
+        _failures(ctx, precision, metrics, size),
+        unverified,
+        cache_key=key,
+    )
+    logger.info("%s: %s", found.label(), "passed" if found.passed else "; ".join(found.failures))
     return found
 
 
 def with_layer_errors(ctx: Context, found: Trial) -> Trial:
     """Attach the per-layer error table of a Q/DQ ONNX artifact (for ``edgec explain``)."""
     graph = found.artifact.qdq_graph
-    if graph is None or ctx.calibration is None:
+    if graph is None or ctx.calibration is None or found.layer_errors:
         return found
     folder = ctx.workdir / f"layers-{id(found)}"
     folder.mkdir(exist_ok=True)
     try:
         found.layer_errors = layer_errors(ctx.prepared.path, graph, ctx.calibration, folder)
+        if ctx.cache is not None and found.cache_key is not None:
+            ctx.cache.update_layers(found.cache_key, [dataclasses.asdict(e) for e in found.layer_errors])
     except Exception as e:  # a diagnostic: its failure must not fail the build
         logger.warning("per-layer error not measured: %s", first_line(e))
         found.artifact.notes.append(f"per-layer error not measured: {first_line(e)}")

@@ -62,3 +62,9 @@ def edgec_cli():
 @pytest.fixture(scope="session")
 def digits() -> Path:
     return DIGITS
+
+
+@pytest.fixture(autouse=True)
+def _own_build_cache(tmp_path, monkeypatch):
+    """Every test starts with an empty build cache of its own (and never touches the user's)."""
+    monkeypatch.setenv("EDGEC_CACHE_DIR", str(tmp_path / "edgec-cache"))

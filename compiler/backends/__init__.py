@@ -69,6 +69,7 @@ class BackendSpec:
     int8_default: Int8Config = Int8Config()
     int8_search: tuple[Int8Config, ...] = ()
     mixed_precision: bool = False  # can keep chosen nodes in float (ranked by per-layer error)
+    profile_fields: tuple[str, ...] = ()  # the DeviceProfile fields compile() reads (cache key)
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ BACKENDS: dict[TargetFormat, BackendSpec] = {
         requires=("onnx", "onnxruntime", "onnxconverter_common"),
         extra="compiler",
         model_file="model.onnx",
+        profile_fields=("onnxruntime_providers",),
         int8_search=_ONNX_INT8_SEARCH,
         mixed_precision=True,
     ),
@@ -131,6 +133,7 @@ BACKENDS: dict[TargetFormat, BackendSpec] = {
         requires=("tensorflow", "onnx2tf", "ai_edge_litert"),
         extra="compiler",
         model_file="model.tflite",
+        profile_fields=("tflite_int8_io",),
         int8_search=(
             Int8Config(per_channel=False),
             Int8Config(int16_activations=True),
@@ -143,6 +146,7 @@ BACKENDS: dict[TargetFormat, BackendSpec] = {
         requires=("onnx", "onnxruntime", "onnxconverter_common"),
         extra="compiler",
         model_file="model.trt",
+        profile_fields=("ram_bytes", "accelerators"),
         # TensorRT takes symmetric activations only (zero points 0)
         int8_default=Int8Config(symmetric_activations=True),
         int8_search=(
@@ -159,6 +163,7 @@ BACKENDS: dict[TargetFormat, BackendSpec] = {
         requires=("tensorflow", "onnx2tf", "coremltools"),
         extra="compiler",
         model_file="model.mlpackage",
+        profile_fields=("coreml_deployment_target", "coreml_int8_weights"),
     ),
 }
 

@@ -73,6 +73,9 @@ def register(commands: Any) -> None:
         action="store_true",
         help="write bundles that miss their verification gate (recorded in the manifest)",
     )
+    parser.add_argument(
+        "--no-cache", action="store_true", help="convert and verify again even if the build cache has it"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document to stdout")
     parser.set_defaults(run=run)
 
@@ -188,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         version=args.version,
         force=args.force,
         ignore_gates=args.ignore_gates,
+        **({"cache": None} if args.no_cache else {}),
     )
     result = build(request, progress=None if args.json and not sys.stderr.isatty() else _Progress())
     if args.json:
