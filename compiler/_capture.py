@@ -14,11 +14,14 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
-__all__ = ["Captured", "captured_output"]
+__all__ = ["Captured", "Quiet", "call_quietly", "captured_output"]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Captured:
@@ -53,3 +56,23 @@ def captured_output() -> Iterator[Captured]:
             sink.seek(0)
             captured.text = sink.read().decode("utf-8", "replace") + buffer.getvalue()
             logger.debug("converter output:\n%s", captured.text[-4000:])
+
+
+@dataclass
+class Quiet(Generic[T]):
+    """What ``call_quietly`` got: the value, or the failure, and what was printed meanwhile."""
+
+    value: T | None
+    failure: BaseException | None
+    log: Captured
+
+
+def call_quietly(function: Callable[[], T]) -> Quiet[T]:
+    """Run a converter with its output captured; its exceptions (and ``sys.exit``, which
+    onnx2tf calls on failure) are returned for the caller to turn into a typed error."""
+    with captured_output() as log:
+        try:
+            value = function()
+        except (Exception, SystemExit) as e:
+            return Quiet(None, e, log)
+    return Quiet(value, None, log)

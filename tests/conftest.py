@@ -65,6 +65,6 @@ def digits() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _own_build_cache(tmp_path, monkeypatch):
+def _own_build_cache(tmp_path_factory, monkeypatch):
     """Every test starts with an empty build cache of its own (and never touches the user's)."""
-    monkeypatch.setenv("EDGEC_CACHE_DIR", str(tmp_path / "edgec-cache"))
+    monkeypatch.setenv("EDGEC_CACHE_DIR", str(tmp_path_factory.mktemp("edgec-cache")))

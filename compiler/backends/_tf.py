@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler._capture import captured_output
+from compiler._capture import call_quietly, captured_output
 from compiler.prepare import PreparedModel
 from compiler.tensors import SampleSet
 from edgec.errors import ConversionError, UnsupportedOperatorError
@@ -111,23 +111,20 @@ def _run_onnx2tf(prepared: PreparedModel, samples: SampleSet | None, folder: Pat
     import onnx2tf
 
     names = [t.name for t in prepared.inputs]
-    failure: BaseException | None = None
     with tempfile.TemporaryDirectory(prefix="edgec-onnx2tf-") as cwd, contextlib.chdir(cwd):
         _write_sample_images(Path(cwd), prepared, samples)
-        with captured_output() as out:
-            try:
-                onnx2tf.convert(
-                    input_onnx_file_path=str(prepared.path),
-                    output_folder_path=str(folder),
-                    non_verbose=True,
-                    output_signaturedefs=True,
-                    # a TensorFlow-family source's graph is NHWC already: keep it that way
-                    keep_nwc_or_nhwc_or_ndhwc_input_names=names if prepared.channels_last else None,
-                )
-            except (Exception, SystemExit) as e:  # onnx2tf calls sys.exit on failure
-                failure = e
-    if failure is not None or not (folder / "saved_model.pb").exists():
-        return _onnx2tf_error(failure, out.text, prepared)
+        run = call_quietly(
+            lambda: onnx2tf.convert(
+                input_onnx_file_path=str(prepared.path),
+                output_folder_path=str(folder),
+                non_verbose=True,
+                output_signaturedefs=True,
+                # a TensorFlow-family source's graph is NHWC already: keep it that way
+                keep_nwc_or_nhwc_or_ndhwc_input_names=names if prepared.channels_last else None,
+            )
+        )
+    if run.failure is not None or not (folder / "saved_model.pb").exists():
+        return _onnx2tf_error(run.failure, run.log.text, prepared)
     return None
 
 

@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from compiler._capture import captured_output
+from compiler._capture import call_quietly
 from compiler.backends import BACKENDS, Artifact, CompileOptions
 from compiler.backends._tf import saved_model_for
 from compiler.layouts import artifact_spec, to_artifact, to_source
 from compiler.prepare import PreparedModel
-from compiler.runtime import Runner, RuntimeUnavailableError
+from compiler.runtime import Runner, RuntimeUnavailableError, first_line
 from device_profiles import DeviceProfile
 from edgec.errors import ConversionError
 from edgec.manifest import Precision, TargetFormat, TensorSpec
@@ -117,17 +117,9 @@ class CoreMlBackend:
     ) -> Artifact:
         tf_model = saved_model_for(prepared, options.calibration)
         package = workdir / self.spec.model_file
-        with captured_output() as out:
-            try:
-                model = _convert(tf_model.path, profile, options.precision)
-                model.save(str(package))
-            except Exception as e:
-                failure: Exception | None = e
-            else:
-                failure = None
-        if failure is not None:
-            detail = str(failure).strip().splitlines()[0][:300] if str(failure).strip() else out.tail()
-            raise ConversionError(f"coremltools could not convert the model: {detail}")
+        run = call_quietly(lambda: _convert(tf_model.path, profile, options.precision).save(str(package)))
+        if run.failure is not None:
+            raise ConversionError(f"coremltools could not convert the model: {first_line(run.failure)}")
         inputs, outputs = _io(package, prepared)
         notes = [f"mlprogram for {profile.coreml_deployment_target}"]
         if options.precision is Precision.INT8:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from compiler._capture import captured_output
+from compiler._capture import call_quietly, captured_output
 from compiler.backends import BACKENDS, Artifact, CompileOptions
 from compiler.backends._tf import TfModel, saved_model_for
 from compiler.layouts import artifact_spec, to_artifact, to_source
@@ -71,22 +71,16 @@ def convert(
         if int8_io and not options.int8.int16_activations:
             converter.inference_input_type = tf.int8
             converter.inference_output_type = tf.int8
-    with captured_output() as out:
-        try:
-            flatbuffer = converter.convert()
-        except Exception as e:
-            failure: Exception | None = e
-        else:
-            failure = None
-    if failure is not None:
-        raise _converter_error(failure, out.text, options.precision)
-    target.write_bytes(flatbuffer)
+    run = call_quietly(converter.convert)
+    if run.failure is not None or run.value is None:
+        raise _converter_error(run.failure, run.log.text, options.precision)
+    target.write_bytes(run.value)
 
 
-def _converter_error(failure: Exception, log: str, precision: Precision) -> ConversionError:
+def _converter_error(failure: BaseException | None, log: str, precision: Precision) -> ConversionError:
     text = f"{failure}\n{log}"
     ops = sorted({line.split("'")[1] for line in text.splitlines() if "op '" in line and "'" in line})
-    reason = str(failure).strip().splitlines()[0][:300] if str(failure).strip() else type(failure).__name__
+    reason = first_line(failure) if failure is not None else "no model came out"
     if ops:
         return UnsupportedOperatorError(
             f"the TFLite converter cannot build {precision.value} op(s) {', '.join(ops)}: {reason}", ops

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from compiler._capture import captured_output
+from compiler._capture import call_quietly, captured_output
 from compiler.importers import Imported, fix_shape
 from compiler.runtime import first_line
 from edgec.errors import ConversionError, ModelLoadError
@@ -66,16 +66,12 @@ def import_pytorch(path: Path, shapes: Mapping[str, list[int]], workdir: Path) -
     names = [name for name, _, _ in inputs]
     examples = tuple(torch.zeros(fix_shape(n, s, shapes), dtype=t) for n, s, t in inputs)
     onnx_path = workdir / "imported.onnx"
-    with captured_output() as out:
-        try:
-            torch.onnx.export(
-                program, examples, str(onnx_path), input_names=names, opset_version=OPSET, dynamo=True
-            )
-        except Exception as e:
-            failure: Exception | None = e
-        else:
-            failure = None
-    if failure is not None:
-        raise ConversionError(f"torch.onnx could not export {path.name}: {first_line(failure)} {out.tail(2)}")
+    run = call_quietly(
+        lambda: torch.onnx.export(
+            program, examples, str(onnx_path), input_names=names, opset_version=OPSET, dynamo=True
+        )
+    )
+    if run.failure is not None:
+        raise ConversionError(f"torch.onnx could not export {path.name}: {first_line(run.failure)}")
     output_names = [o.name for o in onnx.load(str(onnx_path), load_external_data=False).graph.output]
     return Imported(onnx_path=onnx_path, runner=lambda: ExportedProgramRunner(program, names, output_names))

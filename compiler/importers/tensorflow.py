@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from compiler._capture import captured_output
+from compiler._capture import call_quietly, captured_output
 from compiler.importers import Imported, fix_shape
 from compiler.runtime import first_line
 from edgec.errors import ConversionError, ModelLoadError
@@ -54,18 +54,14 @@ def _export(function: Any, spec: list[Any], keep: Any, workdir: Path) -> Importe
     module = tf.Module()
     module.keep = keep
     module.serve = function
-    with captured_output() as out:
-        try:
-            tf.saved_model.save(module, str(saved), signatures={"serving_default": function})
-            tf2onnx.convert.from_function(
-                function, input_signature=spec, opset=OPSET, output_path=str(onnx_path)
-            )
-        except Exception as e:
-            failure: Exception | None = e
-        else:
-            failure = None
-    if failure is not None:
-        raise ConversionError(f"tf2onnx could not import the model: {first_line(failure)} {out.tail(2)}")
+
+    def convert() -> None:
+        tf.saved_model.save(module, str(saved), signatures={"serving_default": function})
+        tf2onnx.convert.from_function(function, input_signature=spec, opset=OPSET, output_path=str(onnx_path))
+
+    run = call_quietly(convert)
+    if run.failure is not None:
+        raise ConversionError(f"tf2onnx could not import the model: {first_line(run.failure)}")
     names = [s.name for s in spec]
     return Imported(
         onnx_path=onnx_path,

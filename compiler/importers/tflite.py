@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from compiler._capture import captured_output
+from compiler._capture import call_quietly, captured_output
 from compiler.importers import Imported
 from compiler.runtime import first_line
 from edgec.errors import ConversionError, ModelLoadError
@@ -35,11 +35,11 @@ class TfliteRunner:
         with captured_output():
             self._interpreter = Interpreter(model_path=str(path), num_threads=2)
             self._interpreter.allocate_tensors()
-        self._inputs = self._interpreter.get_input_details()
+        self.input_details = self._interpreter.get_input_details()
         self._outputs = self._interpreter.get_output_details()
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        for d in self._inputs:
+        for d in self.input_details:
             self._interpreter.set_tensor(d["index"], feeds[_clean(d["name"])].astype(d["dtype"]))
         self._interpreter.invoke()
         return {_clean(d["name"]): self._interpreter.get_tensor(d["index"]).copy() for d in self._outputs}
@@ -60,18 +60,14 @@ def import_tflite(path: Path, shapes: Mapping[str, list[int]], workdir: Path) ->
         runner = TfliteRunner(path)
     except Exception as e:
         raise ModelLoadError(f"LiteRT cannot load {path}: {first_line(e)}") from e
-    if any(d["dtype"] == np.int8 or d["quantization"][0] for d in runner._inputs):
+    if any(d["dtype"] == np.int8 or d["quantization"][0] for d in runner.input_details):
         raise ModelLoadError(f"{path} is a quantized TFLite model; give edgec the float model to convert")
     onnx_path = workdir / "imported.onnx"
-    with captured_output() as out:
-        try:
-            proto, _ = tf2onnx.convert.from_tflite(str(path), opset=OPSET)
-        except Exception as e:
-            failure: Exception | None = e
-        else:
-            failure = None
-    if failure is not None:
-        raise ConversionError(f"tf2onnx could not import {path.name}: {first_line(failure)} {out.tail(2)}")
+    run = call_quietly(lambda: tf2onnx.convert.from_tflite(str(path), opset=OPSET))
+    if run.failure is not None or run.value is None:
+        reason = first_line(run.failure) if run.failure else "it returned no model"
+        raise ConversionError(f"tf2onnx could not import {path.name}: {reason}")
+    proto, _ = run.value
     renames: dict[str, Any] = {v.name: _clean(v.name) for v in [*proto.graph.input, *proto.graph.output]}
     _rename(proto, renames)
     onnx.save(proto, str(onnx_path))
