@@ -132,8 +132,6 @@ def _write_sample_images(cwd: Path, prepared: PreparedModel, samples: SampleSet 
     """onnx2tf runs RGB image models once on 20 sample images it reads from the working
     folder, or downloads when the file is not there. Give it ours: the first image input's
     calibration samples (channels-last, resized to 128x128), else a fixed pattern."""
-    import tensorflow as tf
-
     images = None
     for spec in prepared.inputs:
         if samples is None or len(spec.shape) != 4 or 3 not in (spec.shape[1], spec.shape[3]):
@@ -143,7 +141,9 @@ def _write_sample_images(cwd: Path, prepared: PreparedModel, samples: SampleSet 
         break
     if images is None:
         images = np.random.default_rng(0).standard_normal((20, 128, 128, 3)).astype(np.float32)
-    resized = tf.image.resize(images[:20], (128, 128)).numpy().astype(np.float32)
+    rows = np.linspace(0, images.shape[1] - 1, 128).round().astype(int)  # nearest-neighbour resize,
+    cols = np.linspace(0, images.shape[2] - 1, 128).round().astype(int)  # without touching TensorFlow
+    resized = images[:20][:, rows][:, :, cols].astype(np.float32)
     resized = np.resize(resized, (20, 128, 128, 3))  # repeats samples when there are fewer than 20
     np.save(cwd / _SAMPLE_IMAGES, resized)
 

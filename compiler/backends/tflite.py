@@ -101,6 +101,7 @@ class LiteRtRunner:
         except Exception as e:
             raise ConversionError(f"LiteRT cannot load {artifact.path.name}: {first_line(e)}") from e
         self._sources = {s.name: s for s in artifact.source_inputs}
+        self._quiet_first = True
         self._inputs = artifact.inputs
         self._outputs = artifact.outputs
         self._output_sources = artifact.source_outputs
@@ -113,7 +114,12 @@ class LiteRtRunner:
                 info = np.iinfo(np.dtype(spec.dtype))
                 value = np.clip(np.round(value / spec.scale + spec.zero_point), info.min, info.max)
             kwargs[spec.runtime_name or spec.name] = value.astype(spec.dtype)
-        results = self._runner(**kwargs)
+        if self._quiet_first:  # LiteRT announces its XNNPACK delegate on the first invoke
+            with captured_output():
+                results = self._runner(**kwargs)
+            self._quiet_first = False
+        else:
+            results = self._runner(**kwargs)
         outputs = {}
         for spec, source in zip(self._outputs, self._output_sources, strict=True):
             value = results[spec.runtime_name or spec.name]
