@@ -21,7 +21,7 @@ $(PY):
 
 $(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[compiler,pytorch,dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[compiler,pytorch,agent,server,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

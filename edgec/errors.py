@@ -23,12 +23,14 @@ __all__ = [
     "ConversionError",
     "DataMismatchError",
     "EdgecError",
+    "FetchError",
     "GateError",
     "ModelLoadError",
     "OptionError",
     "OutputDirError",
     "ProfileError",
     "ShapeSpecError",
+    "TrustError",
     "UnsupportedOperatorError",
     "UserInputError",
 ]
@@ -107,3 +109,21 @@ class GateError(BuildError):
     def __init__(self, message: str, failures: list[str]) -> None:
         super().__init__(message)
         self.failures = failures
+
+
+class TrustError(EdgecError):
+    """Signed metadata or a target was refused: bad or malicious data, never retried blindly.
+
+    ``role`` names the metadata (or ``target``) that was wrong."""
+
+    exit_code = EXIT_TARGET_FAILED
+
+    def __init__(self, message: str, role: str) -> None:
+        super().__init__(message)
+        self.role = role
+
+
+class FetchError(EdgecError):
+    """The repository could not be reached or a transfer broke off: retriable."""
+
+    exit_code = EXIT_TARGET_FAILED

@@ -1,0 +1,239 @@
+"""The TUF image repository (python-tuf's Metadata API): keys, publishing, re-signing.
+
+Layout under the repository folder::
+
+    keys/<role>-<n>.pem        encrypted Ed25519 private keys (0600); root and targets keys
+                               may be moved offline after ``init``
+    metadata/<v>.root.json, <v>.targets.json, <v>.snapshot.json, timestamp.json
+    targets/<name>/<version>/<profile>/<sha256>.<file>     (consistent snapshots)
+
+Each bundle file is a target whose custom fields carry the release (name, version, profile,
+format, precision) and per-chunk sha256 hashes, so a download can be checked and resumed
+chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from securesystemslib.signer import Signer
+from tuf.api.metadata import (
+    Metadata,
+    MetaFile,
+    Root,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
+from tuf.api.serialization.json import JSONSerializer
+
+from edgec.errors import BundleError, UserInputError
+from edgec.manifest import check_files, read_manifest
+from ota_server.keys import generate, load_signer
+
+__all__ = [
+    "CHUNK_BYTES",
+    "EXPIRY",
+    "ROLES",
+    "ImageRepository",
+    "Release",
+    "RepositoryExistsError",
+    "chunk_hashes",
+]
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("root", "targets", "snapshot", "timestamp")
+EXPIRY = {
+    "root": dt.timedelta(days=365),
+    "targets": dt.timedelta(days=90),
+    "snapshot": dt.timedelta(days=7),
+    "timestamp": dt.timedelta(days=1),
+}
+CHUNK_BYTES = 256 * 1024
+_SERIALIZER = JSONSerializer(compact=False)
+
+
+class RepositoryExistsError(UserInputError):
+    """``keys init`` on a folder that already holds a repository."""
+
+
+@dataclass(frozen=True)
+class Release:
+    name: str
+    version: str
+    profile: str
+    format: str
+    precision: str
+    files: int
+    bytes: int
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def chunk_hashes(path: Path, chunk: int = CHUNK_BYTES) -> list[str]:
+    hashes = []
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            hashes.append(hashlib.sha256(block).hexdigest())
+    return hashes
+
+
+class ImageRepository:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.metadata_dir = folder / "metadata"
+        self.targets_dir = folder / "targets"
+        self.keys_dir = folder / "keys"
+
+    # -- metadata files -------------------------------------------------------------------
+    def _path(self, role: str, version: int) -> Path:
+        name = "timestamp.json" if role == "timestamp" else f"{version}.{role}.json"
+        return self.metadata_dir / name
+
+    def _write(self, md: Metadata) -> None:
+        path = self._path(md.signed.type, md.signed.version)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(md.to_bytes(_SERIALIZER))
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def load(self, role: str) -> Metadata:
+        if role == "timestamp":
+            return Metadata.from_file(str(self.metadata_dir / "timestamp.json"))
+        versions = sorted(int(p.name.split(".")[0]) for p in self.metadata_dir.glob(f"*.{role}.json"))
+        if not versions:
+            raise BundleError(
+                f"{self.folder} is not an edgec repository (no {role} metadata); run edgec keys init"
+            )
+        return Metadata.from_file(str(self._path(role, versions[-1])))
+
+    def _signers(self, role: str, passphrase: bytes) -> list[Signer]:
+        files = sorted(self.keys_dir.glob(f"{role}-*.pem"))
+        if not files:
+            raise BundleError(f"no {role} keys in {self.keys_dir}")
+        return [load_signer(f, passphrase) for f in files]
+
+    def _sign_and_write(self, md: Metadata, role: str, passphrase: bytes) -> None:
+        md.signatures.clear()
+        for signer in self._signers(role, passphrase):
+            md.sign(signer, append=True)
+        self._write(md)
+
+    # -- operations -----------------------------------------------------------------------
+    @classmethod
+    def init(
+        cls, folder: Path, passphrase: bytes, thresholds: Mapping[str, int], now: dt.datetime | None = None
+    ) -> ImageRepository:
+        """New keys for every role (``thresholds[role]`` of them) and version-1 metadata."""
+        repo = cls(folder)
+        if repo.metadata_dir.exists() and any(repo.metadata_dir.iterdir()):
+            raise RepositoryExistsError(f"{folder} already holds a repository; choose another --repo")
+        now = now or _now()
+        repo.metadata_dir.mkdir(parents=True, exist_ok=True)
+        repo.targets_dir.mkdir(parents=True, exist_ok=True)
+        root = Root(expires=now + EXPIRY["root"], consistent_snapshot=True)
+        for role in ROLES:
+            threshold = thresholds.get(role, 1)
+            for n in range(1, threshold + 1):
+                signer = generate(repo.keys_dir / f"{role}-{n}.pem", passphrase)
+                root.add_key(signer.public_key, role)
+            root.roles[role].threshold = threshold
+        generate(repo.keys_dir / "director-1.pem", passphrase)
+        repo._sign_and_write(Metadata(root), "root", passphrase)
+        targets = Metadata(Targets(expires=now + EXPIRY["targets"]))
+        repo._sign_and_write(targets, "targets", passphrase)
+        repo._new_snapshot_and_timestamp(passphrase, now)
+        logger.info("initialised repository %s", folder)
+        return repo
+
+    def _new_snapshot_and_timestamp(self, passphrase: bytes, now: dt.datetime) -> None:
+        targets = self.load("targets")
+        try:
+            snapshot = self.load("snapshot")
+            snapshot.signed.version += 1
+        except BundleError:
+            snapshot = Metadata(Snapshot(expires=now))
+        snapshot.signed.meta["targets.json"] = MetaFile(version=targets.signed.version)
+        snapshot.signed.expires = now + EXPIRY["snapshot"]
+        self._sign_and_write(snapshot, "snapshot", passphrase)
+        if (self.metadata_dir / "timestamp.json").exists():
+            timestamp = self.load("timestamp")
+            timestamp.signed.version += 1
+        else:
+            timestamp = Metadata(Timestamp(expires=now))
+        timestamp.signed.snapshot_meta = MetaFile(version=snapshot.signed.version)
+        timestamp.signed.expires = now + EXPIRY["timestamp"]
+        self._sign_and_write(timestamp, "timestamp", passphrase)
+
+    def publish(self, bundles: list[Path], passphrase: bytes, now: dt.datetime | None = None) -> list[str]:
+        """Add every file of every bundle as a target, then sign targets, snapshot, timestamp."""
+        now = now or _now()
+        targets = self.load("targets")
+        added = []
+        for bundle in bundles:
+            manifest = read_manifest(bundle)
+            broken = {path: problem for path, problem in check_files(bundle, manifest).items() if problem}
+            if broken:
+                raise BundleError(f"bundle {bundle} is damaged ({broken}); rebuild it before publishing")
+            prefix = f"{manifest.name}/{manifest.version}/{manifest.profile.id}"
+            release = {
+                "name": manifest.name,
+                "version": manifest.version,
+                "profile": manifest.profile.id,
+                "format": manifest.format.value,
+                "precision": manifest.precision.value,
+            }
+            for path in [*(bundle / f.path for f in manifest.files), bundle / "manifest.json"]:
+                relative = path.relative_to(bundle).as_posix()
+                target_path = f"{prefix}/{relative}"
+                info = TargetFile.from_file(target_path, str(path), ["sha256"])
+                info.unrecognized_fields["custom"] = {
+                    "edgec": {**release, "chunk_bytes": CHUNK_BYTES, "chunks": chunk_hashes(path)}
+                }
+                stored = (
+                    self.targets_dir / prefix / Path(relative).parent / f"{info.hashes['sha256']}.{path.name}"
+                )
+                stored.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, stored)
+                targets.signed.targets[target_path] = info
+                added.append(target_path)
+        targets.signed.version += 1
+        targets.signed.expires = now + EXPIRY["targets"]
+        self._sign_and_write(targets, "targets", passphrase)
+        self._new_snapshot_and_timestamp(passphrase, now)
+        return added
+
+    def refresh(self, passphrase: bytes, now: dt.datetime | None = None) -> None:
+        """Re-sign snapshot and timestamp with fresh expiry dates (run before they expire)."""
+        self._new_snapshot_and_timestamp(passphrase, now or _now())
+
+    def releases(self) -> list[Release]:
+        grouped: dict[tuple[str, ...], Release] = {}
+        for info in self.load("targets").signed.targets.values():
+            custom = info.unrecognized_fields.get("custom", {}).get("edgec")
+            if not custom:
+                continue
+            key = (custom["name"], custom["version"], custom["profile"])
+            old = grouped.get(key)
+            grouped[key] = Release(
+                custom["name"],
+                custom["version"],
+                custom["profile"],
+                custom["format"],
+                custom["precision"],
+                (old.files if old else 0) + 1,
+                (old.bytes if old else 0) + info.length,
+            )
+        return sorted(grouped.values(), key=lambda r: (r.name, r.version, r.profile))
