@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -23,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from securesystemslib.signer import Signer
+from securesystemslib.signer import Signer, SSlibKey
 from tuf.api.metadata import (
     Metadata,
     MetaFile,
@@ -59,6 +60,7 @@ EXPIRY = {
     "timestamp": dt.timedelta(days=1),
 }
 CHUNK_BYTES = 256 * 1024
+DIRECTOR_PUBLIC = "director.pub.json"
 _SERIALIZER = JSONSerializer(compact=False)
 
 
@@ -150,7 +152,9 @@ class ImageRepository:
                 signer = generate(repo.keys_dir / f"{role}-{n}.pem", passphrase)
                 root.add_key(signer.public_key, role)
             root.roles[role].threshold = threshold
-        generate(repo.keys_dir / "director-1.pem", passphrase)
+        director = generate(repo.keys_dir / "director-1.pem", passphrase)
+        public = json.dumps({"keyid": director.public_key.keyid, **director.public_key.to_dict()}, indent=2)
+        (repo.keys_dir / DIRECTOR_PUBLIC).write_text(public + "\n", encoding="utf-8")
         repo._sign_and_write(Metadata(root), "root", passphrase)
         targets = Metadata(Targets(expires=now + EXPIRY["targets"]))
         repo._sign_and_write(targets, "targets", passphrase)
@@ -214,6 +218,16 @@ class ImageRepository:
         self._sign_and_write(targets, "targets", passphrase)
         self._new_snapshot_and_timestamp(passphrase, now)
         return added
+
+    def director_signer(self, passphrase: bytes) -> Signer:
+        """The online key that signs director documents."""
+        return self._signers("director", passphrase)[0]
+
+    def director_key(self) -> SSlibKey:
+        """The director's public key, as devices are provisioned with it."""
+        data = json.loads((self.keys_dir / DIRECTOR_PUBLIC).read_text(encoding="utf-8"))
+        keyid = data.pop("keyid")
+        return SSlibKey.from_dict(keyid, data)
 
     def refresh(self, passphrase: bytes, now: dt.datetime | None = None) -> None:
         """Re-sign snapshot and timestamp with fresh expiry dates (run before they expire)."""
