@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from securesystemslib.exceptions import UnverifiedSignatureError
 from securesystemslib.signer import Key, Signature
@@ -59,6 +62,30 @@ class DirectorState:
                 f"director document names profile {doc.profile!r}, the device is {self.profile!r}", "director"
             )
         return dataclasses.replace(self, version=doc.version), doc
+
+    def save(self, path: Path) -> None:
+        """Persist the accepted version atomically (temp file, fsync, rename)."""
+        tmp = path.with_suffix(".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            json.dump({"device": self.device, "profile": self.profile, "version": self.version}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path, key: Key, device: str, profile: str) -> DirectorState:
+        """The persisted state, or a fresh one; a state for another device is an error."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return cls(key=key, device=device, profile=profile)
+        except (OSError, ValueError) as e:
+            raise TrustError(f"trusted director state {path} is unreadable: {e}", "director") from e
+        if (data.get("device"), data.get("profile")) != (device, profile):
+            raise TrustError(
+                f"trusted director state {path} belongs to another device or profile", "director"
+            )
+        return cls(key=key, device=device, profile=profile, version=int(data["version"]))
 
     def _check_signature(self, envelope: SignedDirectorDocument) -> None:
         data = canonical(envelope.signed)

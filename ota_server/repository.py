@@ -219,6 +219,47 @@ class ImageRepository:
         self._new_snapshot_and_timestamp(passphrase, now)
         return added
 
+    def rotate(self, role: str, passphrase: bytes, now: dt.datetime | None = None) -> int:
+        """Replace every key of ``role`` with new ones; returns the new root version.
+
+        The new root is signed by the old root keys and, when root itself rotates, by the new
+        ones too, as TUF requires, so devices can follow the chain. The role's metadata is
+        re-signed with its new keys; devices then drop what the old keys vouched for, which
+        is also how a fast-forward attack with a stolen timestamp or snapshot key is undone.
+        """
+        if role not in ROLES:
+            raise UserInputError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
+        now = now or _now()
+        old_root_signers = self._signers("root", passphrase)
+        root = self.load("root")
+        old_files = sorted(self.keys_dir.glob(f"{role}-*.pem"))
+        for keyid in list(root.signed.roles[role].keyids):
+            root.signed.revoke_key(keyid, role)
+        retired = self.keys_dir / "retired" / f"{role}-v{root.signed.version}"
+        retired.mkdir(parents=True, exist_ok=True)
+        for path in old_files:
+            os.replace(path, retired / path.name)
+        new_signers: list[Signer] = [
+            generate(self.keys_dir / f"{role}-{n}.pem", passphrase) for n in range(1, len(old_files) + 1)
+        ]
+        for signer in new_signers:
+            root.signed.add_key(signer.public_key, role)
+        root.signed.version += 1
+        root.signed.expires = now + EXPIRY["root"]
+        root.signatures.clear()
+        for signer in old_root_signers + (new_signers if role == "root" else []):
+            root.sign(signer, append=True)
+        self._write(root)
+        if role == "targets":
+            targets = self.load("targets")
+            targets.signed.version += 1
+            targets.signed.expires = now + EXPIRY["targets"]
+            self._sign_and_write(targets, "targets", passphrase)
+        if role != "root":
+            self._new_snapshot_and_timestamp(passphrase, now)
+        logger.info("rotated %s keys; root is now version %d", role, root.signed.version)
+        return root.signed.version
+
     def director_signer(self, passphrase: bytes) -> Signer:
         """The online key that signs director documents."""
         return self._signers("director", passphrase)[0]

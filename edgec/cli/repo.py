@@ -38,6 +38,12 @@ def register(commands: Any) -> None:
         help="signatures a role needs, e.g. root=2 (default 1 each)",
     )
     init.set_defaults(run=run_init)
+    rotate = keys_sub.add_parser(
+        "rotate", help="replace a role's keys (a new root signed by old and new keys)"
+    )
+    rotate.add_argument("role", choices=["root", "targets", "snapshot", "timestamp"])
+    _repo_arg(rotate)
+    rotate.set_defaults(run=run_rotate)
 
     publish = commands.add_parser("publish", help="sign bundles into the repository as targets")
     publish.add_argument("bundles", type=Path, nargs="+", metavar="BUNDLE")
@@ -92,6 +98,14 @@ def run_init(args: argparse.Namespace) -> int:
     repo = ImageRepository.init(args.repo, _passphrase(args, confirm=True), thresholds)
     print(f"initialised {repo.folder}: keys in {repo.keys_dir} (encrypted, 0600)")
     print("move the root and targets keys offline; snapshot and timestamp keys stay online")
+    return 0
+
+
+def run_rotate(args: argparse.Namespace) -> int:
+    from ota_server.repository import ImageRepository
+
+    version = ImageRepository(args.repo).rotate(args.role, _passphrase(args))
+    print(f"rotated the {args.role} keys of {args.repo}; root is now version {version}")
     return 0
 
 

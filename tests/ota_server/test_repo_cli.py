@@ -52,6 +52,10 @@ def test_init_publish_list(tmp_path, bundles, passphrase):
     assert run_edgec("repo", "refresh", "--repo", repo).returncode == 0
     after = json.loads((repo / "metadata" / "timestamp.json").read_text())["signed"]["version"]
     assert after == before + 1
+    rotated = run_edgec("keys", "rotate", "root", "--repo", repo)
+    assert rotated.returncode == 0, rotated.stderr
+    assert (repo / "metadata" / "2.root.json").is_file()
+    assert len(list((repo / "keys" / "retired").rglob("root-*.pem"))) == 2
 
 
 def test_refusals_exit_2_and_change_nothing(tmp_path, bundles, passphrase, monkeypatch):

@@ -127,3 +127,18 @@ def test_operator_rollback_is_a_new_document_naming_an_older_target(repo, bundle
     state, doc = state.accept(sign_document(rollback, signer), NOW)
     assert (state.version, doc.action) == (8, Action.ROLLBACK)
     check_against_repository(doc, _signed_targets(repo))
+
+
+def test_refusal_leaves_the_persisted_state_intact(tmp_path, repo):
+    signer = repo.director_signer(PASS)
+    path = tmp_path / "director.json"
+    state, _ = _state(repo).accept(sign_document(_doc(repo, 3), signer), NOW)
+    state.save(path)
+    before = path.read_bytes()
+    loaded = DirectorState.load(path, repo.director_key(), "pi-01", "x86-64-cpu")
+    assert loaded.version == 3
+    with pytest.raises(TrustError):
+        loaded.accept(sign_document(_doc(repo, 2), signer), NOW)
+    assert path.read_bytes() == before
+    with pytest.raises(TrustError, match="another device"):
+        DirectorState.load(path, repo.director_key(), "pi-02", "x86-64-cpu")

@@ -193,3 +193,125 @@ def test_private_keys_are_encrypted_and_0600(repo):
 
     with pytest.raises(SigningKeyError, match="wrong passphrase"):
         load_signer(repo.folder / "copy.pem", b"guess")
+
+
+def test_root_rotation_is_followed_and_the_old_root_key_is_no_longer_trusted(tmp_path, repo):
+    device = _device(tmp_path, repo)
+    device.refresh()
+    old_root_signers = repo._signers("root", PASS)
+    assert repo.rotate("root", PASS) == 2
+    device.refresh()
+    assert device.trusted_version("root") == 2
+    # an attacker holding the old root keys signs a root v3: refused
+    root = repo.load("root")
+    root.signed.version = 3
+    root.signatures.clear()
+    for signer in old_root_signers:
+        root.sign(signer, append=True)
+    repo._write(root)
+    with pytest.raises(TrustError) as err:
+        device.refresh()
+    assert err.value.role == "root"
+    assert device.trusted_version("root") == 2
+
+
+def test_fast_forward_attack_recovered_after_timestamp_key_rotation(tmp_path, repo):
+    device = _device(tmp_path, repo)
+    device.refresh()
+    legit = (repo.metadata_dir / "timestamp.json").read_bytes()
+    # an attacker with the stolen timestamp key serves a far-future version: validly signed
+    _resign(repo, "timestamp", lambda signed: setattr(signed, "version", 1000))
+    device.refresh()
+    assert device.trusted_version("timestamp") == 1000
+    # the operator's repository never had it; they rotate the timestamp key
+    (repo.metadata_dir / "timestamp.json").write_bytes(legit)
+    repo.rotate("timestamp", PASS)
+    recovered = repo.load("timestamp").signed.version
+    assert recovered < 1000
+    device.refresh()  # the new root drops the timestamp the old key vouched for
+    assert device.trusted_version("timestamp") == recovered
+
+
+def test_threshold_padded_with_duplicate_key_ids(tmp_path, repo):
+    device = _device(tmp_path, repo)
+    root = repo.load("root")
+    root.signed.version += 1
+    root.signatures.clear()
+    signer = repo._signers("root", PASS)[0]
+    root.sign(signer, append=True)
+    duplicate = next(iter(root.signatures.values()))
+    root.signatures[duplicate.keyid + ""] = duplicate  # the same key id twice counts once
+    repo._write(root)
+    with pytest.raises(TrustError):
+        device.refresh()
+
+
+def test_replayed_older_snapshot_and_targets(tmp_path, repo, bundle):
+    device = _device(tmp_path, repo)
+    device.refresh()
+    old_targets = repo.load("targets")
+    repo.publish([bundle], PASS)
+    device.refresh()
+    trusted = device.trusted_version("targets")
+    # a new snapshot that points back at the older targets version (a rollback)
+    _resign(
+        repo,
+        "snapshot",
+        lambda signed: (
+            setattr(signed, "version", signed.version + 1),
+            signed.meta["targets.json"].__setattr__("version", old_targets.signed.version),
+        ),
+    )
+    _resign(
+        repo,
+        "timestamp",
+        lambda signed: (
+            setattr(signed, "version", signed.version + 1),
+            signed.snapshot_meta.__setattr__("version", repo.load("snapshot").signed.version),
+        ),
+    )
+    with pytest.raises(TrustError):
+        device.refresh()
+    assert device.trusted_version("targets") == trusted
+
+
+@pytest.mark.parametrize("role", ["snapshot", "targets", "root"])
+def test_expired_metadata_freeze(tmp_path, repo, role):
+    device = _device(tmp_path, repo)
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=400)
+    signer_role = role
+    if role == "root":
+        root = repo.load("root")
+        root.signed.version += 1
+        root.signed.expires = long_ago
+        root.signatures.clear()
+        for signer in repo._signers("root", PASS):
+            root.sign(signer, append=True)
+        repo._write(root)
+    else:
+        md = repo.load(role)
+        md.signed.version += 1
+        md.signed.expires = long_ago
+        md.signatures.clear()
+        for signer in repo._signers(signer_role, PASS):
+            md.sign(signer, append=True)
+        repo._write(md)
+        if role == "targets":
+            _resign(
+                repo,
+                "snapshot",
+                lambda s: (
+                    setattr(s, "version", s.version + 1),
+                    s.meta["targets.json"].__setattr__("version", md.signed.version),
+                ),
+            )
+        _resign(
+            repo,
+            "timestamp",
+            lambda s: (
+                setattr(s, "version", s.version + 1),
+                s.snapshot_meta.__setattr__("version", repo.load("snapshot").signed.version),
+            ),
+        )
+    with pytest.raises(TrustError, match="Expired"):
+        device.refresh()
