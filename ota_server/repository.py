@@ -260,6 +260,36 @@ class ImageRepository:
         logger.info("rotated %s keys; root is now version %d", role, root.signed.version)
         return root.signed.version
 
+    def revoke(self, role: str, keyid: str, passphrase: bytes, now: dt.datetime | None = None) -> int:
+        """Remove one key from a role (a lost or leaked key); returns the new root version.
+
+        Refused if the role would be left with fewer keys than its threshold: rotate instead.
+        """
+        now = now or _now()
+        root = self.load("root")
+        if role not in ROLES or keyid not in root.signed.roles[role].keyids:
+            raise UserInputError(f"{role} has no key {keyid[:12]}...; see keys/*.pem and root.json")
+        remaining = len(root.signed.roles[role].keyids) - 1
+        if remaining < root.signed.roles[role].threshold:
+            raise UserInputError(
+                f"revoking would leave {role} with {remaining} key(s) for a threshold of "
+                f"{root.signed.roles[role].threshold}; use keys rotate {role}"
+            )
+        signers = self._signers("root", passphrase)
+        root.signed.revoke_key(keyid, role)
+        retired = self.keys_dir / "retired" / f"{role}-v{root.signed.version}"
+        retired.mkdir(parents=True, exist_ok=True)
+        for path in self.keys_dir.glob(f"{role}-*.pem"):
+            if load_signer(path, passphrase).public_key.keyid == keyid:
+                os.replace(path, retired / path.name)
+        root.signed.version += 1
+        root.signed.expires = now + EXPIRY["root"]
+        root.signatures.clear()
+        for signer in signers:  # the old root keys (the revoked one included) vouch for the change
+            root.sign(signer, append=True)
+        self._write(root)
+        return root.signed.version
+
     def director_signer(self, passphrase: bytes) -> Signer:
         """The online key that signs director documents."""
         return self._signers("director", passphrase)[0]

@@ -44,6 +44,11 @@ def register(commands: Any) -> None:
     rotate.add_argument("role", choices=["root", "targets", "snapshot", "timestamp"])
     _repo_arg(rotate)
     rotate.set_defaults(run=run_rotate)
+    revoke = keys_sub.add_parser("revoke", help="remove one key from a role (it must keep its threshold)")
+    revoke.add_argument("role", choices=["root", "targets", "snapshot", "timestamp"])
+    revoke.add_argument("keyid", help="the key id (see the role's keys in root.json)")
+    _repo_arg(revoke)
+    revoke.set_defaults(run=run_revoke)
 
     publish = commands.add_parser("publish", help="sign bundles into the repository as targets")
     publish.add_argument("bundles", type=Path, nargs="+", metavar="BUNDLE")
@@ -106,6 +111,14 @@ def run_rotate(args: argparse.Namespace) -> int:
 
     version = ImageRepository(args.repo).rotate(args.role, _passphrase(args))
     print(f"rotated the {args.role} keys of {args.repo}; root is now version {version}")
+    return 0
+
+
+def run_revoke(args: argparse.Namespace) -> int:
+    from ota_server.repository import ImageRepository
+
+    version = ImageRepository(args.repo).revoke(args.role, args.keyid, _passphrase(args))
+    print(f"revoked {args.role} key {args.keyid[:12]}... of {args.repo}; root is now version {version}")
     return 0
 
 

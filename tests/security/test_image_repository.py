@@ -315,3 +315,33 @@ def test_expired_metadata_freeze(tmp_path, repo, role):
         )
     with pytest.raises(TrustError, match="Expired"):
         device.refresh()
+
+
+def test_wrong_length_target(tmp_path, repo):
+    (stored,) = (repo.targets_dir / "model/1.0.0/x86-64-cpu").glob("*.model.onnx")
+    stored.write_bytes(stored.read_bytes()[:-10])
+    device = _device(tmp_path, repo)
+    device.refresh()
+    with pytest.raises((TrustError, FetchError)):
+        device.download(TARGET)
+    assert not list(device.targets_dir.glob("*model.onnx"))
+
+
+def test_revoked_root_key_no_longer_counts(tmp_path):
+    repository = ImageRepository.init(tmp_path / "repo2", PASS, {"root": 2})
+    with pytest.raises(Exception, match="threshold"):  # 2 keys, threshold 2: revoking one is refused
+        repository.revoke("root", repository.load("root").signed.roles["root"].keyids[0], PASS)
+    root = repository.load("root")
+    root.signed.roles["root"].threshold = 1
+    root.signed.version += 1
+    root.signatures.clear()
+    for signer in repository._signers("root", PASS):
+        root.sign(signer, append=True)
+    repository._write(root)
+    keyid = root.signed.roles["root"].keyids[0]
+    assert repository.revoke("root", keyid, PASS) == 3
+    assert keyid not in repository.load("root").signed.roles["root"].keyids
+    assert len(list(repository.keys_dir.glob("root-*.pem"))) == 1
+    device = _device(tmp_path / "d", repository)
+    device.refresh()
+    assert device.trusted_version("root") == 3
