@@ -142,3 +142,26 @@ def test_refusal_leaves_the_persisted_state_intact(tmp_path, repo):
     assert path.read_bytes() == before
     with pytest.raises(TrustError, match="another device"):
         DirectorState.load(path, repo.director_key(), "pi-02", "x86-64-cpu")
+
+
+def test_issuer_versions_increase_strictly_per_device_across_restarts(tmp_path, repo):
+    from ota_server.director import DirectorIssuer
+
+    files = _doc(repo, 1).files
+    state = tmp_path / "director-state.json"
+    issuer = DirectorIssuer(state, repo.director_signer(PASS))
+    common = {
+        "fleet": "lab",
+        "profile": "x86-64-cpu",
+        "rollout": "r1",
+        "release": "model/1.0.0",
+        "files": files,
+    }
+    first = issuer.issue(device="pi-01", action=Action.INSTALL, now=NOW, **common)
+    other = issuer.issue(device="pi-02", action=Action.INSTALL, now=NOW, **common)
+    restarted = DirectorIssuer(state, repo.director_signer(PASS))  # a server restart
+    second = restarted.issue(device="pi-01", action=Action.ROLLBACK, now=NOW, **common)
+    assert (first.signed.version, other.signed.version, second.signed.version) == (1, 1, 2)
+    device, _ = _state(repo).accept(first, NOW)
+    device, doc = device.accept(second, NOW)
+    assert doc.action is Action.ROLLBACK
