@@ -345,3 +345,23 @@ def test_revoked_root_key_no_longer_counts(tmp_path):
     device = _device(tmp_path / "d", repository)
     device.refresh()
     assert device.trusted_version("root") == 3
+
+
+def test_replayed_older_snapshot(tmp_path, repo, bundle):
+    repo.publish([bundle], PASS)  # snapshot v3
+    device = _device(tmp_path, repo)
+    device.refresh()
+    trusted = device.trusted_version("snapshot")
+    # a validly signed timestamp that points back at the older snapshot v2, still on the server
+    _resign(
+        repo,
+        "timestamp",
+        lambda signed: (
+            setattr(signed, "version", signed.version + 1),
+            signed.snapshot_meta.__setattr__("version", trusted - 1),
+        ),
+    )
+    with pytest.raises(TrustError) as err:
+        device.refresh()
+    assert err.value.role in ("timestamp", "snapshot")
+    assert device.trusted_version("snapshot") == trusted
