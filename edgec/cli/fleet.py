@@ -1,0 +1,120 @@
+"""``edgec devices add`` and ``edgec fleet ls|show``: the fleet registry."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from edgec._table import render_table
+from edgec.errors import OptionError
+
+__all__ = ["register"]
+
+DB_ENV = "EDGEC_DB"
+DEFAULT_DB = "sqlite:///edgec-fleet.db"
+
+
+def _db_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db",
+        default=os.environ.get(DB_ENV, DEFAULT_DB),
+        help=f"fleet database URL (default ${DB_ENV} or {DEFAULT_DB}); PostgreSQL: postgresql+psycopg://...",
+    )
+
+
+def register(commands: Any) -> None:
+    devices = commands.add_parser("devices", help="register devices and their credentials")
+    sub = devices.add_subparsers(dest="devices_command", metavar="ACTION", required=True)
+    add = sub.add_parser("add", help="create a device, its MQTT credentials and its agent config file")
+    add.add_argument("device", help="the device id (its MQTT user name)")
+    add.add_argument("--profile", required=True, help="its device profile")
+    add.add_argument("--group", required=True, help="its rollout group")
+    add.add_argument("--fleet", default="default", help="its fleet (default: default)")
+    add.add_argument("--broker", default="127.0.0.1:1883", help="broker HOST:PORT the agent connects to")
+    add.add_argument("--out", type=Path, help="agent config file to write (default: DEVICE.agent.toml)")
+    _db_arg(add)
+    add.set_defaults(run=run_add)
+
+    fleet = commands.add_parser("fleet", help="list and show devices")
+    fleet_sub = fleet.add_subparsers(dest="fleet_command", metavar="ACTION", required=True)
+    ls = fleet_sub.add_parser("ls", help="every device, a line each")
+    ls.add_argument("--group", help="only this group")
+    ls.add_argument("--fleet", help="only this fleet")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    _db_arg(ls)
+    ls.set_defaults(run=run_ls)
+    show = fleet_sub.add_parser("show", help="one device in full")
+    show.add_argument("device")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    _db_arg(show)
+    show.set_defaults(run=run_show)
+
+
+def _agent_config(device: Any, password: str, broker: str) -> str:
+    host, _, port = broker.rpartition(":")
+    if not host or not port.isdigit():
+        raise OptionError(f"bad --broker {broker!r}: expected HOST:PORT")
+    return (
+        "# edgec agent configuration: copy to the device (it holds the device's password)\n"
+        f'device = "{device.id}"\nfleet = "{device.fleet}"\nprofile = "{device.profile}"\n'
+        f'state_dir = "/var/lib/edgec"\n\n[mqtt]\nhost = "{host}"\nport = {int(port)}\n'
+        f'username = "{device.id}"\npassword = "{password}"\n'
+    )
+
+
+def run_add(args: argparse.Namespace) -> int:
+    from device_profiles import load_profile
+    from ota_server.registry import Registry
+
+    profile = load_profile(args.profile)
+    out = args.out or Path(f"{args.device}.agent.toml")
+    if out.exists():
+        raise OptionError(f"{out} already exists; pass another --out")
+    registry = Registry.open(args.db)
+    device, password = registry.add_device(args.device, args.fleet, args.group, profile.id)
+    text = _agent_config(device, password, args.broker)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"added {device.id} ({profile.id}, group {device.group}); agent config: {out} (0600)")
+    return 0
+
+
+def run_ls(args: argparse.Namespace) -> int:
+    from ota_server.registry import Registry
+
+    devices = Registry.open(args.db).devices(fleet=args.fleet, group=args.group)
+    if args.json:
+        print(json.dumps([d.as_dict() for d in devices], indent=2))
+        return 0
+    rows = [
+        (
+            d.id,
+            d.fleet,
+            d.group,
+            d.profile,
+            d.status,
+            d.installed_release or "-",
+            d.desired_release or "-",
+            d.last_seen or "never",
+        )
+        for d in devices
+    ]
+    headers = ("device", "fleet", "group", "profile", "status", "installed", "desired", "last seen")
+    print(render_table(headers, rows))
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    from ota_server.registry import Registry
+
+    device = Registry.open(args.db).get(args.device)
+    if args.json:
+        print(json.dumps(device.as_dict(), indent=2))
+        return 0
+    for key, value in device.as_dict().items():
+        print(f"{key:18} {value if value is not None else '-'}")
+    return 0

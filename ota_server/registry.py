@@ -1,0 +1,219 @@
+"""The fleet registry: devices, groups, profiles, installed and desired releases, last seen.
+
+SQLite by default (one file, nothing to start); PostgreSQL through the same code when server
+replicas share the work (``postgresql+psycopg://...``). The schema is created and upgraded
+by numbered migrations, each applied once, in order, inside a transaction.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+from edgec.errors import UserInputError
+
+__all__ = ["Device", "DeviceExistsError", "Registry", "hash_password", "verify_password"]
+
+logger = logging.getLogger(__name__)
+
+PBKDF2_ITERATIONS = 101  # Mosquitto's default for its $7$ (PBKDF2-SHA512) password hashes
+
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (
+        1,
+        [
+            """CREATE TABLE devices (
+                id VARCHAR(128) PRIMARY KEY,
+                fleet VARCHAR(128) NOT NULL,
+                group_name VARCHAR(128) NOT NULL,
+                profile VARCHAR(128) NOT NULL,
+                password_hash VARCHAR(256) NOT NULL,
+                created_at VARCHAR(40) NOT NULL,
+                last_seen VARCHAR(40),
+                installed_release VARCHAR(256),
+                desired_release VARCHAR(256),
+                status VARCHAR(64) NOT NULL DEFAULT 'new',
+                telemetry TEXT
+            )""",
+            "CREATE INDEX devices_by_group ON devices (fleet, group_name)",
+        ],
+    ),
+]
+
+
+class DeviceExistsError(UserInputError):
+    """``devices add`` with an id the registry already has."""
+
+
+@dataclass(frozen=True)
+class Device:
+    id: str
+    fleet: str
+    group: str
+    profile: str
+    created_at: str
+    last_seen: str | None
+    installed_release: str | None
+    desired_release: str | None
+    status: str
+    telemetry: dict[str, Any] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def hash_password(password: str, salt: bytes | None = None) -> str:
+    """A Mosquitto-compatible ``$7$`` hash, so the broker's password file can be generated."""
+    salt = salt or secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, PBKDF2_ITERATIONS)
+    return f"$7${PBKDF2_ITERATIONS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    _, kind, iterations, salt, digest = stored.split("$")
+    if kind != "7":
+        return False
+    computed = hashlib.pbkdf2_hmac("sha512", password.encode(), base64.b64decode(salt), int(iterations))
+    return hmac.compare_digest(computed, base64.b64decode(digest))
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+class Registry:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def open(cls, url: str) -> Registry:
+        """Connect and bring the schema up to date. Raises ``UserInputError`` on a bad URL."""
+        try:
+            engine = create_engine(url, future=True)
+            registry = cls(engine)
+            registry.migrate()
+        except (OperationalError, ProgrammingError) as e:
+            raise UserInputError(
+                f"cannot open the fleet database {url}: {str(e.orig).strip().splitlines()[0]}"
+            ) from e
+        except Exception as e:  # a malformed URL
+            if isinstance(e, UserInputError):
+                raise
+            raise UserInputError(f"cannot open the fleet database {url!r}: {e}") from e
+        return registry
+
+    def schema_version(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(text("SELECT MAX(version) FROM schema_migrations")).scalar() or 0)
+
+    def migrate(self) -> int:
+        with self.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+                    "applied_at VARCHAR(40) NOT NULL)"
+                )
+            )
+        current = self.schema_version()
+        for version, statements in MIGRATIONS:
+            if version <= current:
+                continue
+            with self.engine.begin() as conn:
+                for statement in statements:
+                    conn.execute(text(statement))
+                conn.execute(
+                    text("INSERT INTO schema_migrations (version, applied_at) VALUES (:v, :t)"),
+                    {"v": version, "t": _now()},
+                )
+            logger.info("fleet database migrated to schema %d", version)
+        return self.schema_version()
+
+    def add_device(self, device_id: str, fleet: str, group: str, profile: str) -> tuple[Device, str]:
+        """Create the device and its MQTT password; the password is returned once, stored hashed."""
+        password = secrets.token_urlsafe(24)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    text(
+                        "INSERT INTO devices (id, fleet, group_name, profile, password_hash, created_at) "
+                        "VALUES (:id, :fleet, :group, :profile, :hash, :now)"
+                    ),
+                    {
+                        "id": device_id,
+                        "fleet": fleet,
+                        "group": group,
+                        "profile": profile,
+                        "hash": hash_password(password),
+                        "now": _now(),
+                    },
+                )
+        except IntegrityError as e:
+            raise DeviceExistsError(f"device {device_id!r} already exists; choose another id") from e
+        return self.get(device_id), password
+
+    def _row(self, row: Any) -> Device:
+        return Device(
+            id=row.id,
+            fleet=row.fleet,
+            group=row.group_name,
+            profile=row.profile,
+            created_at=row.created_at,
+            last_seen=row.last_seen,
+            installed_release=row.installed_release,
+            desired_release=row.desired_release,
+            status=row.status,
+            telemetry=json.loads(row.telemetry) if row.telemetry else None,
+        )
+
+    def get(self, device_id: str) -> Device:
+        with self.engine.connect() as conn:
+            row = conn.execute(text("SELECT * FROM devices WHERE id = :id"), {"id": device_id}).first()
+        if row is None:
+            raise UserInputError(f"no device {device_id!r} in the registry (see edgec fleet ls)")
+        return self._row(row)
+
+    def password_hash(self, device_id: str) -> str:
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                text("SELECT password_hash FROM devices WHERE id = :id"), {"id": device_id}
+            ).scalar()
+        if value is None:
+            raise UserInputError(f"no device {device_id!r} in the registry")
+        return str(value)
+
+    def devices(self, fleet: str | None = None, group: str | None = None) -> list[Device]:
+        conditions, params = [], {}
+        if fleet is not None:
+            conditions.append("fleet = :fleet")
+            params["fleet"] = fleet
+        if group is not None:
+            conditions.append("group_name = :group")
+            params["group"] = group
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        with self.engine.connect() as conn:
+            rows = conn.execute(text(f"SELECT * FROM devices{where} ORDER BY id"), params).all()
+        return [self._row(r) for r in rows]
+
+    def update(self, device_id: str, **fields: Any) -> None:
+        """Set ``last_seen``, ``installed_release``, ``desired_release``, ``status`` or ``telemetry``."""
+        allowed = {"last_seen", "installed_release", "desired_release", "status", "telemetry"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise ValueError(f"unknown device fields {sorted(unknown)}")
+        if "telemetry" in fields and fields["telemetry"] is not None:
+            fields["telemetry"] = json.dumps(fields["telemetry"], sort_keys=True)
+        assignments = ", ".join(f"{name} = :{name}" for name in fields)
+        with self.engine.begin() as conn:
+            conn.execute(
+                text(f"UPDATE devices SET {assignments} WHERE id = :id"), {**fields, "id": device_id}
+            )
