@@ -38,6 +38,18 @@ def register(commands: Any) -> None:
     _db_arg(add)
     add.set_defaults(run=run_add)
 
+    broker = commands.add_parser("broker", help="Mosquitto configuration from the registry")
+    broker_sub = broker.add_subparsers(dest="broker_command", metavar="ACTION", required=True)
+    config = broker_sub.add_parser("config", help="write mosquitto.conf, passwords, ACL and TLS files")
+    config.add_argument("--out", type=Path, required=True, help="folder for the broker's files")
+    config.add_argument("--port", type=int, default=1883, help="plain MQTT port (default 1883)")
+    config.add_argument("--tls-port", type=int, default=8883, help="MQTT over TLS port (default 8883)")
+    config.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    config.add_argument("--host", action="append", default=[], help="name or IP in the TLS certificate")
+    config.add_argument("--run-as", default="mosquitto", help="user Mosquitto drops to (default mosquitto)")
+    _db_arg(config)
+    config.set_defaults(run=run_broker_config)
+
     fleet = commands.add_parser("fleet", help="list and show devices")
     fleet_sub = fleet.add_subparsers(dest="fleet_command", metavar="ACTION", required=True)
     ls = fleet_sub.add_parser("ls", help="every device, a line each")
@@ -117,4 +129,22 @@ def run_show(args: argparse.Namespace) -> int:
         return 0
     for key, value in device.as_dict().items():
         print(f"{key:18} {value if value is not None else '-'}")
+    return 0
+
+
+def run_broker_config(args: argparse.Namespace) -> int:
+    from ota_server.broker import write_broker_config
+    from ota_server.registry import Registry
+
+    files = write_broker_config(
+        Registry.open(args.db),
+        args.out,
+        port=args.port,
+        tls_port=args.tls_port,
+        bind=args.bind,
+        hosts=args.host or None,
+        run_as=args.run_as,
+    )
+    print(f"wrote {files.config}; the server's MQTT password is in {files.config.parent / 'server.secret'}")
+    print(f"devices verify the broker with {files.ca_cert}; start it with: mosquitto -c {files.config}")
     return 0

@@ -1,0 +1,148 @@
+"""Mosquitto configuration from the registry: no anonymous access, a password per device, an
+ACL that confines every device to its own topics, and a TLS listener with a generated CA."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from edgec.topics import PREFIX, device_topics, fetch_request, fetch_response
+from ota_server.registry import Registry, hash_password
+
+__all__ = ["SERVER_USER", "BrokerFiles", "write_broker_config"]
+
+SERVER_USER = "edgec-server"
+
+
+@dataclass(frozen=True)
+class BrokerFiles:
+    config: Path
+    server_password: str
+    ca_cert: Path
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(path, mode)
+
+
+def _acl(registry: Registry) -> str:
+    lines = [f"user {SERVER_USER}", f"topic readwrite {PREFIX}/#", ""]
+    for device in registry.devices():
+        topics = device_topics(device.fleet, device.id)
+        lines += [
+            f"user {device.id}",
+            f"topic read {topics['desired']}",
+            f"topic write {topics['state']}",
+            f"topic write {topics['telemetry']}",
+            f"topic write {topics['events']}",
+            f"topic write {fetch_request(device.fleet, device.id)}",
+            f"topic read {fetch_response(device.fleet, device.id)}",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def _tls(folder: Path, hosts: list[str]) -> Path:
+    """A CA and a server certificate for ``hosts`` (names or IP addresses), both ECDSA P-256."""
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name("edgec fleet CA"))
+        .issuer_name(_name("edgec fleet CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(hosts[0]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=825))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    _write(folder / "ca.crt", ca.public_bytes(pem).decode())
+    _write(folder / "server.crt", cert.public_bytes(pem).decode())
+    private = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    _write(folder / "server.key", private.decode(), 0o600)
+    ca_private = ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    _write(folder / "ca.key", ca_private.decode(), 0o600)
+    return folder / "ca.crt"
+
+
+def write_broker_config(
+    registry: Registry,
+    folder: Path,
+    *,
+    port: int = 1883,
+    tls_port: int = 8883,
+    bind: str = "127.0.0.1",
+    hosts: list[str] | None = None,
+    run_as: str = "mosquitto",
+) -> BrokerFiles:
+    """Write ``mosquitto.conf``, ``passwords``, ``acl`` and TLS files into ``folder``.
+
+    The secrets are 0600: Mosquitto started as root drops to ``run_as``, which must own them
+    (``chown -R mosquitto DIR``), or ``run_as`` is the user that runs it.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "data").mkdir(exist_ok=True)
+    server_password = secrets.token_urlsafe(24)
+    passwords = [f"{SERVER_USER}:{hash_password(server_password)}"]
+    passwords += [f"{d.id}:{registry.password_hash(d.id)}" for d in registry.devices()]
+    _write(folder / "passwords", "\n".join(passwords) + "\n", 0o600)
+    _write(folder / "server.secret", server_password + "\n", 0o600)
+    _write(folder / "acl", _acl(registry), 0o600)
+    ca = _tls(folder, hosts or [bind, "localhost"])
+    config = "\n".join(
+        [
+            "# written by edgec broker config: regenerate after adding devices",
+            f"user {run_as}",
+            "per_listener_settings false",
+            "allow_anonymous false",
+            f"password_file {folder / 'passwords'}",
+            f"acl_file {folder / 'acl'}",
+            "persistence true",
+            f"persistence_location {folder / 'data'}/",
+            "max_packet_size 1048576",
+            f"listener {port} {bind}",
+            f"listener {tls_port} {bind}",
+            f"cafile {ca}",
+            f"certfile {folder / 'server.crt'}",
+            f"keyfile {folder / 'server.key'}",
+            "",
+        ]
+    )
+    _write(folder / "mosquitto.conf", config)
+    return BrokerFiles(config=folder / "mosquitto.conf", server_password=server_password, ca_cert=ca)
