@@ -58,7 +58,13 @@ class TrustedRepository:
     """Refresh metadata and download targets, verified. ``state`` holds the trusted metadata
     (seeded with the root the device was provisioned with) and the downloaded targets."""
 
-    def __init__(self, state: Path, fetcher: FetcherInterface, max_target_bytes: int = 2 << 30) -> None:
+    def __init__(
+        self,
+        state: Path,
+        fetcher: FetcherInterface,
+        max_target_bytes: int = 2 << 30,
+        url_prefix: str = _SCHEME,
+    ) -> None:
         self.metadata_dir = state / "metadata"
         self.targets_dir = state / "targets"
         self.metadata_dir.mkdir(parents=True, exist_ok=True)
@@ -66,6 +72,7 @@ class TrustedRepository:
         if not (self.metadata_dir / "root.json").exists():
             raise TrustError(f"no trusted root in {self.metadata_dir}: provision the device first", "root")
         self._fetcher = fetcher
+        self._prefix = url_prefix
         self._config = UpdaterConfig(targets_max_length=max_target_bytes)
         self._updater = self._new_updater()
 
@@ -73,8 +80,8 @@ class TrustedRepository:
         # An ngclient Updater refreshes once; every refresh starts from the persisted trust.
         return Updater(
             metadata_dir=str(self.metadata_dir),
-            metadata_base_url=f"{_SCHEME}metadata/",
-            target_base_url=f"{_SCHEME}targets/",
+            metadata_base_url=f"{self._prefix}metadata/",
+            target_base_url=f"{self._prefix}targets/",
             target_dir=str(self.targets_dir),
             fetcher=self._fetcher,
             config=self._config,
