@@ -44,11 +44,11 @@ def test_duplicate_and_unknown_devices(db_url):
 
 def test_migrations_run_once_and_data_survives_a_reopen(db_url):
     first = Registry.open(db_url)
-    assert first.schema_version() == 1
+    assert first.schema_version() == 2
     first.add_device("pi-01", "lab", "canary", "raspberry-pi-4")
     first.engine.dispose()
     again = Registry.open(db_url)  # a server restart: nothing re-applied, nothing lost
-    assert again.schema_version() == 1
+    assert again.schema_version() == 2
     assert again.get("pi-01").group == "canary"
     again.engine.dispose()
 

@@ -1,0 +1,129 @@
+"""The HTTP side: repository files with Range, and the operator API's tokens and errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+
+import pytest
+
+from ota_server.http_api import HttpApi, Role
+from ota_server.registry import Registry
+from ota_server.repository import ImageRepository
+from tests.security.test_image_repository import PASS
+from tests.security.test_image_repository import bundle as bundle  # noqa: PLC0414  (fixture)
+
+TOKENS = {"view-token": Role.VIEWER, "op-token": Role.OPERATOR}
+
+
+@pytest.fixture
+def api(tmp_path, bundle):
+    repo = ImageRepository.init(tmp_path / "repo", PASS, {})
+    repo.publish([bundle], PASS)
+    (repo.targets_dir / "big.bin").write_bytes(os.urandom(5 * 1024 * 1024 + 7))
+    registry = Registry.open(f"sqlite:///{tmp_path / 'fleet.db'}")
+    registry.add_device("pi-01", "lab", "canary", "x86-64-cpu")
+    server = HttpApi(repo, registry, TOKENS)
+    port = server.serve()
+    yield {"base": f"http://127.0.0.1:{port}", "repo": repo}
+    server.close()
+
+
+def _call(
+    api,
+    method: str,
+    path: str,
+    token: str | None = None,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(api["base"] + path, data=body, method=method, headers=headers or {})
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def test_no_token_gets_401_and_a_viewer_reads(api):
+    status, _, body = _call(api, "GET", "/v1/devices")
+    assert status == 401
+    assert "bearer" in json.loads(body)["error"]
+    assert _call(api, "GET", "/v1/devices", "wrong-token")[0] == 401
+    status, _, body = _call(api, "GET", "/v1/devices", "view-token")
+    assert status == 200
+    assert [d["id"] for d in json.loads(body)] == ["pi-01"]
+    status, _, body = _call(api, "GET", "/v1/devices/pi-01", "view-token")
+    assert json.loads(body)["group"] == "canary"
+    assert _call(api, "GET", "/v1/devices/nope", "view-token")[0] == 404
+    status, _, body = _call(api, "GET", "/v1/releases", "view-token")
+    assert json.loads(body)[0]["profile"] == "x86-64-cpu"
+
+
+def test_a_viewer_cannot_start_a_rollout_an_operator_can(api):
+    body = json.dumps({"release": "model:1.0.0", "group": "canary"}).encode()
+    status, _, answer = _call(api, "POST", "/v1/rollouts", "view-token", body)
+    assert status == 403
+    assert "operator" in json.loads(answer)["error"]
+    status, _, answer = _call(api, "POST", "/v1/rollouts", "op-token", body)
+    assert status == 201
+    created = json.loads(answer)
+    assert (created["release"], created["group"], created["state"]) == ("model:1.0.0", "canary", "pending")
+    status, _, answer = _call(api, "GET", "/v1/rollouts", "view-token")
+    assert [r["id"] for r in json.loads(answer)] == [created["id"]]
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"{not json", "not JSON"),
+        (b"[1, 2]", "expected"),
+        (b'{"release": 5, "group": "g"}', "expected"),
+        (b'{"release": "model:9.9.9", "group": "g"}', "unknown release"),
+        (b"\xff\xfe", "not JSON"),
+    ],
+)
+def test_malformed_requests_get_a_4xx_with_a_message(api, body, fragment):
+    status, _, answer = _call(api, "POST", "/v1/rollouts", "op-token", body)
+    assert 400 <= status < 500
+    assert fragment in json.loads(answer)["error"]
+
+
+def test_oversized_body_and_unknown_route(api):
+    assert _call(api, "POST", "/v1/rollouts", "op-token", b"x" * (65 * 1024))[0] == 413
+    assert _call(api, "DELETE", "/v1/everything", "op-token")[0] == 404
+
+
+def test_openapi_document(api):
+    status, _, body = _call(api, "GET", "/openapi.json")
+    document = json.loads(body)
+    assert status == 200
+    assert document["openapi"].startswith("3.")
+    assert "post" in document["paths"]["/v1/rollouts"]
+
+
+def test_range_resume_of_a_5_mb_target(api):
+    blob = (api["repo"].targets_dir / "big.bin").read_bytes()
+    status, headers, first = _call(
+        api, "GET", "/v1/repo/targets/big.bin", headers={"Range": "bytes=0-2621439"}
+    )
+    assert status == 206
+    assert headers["Content-Range"] == f"bytes 0-2621439/{len(blob)}"
+    # the connection broke here; the download resumes from the next byte
+    status, _, rest = _call(api, "GET", "/v1/repo/targets/big.bin", headers={"Range": f"bytes={len(first)}-"})
+    assert status == 206
+    assert first + rest == blob
+    status, _, whole = _call(api, "GET", "/v1/repo/targets/big.bin")
+    assert (status, whole) == (200, blob)
+    assert _call(api, "GET", "/v1/repo/targets/big.bin", headers={"Range": "bytes=99999999-"})[0] == 416
+    assert _call(api, "GET", "/v1/repo/targets/big.bin", headers={"Range": "lines=1-2"})[0] == 416
+
+
+def test_keys_and_paths_outside_the_repository_are_not_served(api):
+    assert _call(api, "GET", "/v1/repo/keys/root-1.pem")[0] == 404
+    assert _call(api, "GET", "/v1/repo/../fleet.db")[0] == 404
+    assert _call(api, "GET", "/v1/repo/metadata/1.root.json")[0] == 200
