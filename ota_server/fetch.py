@@ -48,7 +48,7 @@ class FetchServer:
             request_id, path, offset = str(request["id"]), str(request["path"]), int(request["offset"])
             if offset < 0:
                 raise ValueError("negative offset")
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             self.dropped += 1
             logger.warning("dropped a malformed fetch request from %s/%s: %s", fleet, device, e)
             return

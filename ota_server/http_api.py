@@ -120,11 +120,18 @@ def openapi() -> dict[str, Any]:
 
 
 class HttpApi:
-    def __init__(self, repository: ImageRepository, registry: Registry, tokens: Mapping[str, Role]) -> None:
+    def __init__(
+        self,
+        repository: ImageRepository,
+        registry: Registry,
+        tokens: Mapping[str, Role],
+        token_digests: Mapping[str, Role] | None = None,
+    ) -> None:
         self.repository = repository
         self.registry = registry
-        # tokens are kept as sha256 digests and compared in constant time
+        # tokens are kept as sha256 digests (a config file holds only those), compared in constant time
         self._tokens = {hashlib.sha256(t.encode()).hexdigest(): role for t, role in tokens.items()}
+        self._tokens.update(token_digests or {})
         self._server: ThreadingHTTPServer | None = None
 
     # -- auth -----------------------------------------------------------------------------

@@ -1,0 +1,54 @@
+"""``edgec server run|token``: the OTA server process and its operator tokens."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import secrets
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from edgec.errors import OptionError
+
+__all__ = ["register"]
+
+
+def register(commands: Any) -> None:
+    server = commands.add_parser("server", help="run the OTA server, make operator tokens")
+    sub = server.add_subparsers(dest="server_command", metavar="ACTION", required=True)
+    run = sub.add_parser("run", help="serve fetches and HTTP, record device reports (until Ctrl-C)")
+    run.add_argument("--config", type=Path, required=True, help="server.toml")
+    run.set_defaults(run=run_server)
+    token = sub.add_parser("token", help="a new operator API token and the line that grants it")
+    token.add_argument("--role", choices=["viewer", "operator", "admin"], required=True)
+    token.set_defaults(run=run_token)
+
+
+def run_server(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from ota_server.server import OtaServer, ServerConfig
+
+    try:
+        config = ServerConfig.model_validate(tomllib.loads(args.config.read_text(encoding="utf-8")))
+    except OSError as e:
+        raise OptionError(f"cannot read {args.config}: {e.strerror}") from e
+    except (tomllib.TOMLDecodeError, ValidationError) as e:
+        raise OptionError(f"{args.config} is not a valid server config: {str(e).splitlines()[0]}") from e
+    server = OtaServer(config)
+    print(
+        f"edgec server: repository {config.repo}, database {config.db}, broker "
+        f"{config.mqtt.host}:{config.mqtt.port}, HTTP {config.http.host}:{config.http.port}",
+        flush=True,
+    )
+    server.run_forever()
+    return 0
+
+
+def run_token(args: argparse.Namespace) -> int:
+    token = secrets.token_urlsafe(32)
+    print(f"token (give it to the operator; it is not stored): {token}")
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    print(f'add to server.toml under [http.tokens]:\n"{digest}" = "{args.role}"')
+    return 0

@@ -1,0 +1,144 @@
+"""``edgec server run``: the OTA server process.
+
+Connects to the broker with a persistent session (so device reports sent while the server was
+down are delivered when it returns), answers fetch requests, serves HTTP, and records device
+state and telemetry in the registry. Malformed reports are logged and dropped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Literal
+
+import paho.mqtt.client as mqtt
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from edgec.reports import DeviceState, Telemetry
+from edgec.topics import PREFIX
+from ota_server.fetch import FetchServer
+from ota_server.http_api import HttpApi, Role
+from ota_server.registry import Registry
+from ota_server.repository import ImageRepository
+
+__all__ = ["OtaServer", "ServerConfig"]
+
+logger = logging.getLogger(__name__)
+REPORTS = f"{PREFIX}/+/devices/+/+"
+MAX_REPORT_BYTES = 64 * 1024
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MqttSettings(_Model):
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str = "edgec-server"
+    password_file: Path
+    client_id: str = "edgec-server-1"
+    ca_file: Path | None = None
+
+
+class HttpSettings(_Model):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    tokens: dict[str, Literal["viewer", "operator", "admin"]] = {}  # sha256 of a token -> its role
+
+
+class ServerConfig(_Model):
+    repo: Path
+    db: str
+    mqtt: MqttSettings
+    http: HttpSettings = HttpSettings()
+
+
+class OtaServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.registry = Registry.open(config.db)
+        self.repository = ImageRepository(config.repo)
+        self.dropped = 0
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=config.mqtt.client_id,
+            clean_session=False,
+            protocol=mqtt.MQTTv311,
+        )
+        password = config.mqtt.password_file.read_text(encoding="utf-8").strip()
+        self.client.username_pw_set(config.mqtt.username, password)
+        if config.mqtt.ca_file:
+            self.client.tls_set(ca_certs=str(config.mqtt.ca_file))
+        self.client.on_connect = self._on_connect
+        self.client.message_callback_add(REPORTS, self._on_report)
+        self.fetch = FetchServer(config.repo, self.client)
+        digests = {digest: Role[role.upper()] for digest, role in config.http.tokens.items()}
+        self.http = HttpApi(self.repository, self.registry, {}, token_digests=digests)
+        self.http_port = 0
+
+    def _on_connect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _props: Any = None) -> None:
+        if reason.is_failure:
+            logger.error("broker refused the server: %s", reason)
+            return
+        self.client.subscribe(REPORTS, qos=1)
+        self.fetch.start()
+        logger.info("connected to the broker")
+
+    def _drop(self, topic: str, why: str) -> None:
+        self.dropped += 1
+        logger.warning("dropped a report on %s: %s", topic, why)
+
+    def _on_report(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
+        parts = message.topic.split("/")
+        if len(parts) != 6:
+            return self._drop(message.topic, "not a device report topic")
+        device, kind = parts[4], parts[5]
+        if kind not in ("state", "telemetry", "events"):
+            return None  # desired documents are ours
+        if len(message.payload) > MAX_REPORT_BYTES:
+            return self._drop(message.topic, f"{len(message.payload)} bytes")
+        try:
+            data = json.loads(message.payload)
+            now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            if kind == "state":
+                state = DeviceState.model_validate(data)
+                self.registry.update(
+                    device, last_seen=now, status=state.status, installed_release=state.installed
+                )
+            elif kind == "telemetry":
+                self.registry.update(
+                    device, last_seen=now, telemetry=Telemetry.model_validate(data).figures()
+                )
+            else:
+                logger.info("event from %s: %s", device, data)
+        except (ValueError, ValidationError, UnicodeDecodeError, RecursionError) as e:
+            # RecursionError: json.loads on deeply nested garbage ("[[[[...")
+            return self._drop(message.topic, (str(e).splitlines() or [type(e).__name__])[0])
+        except Exception:  # never let one report kill the MQTT loop
+            logger.exception("unexpected failure handling a report on %s", message.topic)
+            self.dropped += 1
+        return None
+
+    def start(self) -> None:
+        self.client.connect(self.config.mqtt.host, self.config.mqtt.port)
+        self.client.loop_start()
+        self.http_port = self.http.serve(self.config.http.host, self.config.http.port)
+        logger.info("serving HTTP on %s:%d", self.config.http.host, self.http_port)
+
+    def stop(self) -> None:
+        self.http.close()
+        self.client.loop_stop()
+        self.client.disconnect()
+
+    def run_forever(self) -> None:
+        done = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: done.set())
+        signal.signal(signal.SIGINT, lambda *_: done.set())
+        self.start()
+        done.wait()
+        self.stop()

@@ -1,0 +1,120 @@
+"""``edgec server run`` as a real process against a real Mosquitto: reports land in the
+registry, reports sent while the server is down arrive after it returns, garbage is dropped."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from edgec.topics import device_topics
+from ota_server.registry import Registry
+from ota_server.repository import ImageRepository
+from tests.conftest import ROOT
+from tests.ota_server.test_broker_acl import MOSQUITTO, Client, _free_port, broker  # noqa: F401  (fixture)
+from tests.security.test_image_repository import PASS
+
+pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="the mosquitto binary is not installed")
+
+
+def _wait(predicate, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.fixture
+def server_config(tmp_path, broker):  # noqa: F811
+    ImageRepository.init(tmp_path / "repo", PASS, {})
+    db = tmp_path / "fleet.db"  # the registry the broker fixture made (dev-a, dev-b)
+    http_port = _free_port()
+    config = tmp_path / "server.toml"
+    secret = broker["files"].config.parent / "server.secret"
+    config.write_text(
+        f'repo = "{tmp_path / "repo"}"\ndb = "sqlite:///{db}"\n\n[mqtt]\nport = {broker["port"]}\n'
+        f'password_file = "{secret}"\nclient_id = "edgec-server-test"\n\n[http]\nport = {http_port}\n'
+    )
+    return {"config": config, "db": f"sqlite:///{db}", "http": http_port}
+
+
+def _start(config) -> subprocess.Popen[bytes]:
+    log = (config["config"].parent / "server.log").open("ab")  # never a pipe nobody reads
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgec", "server", "run", "--config", str(config["config"])],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+    def http_up() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{config['http']}/openapi.json", timeout=1):
+                return True
+        except OSError:
+            return False
+
+    assert _wait(http_up, 30), (config["config"].parent / "server.log").read_text()
+    time.sleep(0.5)  # the MQTT subscription
+    return proc
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def _device_row(config):
+    registry = Registry.open(config["db"])
+    try:
+        return registry.get("dev-a")
+    finally:
+        registry.engine.dispose()
+
+
+def test_reports_land_and_survive_a_server_restart(broker, server_config):  # noqa: F811
+    topics = device_topics("lab", "dev-a")
+    server = _start(server_config)
+    device = Client("dev-a", broker["passwords"]["dev-a"], broker["port"])
+    assert device.ok()
+    device.client.publish(
+        topics["state"], json.dumps({"status": "serving", "installed": "digits/1.0.0"}), qos=1, retain=True
+    ).wait_for_publish(5)
+    assert _wait(lambda: _device_row(server_config).status == "serving")
+    assert _device_row(server_config).installed_release == "digits/1.0.0"
+    _stop(server)
+    # the server is down: the device reports anyway (QoS 1); the broker keeps it for the
+    # server's persistent session
+    window = {"window_s": 60, "requests": 1200, "errors": 0, "p95_ms": 4.2, "drift": "ok"}
+    device.client.publish(topics["telemetry"], json.dumps(window), qos=1).wait_for_publish(5)
+    time.sleep(0.5)
+    server = _start(server_config)
+    assert _wait(lambda: _device_row(server_config).telemetry is not None)
+    assert _device_row(server_config).telemetry["p95_ms"] == 4.2
+    device.close()
+    _stop(server)
+
+
+def test_malformed_reports_are_dropped_and_the_server_keeps_serving(broker, server_config):  # noqa: F811
+    topics = device_topics("lab", "dev-a")
+    server = _start(server_config)
+    device = Client("dev-a", broker["passwords"]["dev-a"], broker["port"])
+    assert device.ok()
+    garbage = [b"\x00\xff", b"{}", b'{"status": 5}', b"[" * 3000, b'{"window_s": "x"}', b"9" * 70000]
+    for n in range(2000):
+        payload = garbage[n % len(garbage)]
+        topic = topics["telemetry"] if n % 2 else topics["state"]
+        device.client.publish(topic, payload, qos=0)
+    time.sleep(2)
+    device.client.publish(topics["state"], json.dumps({"status": "still-here"}), qos=1).wait_for_publish(5)
+    assert _wait(lambda: _device_row(server_config).status == "still-here", 20)
+    assert server.poll() is None  # still running
+    assert "dropped a report" in (server_config["config"].parent / "server.log").read_text()
+    device.close()
+    _stop(server)
