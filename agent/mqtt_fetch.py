@@ -41,8 +41,17 @@ class ChunkClient:
         client.message_callback_add(response_topic, lambda _c, _u, m: self._responses.put(bytes(m.payload)))
         client.subscribe(response_topic, qos=1)
 
-    def chunk(self, path: str, offset: int) -> tuple[int, bytes]:
-        """``(total length, bytes at offset)``; raises ``FetchError`` on silence or 404."""
+    def chunk(self, path: str, offset: int, attempts: int = 3) -> tuple[int, bytes]:
+        """``(total length, bytes at offset)``; raises ``FetchError`` on silence or 404.
+
+        Responses come at QoS 0, so a lost one is asked for again (``attempts`` times)."""
+        for _ in range(attempts):
+            answer = self._ask(path, offset)
+            if answer is not None:
+                return answer
+        raise FetchError(f"no answer for {path} at offset {offset} after {attempts} tries")
+
+    def _ask(self, path: str, offset: int) -> tuple[int, bytes] | None:
         request_id = uuid.uuid4().hex
         info = self.client.publish(self.request_topic, encode_request(request_id, path, offset), qos=1)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
@@ -51,9 +60,7 @@ class ChunkClient:
             try:
                 payload = self._responses.get(timeout=self.timeout_s)
             except queue.Empty:
-                raise FetchError(
-                    f"no answer for {path} at offset {offset} within {self.timeout_s:g} s"
-                ) from None
+                return None
             try:
                 header, data = decode_response(payload)
             except ValueError:

@@ -136,6 +136,7 @@ def write_broker_config(
             "persistence true",
             f"persistence_location {folder / 'data'}/",
             "max_packet_size 1048576",
+            "set_tcp_nodelay true",  # chunked fetches are request/response: no 40 ms delayed-ACK stalls
             f"listener {port} {bind}",
             f"listener {tls_port} {bind}",
             f"cafile {ca}",

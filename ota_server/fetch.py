@@ -64,4 +64,6 @@ class FetchServer:
             f.seek(offset)
             data = f.read(self.chunk_bytes)
         header = {"id": request_id, "path": path, "offset": offset, "total": total, "status": 200}
-        self.client.publish(topic, encode_response(header, data), qos=1)
+        # QoS 0: a response is only useful to the request waiting for it, and a lost one is
+        # asked for again; QoS 1 here cost a ~40 ms stall per chunk (5.7 vs 167 MB/s measured)
+        self.client.publish(topic, encode_response(header, data), qos=0)
