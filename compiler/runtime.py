@@ -36,15 +36,13 @@ ORT_SESSION_CONFIG = {"session.x64quantprecision": "1"}
 class OnnxRuntimeRunner:
     """An onnxruntime CPU session over a model file."""
 
-    def __init__(self, path: Path, threads: int = 0) -> None:
+    def __init__(self, path: Path) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
         for key, value in ORT_SESSION_CONFIG.items():
             options.add_session_config_entry(key, value)
-        if threads:
-            options.intra_op_num_threads = threads
         try:
             self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own untyped errors

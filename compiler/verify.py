@@ -8,7 +8,7 @@ accuracy when labels are given. A profile's gate turns the figures into pass or 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -22,17 +22,8 @@ __all__ = ["Outputs", "compare", "gate_failures", "run_samples"]
 logger = logging.getLogger(__name__)
 
 Outputs = list[dict[str, np.ndarray]]  # one dict of named outputs per sample
-Tick = Callable[[int, int], None]
-
-
-def run_samples(runner: Runner, samples: SampleSet, tick: Tick | None = None) -> Outputs:
-    results = []
-    total = len(samples)
-    for index, feed in enumerate(samples):
-        results.append(runner.run(feed))
-        if tick is not None:
-            tick(index + 1, total)
-    return results
+def run_samples(runner: Runner, samples: SampleSet) -> Outputs:
+    return [runner.run(feed) for feed in samples]
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -279,32 +279,22 @@ def test_replayed_older_snapshot_and_targets(tmp_path, repo, bundle):
 def test_expired_metadata_freeze(tmp_path, repo, role):
     device = _device(tmp_path, repo)
     long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=400)
-    signer_role = role
-    if role == "root":
-        root = repo.load("root")
-        root.signed.version += 1
-        root.signed.expires = long_ago
-        root.signatures.clear()
-        for signer in repo._signers("root", PASS):
-            root.sign(signer, append=True)
-        repo._write(root)
-    else:
-        md = repo.load(role)
-        md.signed.version += 1
-        md.signed.expires = long_ago
-        md.signatures.clear()
-        for signer in repo._signers(signer_role, PASS):
-            md.sign(signer, append=True)
-        repo._write(md)
-        if role == "targets":
-            _resign(
-                repo,
-                "snapshot",
-                lambda s: (
-                    setattr(s, "version", s.version + 1),
-                    s.meta["targets.json"].__setattr__("version", md.signed.version),
-                ),
-            )
+
+    def expire(signed) -> None:
+        signed.version += 1
+        signed.expires = long_ago
+
+    md = _resign(repo, role, expire)
+    if role == "targets":
+        _resign(
+            repo,
+            "snapshot",
+            lambda s: (
+                setattr(s, "version", s.version + 1),
+                s.meta["targets.json"].__setattr__("version", md.signed.version),
+            ),
+        )
+    if role != "root":
         _resign(
             repo,
             "timestamp",
