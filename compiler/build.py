@@ -40,6 +40,7 @@ from compiler.verify import Outputs, run_samples
 from device_profiles import DeviceProfile, load_profile
 from edgec.errors import BuildError, OptionError, OutputDirError, UserInputError
 from edgec.manifest import (
+    SCHEMA_VERSION,
     BundleStatus,
     FileEntry,
     Manifest,
@@ -214,6 +215,7 @@ def _prepare_shared(request: BuildRequest, ref: SourceRef, workdir: Path, progre
         stats = _reference_stats(verify_set, reference, names)
     cache_parts: dict[str, object] = {
         "edgec": edgec.__version__,
+        "manifest_schema": [SCHEMA_VERSION, "source_shape"],  # cached specs carry what manifests need
         "prepared": sha256_file(prepared.path),
         "calibration": _data_digest(calibration),
         "verification": _data_digest(verify_set),

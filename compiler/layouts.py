@@ -38,7 +38,14 @@ def artifact_spec(
     else:
         raise ConversionError(f"the converter changed tensor {source.name!r} from {source.shape} to {shape}")
     name = None if runtime_name == source.name else runtime_name
-    return TensorSpec(name=source.name, shape=shape, dtype=dtype, layout=layout, runtime_name=name)
+    return TensorSpec(
+        name=source.name,
+        shape=shape,
+        dtype=dtype,
+        layout=layout,
+        runtime_name=name,
+        source_shape=None if shape == source.shape else list(source.shape),
+    )
 
 
 def _is_channels_last_of(shape: Sequence[int], source_shape: Sequence[int]) -> bool:

@@ -49,7 +49,7 @@ class DirectorDocument(_Model):
     expires: dt.datetime
     rollout: str
     action: Action
-    release: str  # name/version, for people reading the document
+    release: str  # NAME:VERSION, for people reading the document
     files: Annotated[list[DirectorFile], Field(min_length=1)]
 
 

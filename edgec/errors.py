@@ -8,6 +8,8 @@ uses for it, so the CLI never has to guess:
   output folder we cannot write. Nothing was built.
 - ``BuildError`` (exit 3): a target failed to convert or missed its verification gate.
   Other targets are still built.
+- ``ServerError`` (exit 4): the OTA server could not be reached or refused an operator's
+  request; its answer is in the message.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ __all__ = [
     "EXIT_BAD_INPUT",
     "EXIT_INTERNAL",
     "EXIT_OK",
+    "EXIT_SERVER",
     "EXIT_TARGET_FAILED",
     "BackendUnavailableError",
     "BuildError",
@@ -29,6 +32,7 @@ __all__ = [
     "OptionError",
     "OutputDirError",
     "ProfileError",
+    "ServerError",
     "ShapeSpecError",
     "TrustError",
     "UnsupportedOperatorError",
@@ -39,6 +43,7 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
 EXIT_TARGET_FAILED = 3
+EXIT_SERVER = 4
 
 
 class EdgecError(Exception):
@@ -127,3 +132,9 @@ class FetchError(EdgecError):
     """The repository could not be reached or a transfer broke off: retriable."""
 
     exit_code = EXIT_TARGET_FAILED
+
+
+class ServerError(EdgecError):
+    """The OTA server's operator API could not be reached or refused the request."""
+
+    exit_code = EXIT_SERVER

@@ -99,6 +99,9 @@ class TensorSpec(_Model):
     runtime_name: str | None = None  # the runtime's own key for it, where that differs from name
     scale: float | None = None  # for integer-quantized I/O: real = scale * (q - zero_point)
     zero_point: int | None = None
+    # the source model's shape where the artifact's differs (channels-last, squeezed axes):
+    # callers and golden.npz use the source's shape, the runtime takes ``shape``
+    source_shape: list[int] | None = None
 
 
 class FileEntry(_Model):

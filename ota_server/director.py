@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from securesystemslib.signer import Signer
 
@@ -18,10 +19,25 @@ from edgec.director import (
     SignedDirectorDocument,
     canonical,
 )
+from edgec.errors import UserInputError
 
-__all__ = ["DirectorIssuer", "sign_document"]
+__all__ = ["DirectorIssuer", "release_files", "sign_document"]
 
 VALIDITY = dt.timedelta(days=7)
+
+
+def release_files(targets: dict[str, Any], release: str, profile: str) -> list[DirectorFile]:
+    """The signed target files of ``release`` ("NAME:VERSION") built for ``profile``, from the
+    image repository's targets (path -> TargetFile). Raises ``UserInputError`` if there are none."""
+    name, _, version = release.partition(":")
+    files = []
+    for path, info in sorted(targets.items()):
+        custom = info.unrecognized_fields.get("custom", {}).get("edgec", {})
+        if (custom.get("name"), custom.get("version"), custom.get("profile")) == (name, version, profile):
+            files.append(DirectorFile(path=path, sha256=info.hashes["sha256"], length=info.length))
+    if not files:
+        raise UserInputError(f"release {release} has no bundle for profile {profile}; publish one first")
+    return files
 
 
 def sign_document(document: DirectorDocument, signer: Signer) -> SignedDirectorDocument:

@@ -20,6 +20,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from edgec.director import Action, SignedDirectorDocument
 from edgec.errors import UserInputError
 from ota_server.registry import Registry
 from ota_server.repository import ImageRepository
@@ -63,6 +64,14 @@ def openapi() -> dict[str, Any]:
                     "properties": {"error": {"type": "string"}},
                     "required": ["error"],
                 },
+                "AssignRequest": {
+                    "type": "object",
+                    "properties": {
+                        "release": {"type": "string"},
+                        "action": {"type": "string", "enum": ["install", "rollback"]},
+                    },
+                    "required": ["release"],
+                },
                 "RolloutRequest": {
                     "type": "object",
                     "properties": {
@@ -99,6 +108,18 @@ def openapi() -> dict[str, Any]:
                     "responses": {"200": {"description": "device"}, "404": error},
                 }
             },
+            "/v1/devices/{id}/assign": {
+                "post": {
+                    "security": bearer,
+                    "summary": "sign and publish a director document: run this release (operator)",
+                    "requestBody": {
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/AssignRequest"}}
+                        }
+                    },
+                    "responses": {**ok, "400": error, "404": error},
+                }
+            },
             "/v1/releases": {
                 "get": {
                     "security": bearer,
@@ -126,9 +147,11 @@ class HttpApi:
         registry: Registry,
         tokens: Mapping[str, Role],
         token_digests: Mapping[str, Role] | None = None,
+        assign: Callable[..., SignedDirectorDocument] | None = None,
     ) -> None:
         self.repository = repository
         self.registry = registry
+        self._assign = assign  # the server's: sign and publish a director document
         # tokens are kept as sha256 digests (a config file holds only those), compared in constant time
         self._tokens = {hashlib.sha256(t.encode()).hexdigest(): role for t, role in tokens.items()}
         self._tokens.update(token_digests or {})
@@ -173,16 +196,41 @@ class HttpApi:
                 return self._json(HTTPStatus.OK, device.as_dict())
             except UserInputError as e:
                 raise ApiError(HTTPStatus.NOT_FOUND, str(e)) from e
+        if method == "POST" and path.startswith("/v1/devices/") and path.endswith("/assign"):
+            self._who(auth, Role.OPERATOR)
+            return self._assign_release(path.removeprefix("/v1/devices/").removesuffix("/assign"), body)
         if method == "POST" and path == "/v1/rollouts":
             who, _ = self._who(auth, Role.OPERATOR)
             return self._start_rollout(body, who)
         raise ApiError(HTTPStatus.NOT_FOUND, f"no route {method} {path}")
 
-    def _start_rollout(self, body: bytes, who: str) -> tuple[int, dict[str, str], bytes]:
+    @staticmethod
+    def _body(body: bytes) -> Any:
         try:
-            request = json.loads(body)
+            return json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {e}") from e
+
+    def _assign_release(self, device_id: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        request = self._body(body)
+        action = request.get("action", "install") if isinstance(request, dict) else None
+        if not isinstance(request, dict) or not isinstance(request.get("release"), str):
+            raise ApiError(
+                HTTPStatus.BAD_REQUEST, 'expected {"release": "NAME:VERSION", "action": "install"}'
+            )
+        if action not in {a.value for a in Action}:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"action must be install or rollback, not {action!r}")
+        if self._assign is None:
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "this server cannot sign director documents")
+        try:
+            document = self._assign(device_id, request["release"], Action(action))
+        except UserInputError as e:
+            status = HTTPStatus.NOT_FOUND if "no device" in str(e) else HTTPStatus.BAD_REQUEST
+            raise ApiError(status, str(e)) from e
+        return self._json(HTTPStatus.OK, document.model_dump(mode="json"))
+
+    def _start_rollout(self, body: bytes, who: str) -> tuple[int, dict[str, str], bytes]:
+        request = self._body(body)
         fields_ok = isinstance(request, dict) and all(
             isinstance(request.get(k), str) for k in ("release", "group")
         )

@@ -18,8 +18,11 @@ from typing import Any, Literal
 import paho.mqtt.client as mqtt
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from edgec.director import Action, SignedDirectorDocument
+from edgec.errors import UserInputError
 from edgec.reports import DeviceState, Telemetry
-from edgec.topics import PREFIX
+from edgec.topics import PREFIX, device_topics
+from ota_server.director import DirectorIssuer, release_files
 from ota_server.fetch import FetchServer
 from ota_server.http_api import HttpApi, Role
 from ota_server.registry import Registry
@@ -54,6 +57,9 @@ class HttpSettings(_Model):
 class ServerConfig(_Model):
     repo: Path
     db: str
+    # the passphrase of the repository's online keys (the director's signs device documents);
+    # without it the server serves and records but cannot assign releases
+    passphrase_file: Path | None = None
     mqtt: MqttSettings
     http: HttpSettings = HttpSettings()
 
@@ -77,9 +83,38 @@ class OtaServer:
         self.client.on_connect = self._on_connect
         self.client.message_callback_add(REPORTS, self._on_report)
         self.fetch = FetchServer(config.repo, self.client)
+        self.issuer: DirectorIssuer | None = None
+        if config.passphrase_file is not None:
+            passphrase = config.passphrase_file.read_bytes().rstrip(b"\r\n")
+            signer = self.repository.director_signer(passphrase)
+            self.issuer = DirectorIssuer(config.repo / "director" / "versions.json", signer)
         digests = {digest: Role[role.upper()] for digest, role in config.http.tokens.items()}
-        self.http = HttpApi(self.repository, self.registry, {}, token_digests=digests)
+        self.http = HttpApi(self.repository, self.registry, {}, token_digests=digests, assign=self.assign)
         self.http_port = 0
+
+    def assign(
+        self, device_id: str, release: str, action: Action = Action.INSTALL, rollout: str = "manual"
+    ) -> SignedDirectorDocument:
+        """Sign a director document telling ``device_id`` to run ``release`` ("NAME:VERSION")
+        and publish it, retained, on the device's desired topic."""
+        if self.issuer is None:
+            raise UserInputError("the server has no director key passphrase (passphrase_file in server.toml)")
+        device = self.registry.get(device_id)
+        files = release_files(self.repository.load("targets").signed.targets, release, device.profile)
+        document = self.issuer.issue(
+            fleet=device.fleet,
+            device=device.id,
+            profile=device.profile,
+            rollout=rollout,
+            action=action,
+            release=release,
+            files=files,
+        )
+        topic = device_topics(device.fleet, device.id)["desired"]
+        self.client.publish(topic, document.model_dump_json(), qos=1, retain=True)
+        self.registry.update(device.id, desired_release=release)
+        logger.info("assigned %s to %s (director document %d)", release, device.id, document.signed.version)
+        return document
 
     def _on_connect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _props: Any = None) -> None:
         if reason.is_failure:
@@ -132,6 +167,7 @@ class OtaServer:
 
     def stop(self) -> None:
         self.http.close()
+        self.fetch.stop()
         self.client.loop_stop()
         self.client.disconnect()
 

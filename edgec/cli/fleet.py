@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from edgec._table import render_table
+from edgec.cli._api import add_server_args, call
 from edgec.errors import OptionError
 
 __all__ = ["register"]
@@ -56,13 +57,29 @@ def register(commands: Any) -> None:
     ls.add_argument("--group", help="only this group")
     ls.add_argument("--fleet", help="only this fleet")
     ls.add_argument("--json", action="store_true", help="print JSON")
-    _db_arg(ls)
+    _source_args(ls)
     ls.set_defaults(run=run_ls)
     show = fleet_sub.add_parser("show", help="one device in full")
     show.add_argument("device")
     show.add_argument("--json", action="store_true", help="print JSON")
-    _db_arg(show)
+    _source_args(show)
     show.set_defaults(run=run_show)
+    assign = fleet_sub.add_parser(
+        "assign", help="tell one device to run a release (a signed director document, via the server)"
+    )
+    assign.add_argument("device")
+    assign.add_argument("release", metavar="NAME:VERSION")
+    assign.add_argument(
+        "--rollback", action="store_true", help="mark it a rollback to an older release (an operator's undo)"
+    )
+    add_server_args(assign, required=True)
+    assign.set_defaults(run=run_assign)
+
+
+def _source_args(parser: argparse.ArgumentParser) -> None:
+    """Read through the server's API (--server) or straight from the database (--db)."""
+    _db_arg(parser)
+    add_server_args(parser)
 
 
 def _agent_config(device: Any, password: str, broker: str) -> str:
@@ -95,40 +112,80 @@ def run_add(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_ls(args: argparse.Namespace) -> int:
+def _devices(args: argparse.Namespace) -> list[dict[str, Any]]:
+    if args.server:
+        devices: list[dict[str, Any]] = call(args, "GET", "/v1/devices")
+        return [d for d in devices if args.fleet in (None, d["fleet"]) and args.group in (None, d["group"])]
     from ota_server.registry import Registry
 
-    devices = Registry.open(args.db).devices(fleet=args.fleet, group=args.group)
+    return [d.as_dict() for d in Registry.open(args.db).devices(fleet=args.fleet, group=args.group)]
+
+
+def _figure(telemetry: dict[str, Any] | None, key: str) -> str:
+    value = (telemetry or {}).get(key)
+    return "-" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def run_ls(args: argparse.Namespace) -> int:
+    devices = _devices(args)
     if args.json:
-        print(json.dumps([d.as_dict() for d in devices], indent=2))
+        print(json.dumps(devices, indent=2))
         return 0
     rows = [
         (
-            d.id,
-            d.fleet,
-            d.group,
-            d.profile,
-            d.status,
-            d.installed_release or "-",
-            d.desired_release or "-",
-            d.last_seen or "never",
+            d["id"],
+            d["group"],
+            d["profile"],
+            d["status"],
+            d["installed_release"] or "-",
+            d["desired_release"] or "-",
+            _figure(d["telemetry"], "p50_ms"),
+            _figure(d["telemetry"], "p95_ms"),
+            _figure(d["telemetry"], "drift"),
+            d["last_seen"] or "never",
         )
         for d in devices
     ]
-    headers = ("device", "fleet", "group", "profile", "status", "installed", "desired", "last seen")
+    headers = (
+        "device",
+        "group",
+        "profile",
+        "status",
+        "installed",
+        "desired",
+        "p50 ms",
+        "p95 ms",
+        "drift",
+        "last seen",
+    )
     print(render_table(headers, rows))
     return 0
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from ota_server.registry import Registry
+    if args.server:
+        device: dict[str, Any] = call(args, "GET", f"/v1/devices/{args.device}")
+    else:
+        from ota_server.registry import Registry
 
-    device = Registry.open(args.db).get(args.device)
+        device = Registry.open(args.db).get(args.device).as_dict()
     if args.json:
-        print(json.dumps(device.as_dict(), indent=2))
+        print(json.dumps(device, indent=2))
         return 0
-    for key, value in device.as_dict().items():
+    for key, value in device.items():
         print(f"{key:18} {value if value is not None else '-'}")
+    return 0
+
+
+def run_assign(args: argparse.Namespace) -> int:
+    if ":" not in args.release:
+        raise OptionError(f"release {args.release!r} should be NAME:VERSION, e.g. digits:1.0.0")
+    action = "rollback" if args.rollback else "install"
+    document = call(
+        args, "POST", f"/v1/devices/{args.device}/assign", {"release": args.release, "action": action}
+    )
+    signed = document["signed"]
+    print(f"{args.device}: {action} {args.release} (director document {signed['version']})")
     return 0
 
 

@@ -36,7 +36,7 @@ def _free_port() -> int:
 def broker(tmp_path):
     registry = Registry.open(f"sqlite:///{tmp_path / 'fleet.db'}")
     _, pw_a = registry.add_device("dev-a", "lab", "g", "raspberry-pi-4")
-    _, pw_b = registry.add_device("dev-b", "lab", "g", "raspberry-pi-4")
+    _, pw_b = registry.add_device("dev-b", "lab", "g", "x86-64-cpu")
     port, tls_port = _free_port(), _free_port()
     user = pwd.getpwuid(os.getuid()).pw_name  # the broker runs as the test's own user
     files = write_broker_config(registry, tmp_path / "broker", port=port, tls_port=tls_port, run_as=user)

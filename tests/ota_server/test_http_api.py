@@ -9,6 +9,8 @@ import urllib.request
 
 import pytest
 
+from edgec.director import Action, SignedDirectorDocument
+from ota_server.director import DirectorIssuer, release_files
 from ota_server.http_api import HttpApi, Role
 from ota_server.registry import Registry
 from ota_server.repository import ImageRepository
@@ -25,7 +27,22 @@ def api(tmp_path, bundle):
     (repo.targets_dir / "big.bin").write_bytes(os.urandom(5 * 1024 * 1024 + 7))
     registry = Registry.open(f"sqlite:///{tmp_path / 'fleet.db'}")
     registry.add_device("pi-01", "lab", "canary", "x86-64-cpu")
-    server = HttpApi(repo, registry, TOKENS)
+    issuer = DirectorIssuer(tmp_path / "director.json", repo.director_signer(PASS))
+
+    def assign(device_id: str, release: str, action: Action) -> SignedDirectorDocument:
+        device = registry.get(device_id)  # what OtaServer.assign does, less the MQTT publish
+        files = release_files(repo.load("targets").signed.targets, release, device.profile)
+        return issuer.issue(
+            fleet=device.fleet,
+            device=device.id,
+            profile=device.profile,
+            rollout="manual",
+            action=action,
+            release=release,
+            files=files,
+        )
+
+    server = HttpApi(repo, registry, TOKENS, assign=assign)
     port = server.serve()
     yield {"base": f"http://127.0.0.1:{port}", "repo": repo}
     server.close()
@@ -127,3 +144,30 @@ def test_keys_and_paths_outside_the_repository_are_not_served(api):
     assert _call(api, "GET", "/v1/repo/keys/root-1.pem")[0] == 404
     assert _call(api, "GET", "/v1/repo/../fleet.db")[0] == 404
     assert _call(api, "GET", "/v1/repo/metadata/1.root.json")[0] == 200
+
+
+def test_assigning_a_release_needs_an_operator_and_a_matching_bundle(api):
+    body = json.dumps({"release": "model:1.0.0"}).encode()
+    assert _call(api, "POST", "/v1/devices/pi-01/assign", "view-token", body)[0] == 403
+    status, _, answer = _call(api, "POST", "/v1/devices/pi-01/assign", "op-token", body)
+    assert status == 200
+    document = SignedDirectorDocument.model_validate_json(answer)
+    assert (document.signed.device, document.signed.version, document.signed.action) == (
+        "pi-01",
+        1,
+        "install",
+    )
+    again = SignedDirectorDocument.model_validate_json(
+        _call(api, "POST", "/v1/devices/pi-01/assign", "op-token", body)[2]
+    )
+    assert again.signed.version == 2  # strictly increasing per device
+    cases = [
+        ("pi-01", b"{not json", 400, "not JSON"),
+        ("pi-01", b'{"release": "model:9.9.9"}', 400, "no bundle"),
+        ("pi-01", b'{"release": "model:1.0.0", "action": "explode"}', 400, "install or rollback"),
+        ("pi-99", body, 404, "no device"),
+    ]
+    for device, payload, expected, fragment in cases:
+        status, _, answer = _call(api, "POST", f"/v1/devices/{device}/assign", "op-token", payload)
+        assert status == expected, answer
+        assert fragment in json.loads(answer)["error"]

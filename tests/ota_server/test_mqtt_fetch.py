@@ -37,6 +37,7 @@ def served(tmp_path, broker):  # noqa: F811
     fetch.start()
     time.sleep(0.3)
     yield {"folder": folder, "blob": blob, "server": server, "fetch": fetch}
+    fetch.stop()
     server.close()
 
 

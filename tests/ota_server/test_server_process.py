@@ -3,6 +3,8 @@ registry, reports sent while the server is down arrive after it returns, garbage
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import json
 import subprocess
 import sys
@@ -11,12 +13,15 @@ import urllib.request
 
 import pytest
 
+from agent.director import DirectorState
+from edgec.director import SignedDirectorDocument
 from edgec.topics import device_topics
 from ota_server.registry import Registry
 from ota_server.repository import ImageRepository
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_edgec
 from tests.ota_server.test_broker_acl import MOSQUITTO, Client, _free_port, broker  # noqa: F401  (fixture)
 from tests.security.test_image_repository import PASS
+from tests.security.test_image_repository import bundle as bundle  # noqa: PLC0414  (fixture)
 
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="the mosquitto binary is not installed")
 
@@ -37,11 +42,22 @@ def server_config(tmp_path, broker):  # noqa: F811
     http_port = _free_port()
     config = tmp_path / "server.toml"
     secret = broker["files"].config.parent / "server.secret"
+    passphrase = tmp_path / "passphrase"
+    passphrase.write_bytes(PASS + b"\n")
+    token = "operator-token-for-tests"
+    digest = hashlib.sha256(token.encode()).hexdigest()
     config.write_text(
-        f'repo = "{tmp_path / "repo"}"\ndb = "sqlite:///{db}"\n\n[mqtt]\nport = {broker["port"]}\n'
-        f'password_file = "{secret}"\nclient_id = "edgec-server-test"\n\n[http]\nport = {http_port}\n'
+        f'repo = "{tmp_path / "repo"}"\ndb = "sqlite:///{db}"\npassphrase_file = "{passphrase}"\n\n'
+        f'[mqtt]\nport = {broker["port"]}\npassword_file = "{secret}"\nclient_id = "edgec-server-test"\n\n'
+        f'[http]\nport = {http_port}\n\n[http.tokens]\n"{digest}" = "operator"\n'
     )
-    return {"config": config, "db": f"sqlite:///{db}", "http": http_port}
+    return {
+        "config": config,
+        "db": f"sqlite:///{db}",
+        "http": http_port,
+        "repo": tmp_path / "repo",
+        "token": token,
+    }
 
 
 def _start(config) -> subprocess.Popen[bytes]:
@@ -116,5 +132,46 @@ def test_malformed_reports_are_dropped_and_the_server_keeps_serving(broker, serv
     assert _wait(lambda: _device_row(server_config).status == "still-here", 20)
     assert server.poll() is None  # still running
     assert "dropped a report" in (server_config["config"].parent / "server.log").read_text()
+    device.close()
+    _stop(server)
+
+
+def test_operator_assigns_a_release_and_the_device_gets_a_signed_retained_document(
+    broker,  # noqa: F811
+    server_config,
+    bundle,
+):
+    repo = ImageRepository(server_config["repo"])
+    repo.publish([bundle], PASS)
+    server = _start(server_config)
+    api = ("--server", f"http://127.0.0.1:{server_config['http']}", "--token", server_config["token"])
+    result = run_edgec("fleet", "assign", "dev-b", "model:1.0.0", *api)
+    assert result.returncode == 0, result.stderr
+    assert "director document 1" in result.stdout
+    # the device connects afterwards and still gets it: the document is retained
+    device = Client("dev-b", broker["passwords"]["dev-b"], broker["port"])
+    assert device.ok()
+    desired = device_topics("lab", "dev-b")["desired"]
+    device.client.subscribe(desired, qos=1)
+    assert _wait(lambda: any(topic == desired for topic, _ in device.messages))
+    envelope = SignedDirectorDocument.model_validate_json(device.messages[0][1])
+    state = DirectorState(key=repo.director_key(), device="dev-b", profile="x86-64-cpu")
+    _, document = state.accept(envelope, dt.datetime.now(dt.UTC))
+    signed = {path: info for path, info in repo.load("targets").signed.targets.items()}
+    assert {f.path for f in document.files} == set(signed)
+    assert all(signed[f.path].hashes["sha256"] == f.sha256 for f in document.files)
+    listed = run_edgec("fleet", "ls", "--json", *api)
+    assert listed.returncode == 0, listed.stderr
+    assert {d["id"]: d["desired_release"] for d in listed.json()}["dev-b"] == "model:1.0.0"
+    # a device of another profile: refused with the reason, nothing published
+    refused = run_edgec("fleet", "assign", "dev-a", "model:1.0.0", *api)
+    assert refused.returncode == 4
+    assert "no bundle for profile raspberry-pi-4" in refused.stderr
+    unknown = run_edgec("fleet", "assign", "dev-z", "model:1.0.0", *api)
+    assert unknown.returncode == 4
+    assert "404" in unknown.stderr
+    wrong_token = run_edgec("fleet", "assign", "dev-b", "model:1.0.0", api[0], api[1], "--token", "nope")
+    assert wrong_token.returncode == 4
+    assert "401" in wrong_token.stderr
     device.close()
     _stop(server)
