@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from tuf.api import exceptions as tuf_errors
@@ -24,9 +25,36 @@ from edgec.errors import FetchError, TrustError
 from edgec.fetch_protocol import decode_response, encode_request
 from edgec.topics import fetch_request, fetch_response
 
-__all__ = ["ChunkClient", "MqttFetcher", "ResumableDownload"]
+__all__ = ["ChunkClient", "ChunkSource", "HttpChunks", "MqttFetcher", "ResumableDownload"]
 
 SCHEME = "edgec-mqtt:"
+
+
+class ChunkSource(Protocol):
+    def chunk(self, path: str, offset: int) -> tuple[int, bytes]:
+        """``(total length, the bytes at offset)`` of a repository file."""
+        ...
+
+
+class HttpChunks:
+    """The same chunks over HTTP Range requests (a server or a CDN in front of it)."""
+
+    def __init__(self, base_url: str, chunk_bytes: int = 256 * 1024, timeout_s: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/") + "/"
+        self.chunk_bytes = chunk_bytes
+        self.timeout_s = timeout_s
+
+    def chunk(self, path: str, offset: int) -> tuple[int, bytes]:
+        request = urllib.request.Request(self.base_url + path)
+        request.add_header("Range", f"bytes={offset}-{offset + self.chunk_bytes - 1}")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                data = response.read()
+                content_range = response.headers.get("Content-Range", "")
+        except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors
+            raise FetchError(f"cannot fetch {path} at {offset} over HTTP: {e}") from e
+        total = int(content_range.rsplit("/", 1)[1]) if "/" in content_range else offset + len(data)
+        return total, data
 
 
 class ChunkClient:
@@ -38,8 +66,13 @@ class ChunkClient:
         self.timeout_s = timeout_s
         self._responses: queue.Queue[bytes] = queue.Queue()
         response_topic = fetch_response(fleet, device)
+        self.response_topic = response_topic
         client.message_callback_add(response_topic, lambda _c, _u, m: self._responses.put(bytes(m.payload)))
-        client.subscribe(response_topic, qos=1)
+        self.subscribe()
+
+    def subscribe(self) -> None:
+        """(Again, after a reconnect with a clean session.)"""
+        self.client.subscribe(self.response_topic, qos=1)
 
     def chunk(self, path: str, offset: int, attempts: int = 3) -> tuple[int, bytes]:
         """``(total length, bytes at offset)``; raises ``FetchError`` on silence or 404.
@@ -105,7 +138,7 @@ class ResumableDownload:
     signed chunk hashes; only chunks that passed are kept, so a retry resumes after them."""
 
     def __init__(
-        self, chunks: ChunkClient, path: str, dest: Path, *, custom: dict[str, Any], length: int, sha256: str
+        self, chunks: ChunkSource, path: str, dest: Path, *, custom: dict[str, Any], length: int, sha256: str
     ) -> None:
         self.chunks = chunks
         self.path = path
@@ -119,12 +152,26 @@ class ResumableDownload:
     def good_bytes(self) -> int:
         return self.partial.stat().st_size if self.partial.exists() else 0
 
+    def _resume_offset(self) -> int:
+        """The end of the chunks already on disk that still match their hashes (a crash may
+        have torn the last write); anything after it is cut off."""
+        if not self.partial.exists():
+            return 0
+        good = 0
+        with self.partial.open("r+b") as f:
+            while block := f.read(self.chunk_bytes):
+                index = good // self.chunk_bytes
+                expected = min(self.chunk_bytes, self.length - good)
+                if index >= len(self.hashes) or len(block) != expected:
+                    break
+                if hashlib.sha256(block).hexdigest() != self.hashes[index]:
+                    break
+                good += len(block)
+            f.truncate(good)
+        return good
+
     def run(self) -> Path:
-        offset = self.good_bytes()
-        if offset % self.chunk_bytes and offset != self.length:
-            offset -= offset % self.chunk_bytes  # a torn last write: drop the partial chunk
-            with self.partial.open("r+b") as f:
-                f.truncate(offset)
+        offset = self._resume_offset()
         with self.partial.open("ab") as out:
             while offset < self.length:
                 index = offset // self.chunk_bytes
@@ -136,8 +183,11 @@ class ResumableDownload:
                 out.flush()
                 os.fsync(out.fileno())
                 offset += len(data)
-        digest = hashlib.sha256(self.partial.read_bytes()).hexdigest()
-        if digest != self.sha256:
+        digest = hashlib.sha256()
+        with self.partial.open("rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        if digest.hexdigest() != self.sha256:
             self.partial.unlink()
             raise TrustError(f"{self.path}: the assembled file does not match its signed sha256", "target")
         os.replace(self.partial, self.dest)

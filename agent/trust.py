@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tuf.api import exceptions as tuf_errors
-from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
+from tuf.ngclient import FetcherInterface, TargetFile, Updater, UpdaterConfig
 
 from edgec.errors import FetchError, TrustError
 
@@ -115,6 +115,18 @@ class TrustedRepository:
             raise TrustError(f"{target_path} refused: {type(e).__name__}: {e}", "target") from e
         except tuf_errors.DownloadError as e:
             raise FetchError(f"cannot download {target_path}: {e}") from e
+
+    def target(self, target_path: str) -> TargetFile:
+        """The signed target info for ``target_path`` (after ``refresh``)."""
+        try:
+            info = self._updater.get_targetinfo(target_path)
+        except tuf_errors.RepositoryError as e:
+            raise TrustError(f"{target_path} refused: {type(e).__name__}: {e}", "targets") from e
+        except tuf_errors.DownloadError as e:
+            raise FetchError(f"cannot fetch the metadata for {target_path}: {e}") from e
+        if info is None:
+            raise TrustError(f"{target_path} is not a signed target of the repository", "targets")
+        return info
 
     def trusted_version(self, role: str) -> int:
         from tuf.api.metadata import Metadata

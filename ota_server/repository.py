@@ -294,6 +294,12 @@ class ImageRepository:
         """The online key that signs director documents."""
         return self._signers("director", passphrase)[0]
 
+    def provisioning(self) -> tuple[str, str]:
+        """What a device is provisioned with: the current root.json and the director's public key."""
+        root = self.load("root")
+        root_text = self._path("root", root.signed.version).read_text(encoding="utf-8")
+        return root_text, (self.keys_dir / DIRECTOR_PUBLIC).read_text(encoding="utf-8")
+
     def director_key(self) -> SSlibKey:
         """The director's public key, as devices are provisioned with it."""
         data = json.loads((self.keys_dir / DIRECTOR_PUBLIC).read_text(encoding="utf-8"))

@@ -36,6 +36,11 @@ def register(commands: Any) -> None:
     add.add_argument("--fleet", default="default", help="its fleet (default: default)")
     add.add_argument("--broker", default="127.0.0.1:1883", help="broker HOST:PORT the agent connects to")
     add.add_argument("--out", type=Path, help="agent config file to write (default: DEVICE.agent.toml)")
+    add.add_argument(
+        "--repo",
+        type=Path,
+        help="the image repository: its root and the director's key go into the agent config",
+    )
     _db_arg(add)
     add.set_defaults(run=run_add)
 
@@ -82,16 +87,22 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
     add_server_args(parser)
 
 
-def _agent_config(device: Any, password: str, broker: str) -> str:
+def _agent_config(device: Any, password: str, broker: str, trust: tuple[str, str] | None) -> str:
     host, _, port = broker.rpartition(":")
     if not host or not port.isdigit():
         raise OptionError(f"bad --broker {broker!r}: expected HOST:PORT")
-    return (
+    text = (
         "# edgec agent configuration: copy to the device (it holds the device's password)\n"
         f'device = "{device.id}"\nfleet = "{device.fleet}"\nprofile = "{device.profile}"\n'
         f'state_dir = "/var/lib/edgec"\n\n[mqtt]\nhost = "{host}"\nport = {int(port)}\n'
         f'username = "{device.id}"\npassword = "{password}"\n'
     )
+    if trust is not None:
+        root, director_key = trust
+        text += (
+            f"\n[trust]\nroot = '''\n{root.strip()}\n'''\ndirector_key = '''\n{director_key.strip()}\n'''\n"
+        )
+    return text
 
 
 def run_add(args: argparse.Namespace) -> int:
@@ -102,9 +113,14 @@ def run_add(args: argparse.Namespace) -> int:
     out = args.out or Path(f"{args.device}.agent.toml")
     if out.exists():
         raise OptionError(f"{out} already exists; pass another --out")
+    trust = None
+    if args.repo is not None:
+        from ota_server.repository import ImageRepository
+
+        trust = ImageRepository(args.repo).provisioning()
     registry = Registry.open(args.db)
     device, password = registry.add_device(args.device, args.fleet, args.group, profile.id)
-    text = _agent_config(device, password, args.broker)
+    text = _agent_config(device, password, args.broker, trust)
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)

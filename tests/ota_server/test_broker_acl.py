@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
-import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -17,19 +14,10 @@ import pytest
 from edgec.topics import device_topics
 from ota_server.broker import SERVER_USER, write_broker_config
 from ota_server.registry import Registry
+from tests._services import free_port, needs_mosquitto, start_mosquitto, stop
 
-MOSQUITTO = shutil.which("mosquitto") or (
-    "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-)
-pytestmark = pytest.mark.skipif(
-    MOSQUITTO is None, reason="the mosquitto binary is not installed (make test installs it)"
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+pytestmark = needs_mosquitto
+_free_port = free_port
 
 
 @pytest.fixture
@@ -40,21 +28,9 @@ def broker(tmp_path):
     port, tls_port = _free_port(), _free_port()
     user = pwd.getpwuid(os.getuid()).pw_name  # the broker runs as the test's own user
     files = write_broker_config(registry, tmp_path / "broker", port=port, tls_port=tls_port, run_as=user)
-    proc = subprocess.Popen(
-        [MOSQUITTO, "-c", str(files.config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail(f"mosquitto did not start: {proc.stdout.read() if proc.stdout else ''}")
+    proc = start_mosquitto(files.config, port)
     yield {"port": port, "tls_port": tls_port, "files": files, "passwords": {"dev-a": pw_a, "dev-b": pw_b}}
-    proc.terminate()
-    proc.wait(timeout=10)
+    stop(proc)
 
 
 class Client:

@@ -15,7 +15,8 @@ from agent.trust import TrustedRepository
 from edgec.errors import FetchError, TrustError
 from ota_server.fetch import FetchServer
 from ota_server.repository import ImageRepository, chunk_hashes
-from tests.ota_server.test_broker_acl import MOSQUITTO, Client, broker  # noqa: F401  (fixture)
+from tests._services import MOSQUITTO
+from tests.ota_server.test_broker_acl import Client, broker  # noqa: F401  (fixture)
 from tests.security.test_image_repository import PASS
 from tests.security.test_image_repository import bundle as bundle  # noqa: PLC0414  (fixture)
 

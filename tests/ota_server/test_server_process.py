@@ -18,8 +18,10 @@ from edgec.director import SignedDirectorDocument
 from edgec.topics import device_topics
 from ota_server.registry import Registry
 from ota_server.repository import ImageRepository
+from tests._services import MOSQUITTO
+from tests._services import free_port as _free_port
 from tests.conftest import ROOT, run_edgec
-from tests.ota_server.test_broker_acl import MOSQUITTO, Client, _free_port, broker  # noqa: F401  (fixture)
+from tests.ota_server.test_broker_acl import Client, broker  # noqa: F401  (fixture)
 from tests.security.test_image_repository import PASS
 from tests.security.test_image_repository import bundle as bundle  # noqa: PLC0414  (fixture)
 
