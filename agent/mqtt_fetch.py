@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import queue
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from edgec.errors import FetchError, TrustError
 from edgec.fetch_protocol import decode_response, encode_request
 from edgec.topics import fetch_request, fetch_response
 
-__all__ = ["ChunkClient", "ChunkSource", "HttpChunks", "MqttFetcher", "ResumableDownload"]
+__all__ = ["ChunkClient", "ChunkSource", "HttpChunks", "MqttFetcher", "ResumableDownload", "Throttled"]
 
 SCHEME = "edgec-mqtt:"
 
@@ -34,6 +35,24 @@ class ChunkSource(Protocol):
     def chunk(self, path: str, offset: int) -> tuple[int, bytes]:
         """``(total length, the bytes at offset)`` of a repository file."""
         ...
+
+
+class Throttled:
+    """A chunk source held to ``bytes_per_s`` (devices on metered or shared links)."""
+
+    def __init__(self, source: ChunkSource, bytes_per_s: float) -> None:
+        self.source = source
+        self.bytes_per_s = bytes_per_s
+        self._started = time.monotonic()
+        self._bytes = 0
+
+    def chunk(self, path: str, offset: int) -> tuple[int, bytes]:
+        total, data = self.source.chunk(path, offset)
+        self._bytes += len(data)
+        ahead = self._bytes / self.bytes_per_s - (time.monotonic() - self._started)
+        if ahead > 0:
+            time.sleep(ahead)
+        return total, data
 
 
 class HttpChunks:

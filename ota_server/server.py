@@ -146,9 +146,9 @@ class OtaServer:
                     device, last_seen=now, status=state.status, installed_release=state.installed
                 )
             elif kind == "telemetry":
-                self.registry.update(
-                    device, last_seen=now, telemetry=Telemetry.model_validate(data).figures()
-                )
+                window = Telemetry.model_validate(data)
+                if self._is_newer(device, window):
+                    self.registry.update(device, last_seen=now, telemetry=window.figures())
             else:
                 logger.info("event from %s: %s", device, data)
         except (ValueError, ValidationError, UnicodeDecodeError, RecursionError) as e:
@@ -158,6 +158,17 @@ class OtaServer:
             logger.exception("unexpected failure handling a report on %s", message.topic)
             self.dropped += 1
         return None
+
+    def _is_newer(self, device: str, window: Telemetry) -> bool:
+        """A window sent twice (QoS 1 is at least once) or late must not replace a newer one;
+        a device whose counter restarted (a new state folder) has newer windows, not higher seqs."""
+        try:
+            stored = self.registry.get(device).telemetry or {}
+        except UserInputError:
+            return True
+        if window.seq is None or stored.get("seq") is None:
+            return True
+        return window.seq > stored["seq"] or (window.ended_at or "") > stored.get("ended_at", "")
 
     def start(self) -> None:
         self.client.connect(self.config.mqtt.host, self.config.mqtt.port)

@@ -68,3 +68,7 @@ def digits() -> Path:
 def _own_build_cache(tmp_path_factory, monkeypatch):
     """Every test starts with an empty build cache of its own (and never touches the user's)."""
     monkeypatch.setenv("EDGEC_CACHE_DIR", str(tmp_path_factory.mktemp("edgec-cache")))
+
+
+# the digits sample as several releases (built once per session, only by the tests that ask)
+from tests._releases import releases  # noqa: E402, F401

@@ -14,7 +14,10 @@ def _loaded_after(code: str) -> set[str]:
 
 def test_help_imports_no_ml_package():
     loaded = _loaded_after(
-        "from edgec.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass"
+        "import contextlib, io\nfrom edgec.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    for args in (['--help'], ['agent', '--help'], ['fleet', '--help']):\n"
+        "        try:\n            main(args)\n        except SystemExit:\n            pass"
     )
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
 

@@ -177,3 +177,29 @@ def test_operator_assigns_a_release_and_the_device_gets_a_signed_retained_docume
     assert "401" in wrong_token.stderr
     device.close()
     _stop(server)
+
+
+def test_a_window_sent_twice_or_late_does_not_replace_a_newer_one(broker, server_config):  # noqa: F811
+    topics = device_topics("lab", "dev-a")
+    server = _start(server_config)
+    device = Client("dev-a", broker["passwords"]["dev-a"], broker["port"])
+    assert device.ok()
+
+    def send(seq: int, p95: float, ended: str) -> None:
+        window = {"window_s": 60, "requests": 10, "p95_ms": p95, "seq": seq, "ended_at": ended}
+        device.client.publish(topics["telemetry"], json.dumps(window), qos=1).wait_for_publish(5)
+
+    send(7, 4.2, "2026-11-29T10:07:00+00:00")
+    assert _wait(lambda: (_device_row(server_config).telemetry or {}).get("seq") == 7)
+    send(6, 9.9, "2026-11-29T10:06:00+00:00")  # late
+    send(7, 9.9, "2026-11-29T10:07:00+00:00")  # again
+    # a report after them on the same connection arrives after them: once it is in, they are
+    barrier = device.client.publish(topics["state"], json.dumps({"status": "barrier"}), qos=1)
+    barrier.wait_for_publish(5)
+    assert _wait(lambda: _device_row(server_config).status == "barrier")
+    assert _device_row(server_config).telemetry["p95_ms"] == 4.2
+    send(0, 1.5, "2026-11-29T10:09:00+00:00")  # the device's counter restarted: newer, lower seq
+    assert _wait(lambda: (_device_row(server_config).telemetry or {}).get("seq") == 0)
+    assert _device_row(server_config).telemetry["p95_ms"] == 1.5
+    device.close()
+    _stop(server)

@@ -1,0 +1,92 @@
+"""The agent's configuration: the TOML file ``edgec devices add`` writes for each device."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgec.errors import OptionError
+
+__all__ = ["AgentConfig", "load_config"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MqttSettings(_Model):
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str
+    password: str
+    ca_file: Path | None = None  # set: connect with TLS and check the broker against this CA
+    keepalive_s: Annotated[int, Field(ge=5)] = 30
+    reconnect_max_s: Annotated[float, Field(gt=0)] = 60.0
+
+
+class TrustSettings(_Model):
+    root: str  # the image repository's root.json the device is provisioned with
+    director_key: str  # the director's public key (JSON, as in the repository's keys/director.pub.json)
+
+
+class HttpSettings(_Model):
+    host: str = "127.0.0.1"  # loopback: the local inference API is for this device's programs
+    port: int = 8000
+
+
+class InstallSettings(_Model):
+    transport: Literal["mqtt", "http"] = "mqtt"
+    http_url: str | None = None  # the server's repository over HTTP, e.g. http://ota:8080/v1/repo/
+    chunk_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    max_target_bytes: Annotated[int, Field(gt=0)] = 2 << 30
+    max_fetch_bytes_per_s: Annotated[int, Field(gt=0)] | None = None  # unset: as fast as the link
+    probation_s: Annotated[float, Field(ge=0)] = 30.0
+    probation_min_requests: Annotated[int, Field(ge=1)] = 20  # golden probes fill in when traffic is low
+    max_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.01
+    warmup_runs: Annotated[int, Field(ge=0)] = 5
+    max_attempts: Annotated[int, Field(ge=1)] = 5  # retriable failures (network) before abandoning
+
+
+class TelemetrySettings(_Model):
+    window_s: Annotated[float, Field(gt=0)] = 60.0
+    buffer_max_windows: Annotated[int, Field(ge=1)] = 10_000
+
+
+class AgentConfig(_Model):
+    device: str
+    fleet: str
+    profile: str
+    state_dir: Path = Path("/var/lib/edgec")
+    threads: Annotated[int, Field(ge=1)] = 1  # runtime threads per session
+    mqtt: MqttSettings
+    trust: TrustSettings | None = None
+    http: HttpSettings = HttpSettings()
+    install: InstallSettings = InstallSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Read and validate the agent's TOML file. Raises ``OptionError`` naming what is wrong."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise OptionError(f"cannot read the agent config {path}: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise OptionError(f"{path} is not valid TOML: {e}") from e
+    try:
+        config = AgentConfig.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise OptionError(f"{path}: {where}: {first['msg']}") from e
+    if config.trust is None:
+        raise OptionError(
+            f"{path} has no [trust] section (the repository root and director key): "
+            "write it again with edgec devices add ... --repo REPO"
+        )
+    if config.install.transport == "http" and not config.install.http_url:
+        raise OptionError(f"{path}: install.transport = 'http' needs install.http_url")
+    return config

@@ -1,0 +1,333 @@
+"""``edgec agent run``: the on-device daemon.
+
+One MQTT connection (reconnecting with backoff) carries everything: the retained director
+document arrives on the desired topic, fetches go over the fetch topics, and the agent
+publishes its retained state, install events and telemetry windows. Threads:
+
+- paho's network loop (callbacks only hand work over);
+- the installer: takes the newest desired document and runs the install pipeline;
+- telemetry: closes a window every ``window_s``, buffers it on disk, publishes the buffer
+  oldest first whenever the broker is there;
+- the local inference API (``agent.serving``).
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import json
+import logging
+import signal
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from pydantic import ValidationError
+from securesystemslib.signer import SSlibKey
+
+from agent.config import AgentConfig
+from agent.director import DirectorState
+from agent.install import Installer, ProbationMonitor
+from agent.mqtt_fetch import SCHEME, ChunkClient, ChunkSource, HttpChunks, MqttFetcher, Throttled
+from agent.runtime import golden_samples, load_bundle, self_test
+from agent.serving import InferenceServer
+from agent.slot import LoadedModel, ModelSlot
+from agent.store import StateStore
+from agent.telemetry import TelemetryBuffer, WindowRecorder
+from agent.trust import TrustedRepository
+from edgec.director import SignedDirectorDocument
+from edgec.errors import TrustError
+from edgec.topics import device_topics
+
+__all__ = ["Agent"]
+
+logger = logging.getLogger(__name__)
+MAX_DOCUMENT_BYTES = 1 << 20
+
+
+def _director_key(text: str) -> SSlibKey:
+    data = json.loads(text)
+    keyid = data.pop("keyid")
+    return SSlibKey.from_dict(keyid, data)
+
+
+class _Reporter:
+    """State (retained) and events, published on the device's own topics. Events raised while
+    the broker is away wait (bounded) and go out in order when it is back."""
+
+    MAX_WAITING = 1000
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.last_state: bytes | None = None
+        self._waiting: collections.deque[str] = collections.deque(maxlen=self.MAX_WAITING)
+        self._lock = threading.Lock()
+
+    def event(self, kind: str, release: str | None, detail: str | None = None, **figures: Any) -> None:
+        body = {"event": kind, "release": release, "detail": detail, "at": _now(), **figures}
+        logger.info("event %s %s %s", kind, release or "", detail or "")
+        with self._lock:
+            self._waiting.append(json.dumps(body))
+            if self.agent.client.is_connected():
+                self._send_waiting()
+
+    def connected(self) -> None:
+        with self._lock:
+            self._send_waiting()
+            if self.last_state is not None:  # the will replaced it while we were away
+                self.agent.client.publish(self.agent.topics["state"], self.last_state, qos=1, retain=True)
+
+    def _send_waiting(self) -> None:
+        while self._waiting:
+            info = self.agent.client.publish(self.agent.topics["events"], self._waiting[0], qos=1)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                return
+            self._waiting.popleft()
+
+    def state(self, status: str, installed: str | None, detail: str | None = None) -> None:
+        body = {"status": status, "installed": installed}
+        if detail:
+            body["detail"] = detail
+        self.last_state = json.dumps(body).encode()
+        self.agent.client.publish(self.agent.topics["state"], self.last_state, qos=1, retain=True)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        assert config.trust is not None  # load_config insists
+        self.config = config
+        self._startup_problem: str | None = None
+        self.topics = device_topics(config.fleet, config.device)
+        self.store = StateStore(config.state_dir)
+        if not (config.state_dir / "metadata" / "root.json").exists():
+            TrustedRepository.provision(config.state_dir, config.trust.root.encode())
+        self.client = self._mqtt_client()
+        self.reporter = _Reporter(self)
+        chunks: ChunkSource
+        if config.install.transport == "http":
+            from tuf.ngclient import Urllib3Fetcher
+
+            assert config.install.http_url is not None
+            chunks = HttpChunks(config.install.http_url, timeout_s=config.install.chunk_timeout_s)
+            repository = TrustedRepository(
+                config.state_dir,
+                Urllib3Fetcher(),
+                config.install.max_target_bytes,
+                url_prefix=config.install.http_url.rstrip("/") + "/",
+            )
+        else:
+            self.chunk_client = ChunkClient(
+                self.client, config.fleet, config.device, timeout_s=config.install.chunk_timeout_s
+            )
+            chunks = self.chunk_client
+            repository = TrustedRepository(
+                config.state_dir, MqttFetcher(self.chunk_client), config.install.max_target_bytes, SCHEME
+            )
+        if config.install.max_fetch_bytes_per_s:
+            chunks = Throttled(chunks, config.install.max_fetch_bytes_per_s)
+        director: DirectorState | None = None
+        try:
+            director = DirectorState.load(
+                config.state_dir / "director.json",
+                _director_key(config.trust.director_key),
+                config.device,
+                config.profile,
+            )
+        except TrustError as e:  # keep serving what is committed; refuse installs, say why
+            logger.error("%s", e)
+            self._startup_problem = str(e)
+        self.slot = ModelSlot()
+        self.probation = ProbationMonitor()
+        self.installer = Installer(
+            settings=config.install,
+            store=self.store,
+            slot=self.slot,
+            director=director,
+            repository=repository,
+            chunks=chunks,
+            reporter=self.reporter,
+            loader=self._load,
+            self_test=self_test,
+            golden_inputs=lambda model, path: golden_samples(model, path)[0],
+            probation=self.probation,
+        )
+        self.buffer = TelemetryBuffer(self.store.telemetry, config.telemetry.buffer_max_windows)
+        self.recorder = WindowRecorder(window_s=config.telemetry.window_s, first_seq=self.buffer.next_seq)
+        self.server = InferenceServer(
+            self.slot, config.http.host, config.http.port, on_request=self._on_request
+        )
+        self.http_port = 0
+        self._desired: SignedDirectorDocument | None = None
+        self._work = threading.Condition()
+        self._stopping = threading.Event()
+        self._flush = threading.Event()
+        self._reference_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    # -- MQTT -------------------------------------------------------------------------------
+    def _mqtt_client(self) -> mqtt.Client:
+        settings = self.config.mqtt
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"edgec-agent-{self.config.device}",
+            clean_session=True,
+            protocol=mqtt.MQTTv311,
+        )
+        client.username_pw_set(settings.username, settings.password)
+        if settings.ca_file is not None:
+            client.tls_set(ca_certs=str(settings.ca_file))
+        offline = json.dumps({"status": "offline", "installed": None})
+        client.will_set(self.topics["state"], offline, qos=1, retain=True)
+        client.reconnect_delay_set(1, int(settings.reconnect_max_s))
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.message_callback_add(self.topics["desired"], self._on_desired)
+        return client
+
+    def _on_connect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _props: Any = None) -> None:
+        if reason.is_failure:
+            logger.error("the broker refused the agent: %s", reason)
+            return
+        logger.info("connected to the broker")
+        self.client.subscribe(self.topics["desired"], qos=1)
+        if hasattr(self, "chunk_client"):
+            self.chunk_client.subscribe()
+        self.reporter.connected()
+        self._flush.set()
+
+    def _on_disconnect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _props: Any = None) -> None:
+        if not self._stopping.is_set():
+            logger.warning("disconnected from the broker (%s); reconnecting", reason)
+
+    def _on_desired(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
+        if not message.payload:
+            return  # a cleared retained message
+        try:
+            if len(message.payload) > MAX_DOCUMENT_BYTES:
+                raise ValueError(f"{len(message.payload)} bytes")
+            envelope = SignedDirectorDocument.model_validate_json(message.payload)
+        except (ValueError, ValidationError) as e:
+            detail = (str(e).splitlines() or ["?"])[0]
+            logger.warning("dropped a malformed director document: %s", detail)
+            self.reporter.event("refused", None, f"malformed director document: {detail}", step="accept")
+            return
+        with self._work:
+            self._desired = envelope  # the newest wins
+            self.installer.interrupted.set()
+            self._work.notify()
+
+    # -- threads ----------------------------------------------------------------------------
+    def _install_loop(self) -> None:
+        try:
+            self.installer.resume()
+        except Exception:
+            logger.exception("resuming the interrupted install failed")
+        while not self._stopping.is_set():
+            with self._work:
+                while self._desired is None and not self._stopping.is_set():
+                    self._work.wait(1.0)
+                envelope, self._desired = self._desired, None
+            if envelope is None:
+                continue
+            try:
+                self.installer.handle(envelope)
+            except Exception as e:  # disk full, permissions: report, keep serving
+                logger.exception("install failed")
+                self.reporter.event("error", envelope.signed.release, f"{type(e).__name__}: {e}")
+
+    def _telemetry_loop(self) -> None:
+        while not self._stopping.is_set():
+            self._flush.wait(timeout=min(1.0, self.config.telemetry.window_s))
+            self._flush.clear()
+            self._buffer_due_windows()
+            self._publish_buffer()
+
+    def _buffer_due_windows(self) -> None:
+        try:
+            while self.recorder.due():
+                window = self.recorder.close_window()
+                self.buffer.append(window.model_dump(mode="json", exclude_none=True))
+        except OSError as e:  # disk full: the window is lost, serving goes on
+            logger.error("cannot buffer telemetry: %s", e)
+
+    def _publish_buffer(self) -> None:
+        """Oldest first; each window is acked (deleted) once the broker has it, and the first
+        one that does not go through stops the round, so order is kept across outages."""
+        for seq, window in self.buffer.pending():
+            if not self.client.is_connected() or self._stopping.is_set():
+                return
+            info = self.client.publish(self.topics["telemetry"], json.dumps(window), qos=1)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                return
+            try:
+                info.wait_for_publish(timeout=2)
+            except (RuntimeError, ValueError):
+                return
+            if not info.is_published():
+                return  # the rest waits for the next connection
+            self.buffer.ack(seq)
+            self._buffer_due_windows()  # a long backlog must not hold up closing new windows
+
+    # -- serving ----------------------------------------------------------------------------
+    def _load(self, folder: Path) -> LoadedModel:
+        return load_bundle(folder, threads=self.config.threads)
+
+    def _on_request(
+        self,
+        version: str,
+        latency_s: float,
+        ok: bool,
+        inputs: Mapping[str, np.ndarray] | None,
+        outputs: Mapping[str, np.ndarray] | None,
+    ) -> None:
+        self.probation.record(version, latency_s, ok)
+        if version != self.recorder.model:
+            self._switch_reference(version)
+        self.recorder.record(version, latency_s, ok, inputs, outputs)
+
+    def _switch_reference(self, version: str) -> None:
+        with self._reference_lock:
+            model = self.slot.model
+            if model is not None and model.manifest.version == version and self.recorder.model != version:
+                self.recorder.set_reference(version, model.manifest.reference_stats)
+
+    # -- life cycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self.installer.start_serving()
+        if self._startup_problem:
+            self.reporter.event("error", None, self._startup_problem)
+        self.http_port = self.server.start()
+        logger.info("local inference API on http://%s:%d/v2", self.config.http.host, self.http_port)
+        self.client.connect_async(self.config.mqtt.host, self.config.mqtt.port, self.config.mqtt.keepalive_s)
+        self.client.loop_start()
+        for target, name in ((self._install_loop, "installer"), (self._telemetry_loop, "telemetry")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._flush.set()
+        self.installer.interrupted.set()
+        with self._work:
+            self._work.notify_all()
+        self.server.stop()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self.client.loop_stop()
+        self.client.disconnect()
+
+    def run_forever(self) -> None:
+        done = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: done.set())
+        signal.signal(signal.SIGINT, lambda *_: done.set())
+        self.start()
+        done.wait()
+        self.stop()

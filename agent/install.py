@@ -1,0 +1,482 @@
+"""The install pipeline: one function per step, in the order the journal enforces.
+
+::
+
+    accept the director document → verify against the image repository → fetch (resumable)
+      → stage (check the bundle) → load a new session → self-test on golden.npz → warm up
+      → swap (in-flight requests finish on the old model) → probation → commit, or roll back
+
+Each step that must survive a restart is recorded in ``install.json`` before the next
+begins; after ``kill -9`` the agent serves the committed model (``active.json``) and resumes
+the install from the last recorded step (a download carries on from its last good chunk;
+a staged bundle is loaded and tested again). Refusals (bad signatures, tampered bytes, a
+failed self-test or probation) are final for that document and reported; transport failures
+are retried with backoff, then abandoned.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from agent.director import DirectorState, RepositoryFile, check_against_repository
+from agent.mqtt_fetch import ChunkSource, ResumableDownload
+from agent.slot import LoadedModel, ModelSlot
+from agent.store import ActivePointer, InstallJournal, StateStore
+from agent.trust import TrustedRepository
+from edgec.director import DirectorDocument, SignedDirectorDocument
+from edgec.errors import BundleError, FetchError, TrustError
+from edgec.manifest import check_files, read_manifest
+
+__all__ = ["InstallSettingsView", "Installer", "ProbationMonitor", "Reporter", "Step"]
+
+logger = logging.getLogger(__name__)
+
+
+class Step(enum.IntEnum):
+    ACCEPTED = 1  # director document: signature, device, version, expiry, profile
+    VERIFIED = 2  # the image repository signs the same files (TUF refresh, hashes, lengths, profile)
+    FETCHED = 3  # every file downloaded into staging and checked chunk by chunk
+    STAGED = 4  # the bundle checked against its manifest and moved under models/
+    LOADED = 5
+    SELF_TESTED = 6
+    WARMED = 7
+    SWAPPED = 8  # serving, on probation
+    COMMITTED = 9
+
+
+class Refused(Exception):
+    """The install of this document ends here (reported; the current model keeps serving)."""
+
+    def __init__(self, step: str, reason: str) -> None:
+        super().__init__(f"{step}: {reason}")
+        self.step = step
+        self.reason = reason
+
+
+class Reporter(Protocol):
+    def event(self, kind: str, release: str | None, detail: str | None = None, **figures: Any) -> None: ...
+
+    def state(self, status: str, installed: str | None, detail: str | None = None) -> None: ...
+
+
+class InstallSettingsView(Protocol):
+    """The parts of ``agent.config.InstallSettings`` the pipeline reads."""
+
+    max_target_bytes: int
+    probation_s: float
+    probation_min_requests: int
+    max_error_rate: float
+    warmup_runs: int
+    max_attempts: int
+
+
+@dataclass
+class ProbationMonitor:
+    """Counts the requests a model on probation answers (fed by the serving callback)."""
+
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _version: str | None = None
+    _latencies_s: list[float] = field(default_factory=list)
+    _errors: int = 0
+
+    def watch(self, version: str | None) -> None:
+        with self._lock:
+            self._version, self._latencies_s, self._errors = version, [], 0
+
+    def record(self, version: str, latency_s: float, ok: bool) -> None:
+        if version != self._version:
+            return
+        with self._lock:
+            if version == self._version and len(self._latencies_s) < 100_000:
+                self._latencies_s.append(latency_s)
+                self._errors += not ok
+
+    def figures(self) -> tuple[int, int, float | None]:
+        """``(requests, errors, p95 ms)``."""
+        with self._lock:
+            n = len(self._latencies_s)
+            p95 = float(np.percentile(self._latencies_s, 95)) * 1e3 if n else None
+            return n, self._errors, p95
+
+
+def _release_of(model: LoadedModel) -> str:
+    return f"{model.manifest.name}:{model.manifest.version}"
+
+
+class Installer:
+    def __init__(
+        self,
+        *,
+        settings: InstallSettingsView,
+        store: StateStore,
+        slot: ModelSlot,
+        director: DirectorState | None,  # None: the trusted state is unreadable; installs are refused
+        repository: TrustedRepository,
+        chunks: ChunkSource,
+        reporter: Reporter,
+        loader: Callable[[Path], LoadedModel],
+        self_test: Callable[[Any, Path], Any],  # agent.runtime.self_test
+        golden_inputs: Callable[[Any, Path], list[dict[str, np.ndarray]]],  # for warm-up and probes
+        probation: ProbationMonitor,
+        now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.slot = slot
+        self.director = director
+        self.repository = repository
+        self.chunks = chunks
+        self.reporter = reporter
+        self.loader = loader
+        self.self_test_fn = self_test
+        self.golden_inputs = golden_inputs
+        self.probation_monitor = probation
+        self.now = now
+        self.sleep = sleep
+        self.director_path = store.root / "director.json"
+        self.interrupted = threading.Event()  # a newer document arrived: stop retrying this one
+
+    # -- start-up ---------------------------------------------------------------------------
+    def start_serving(self) -> None:
+        """Load the committed model (if any) into the slot."""
+        pointer = self.store.active()
+        if pointer is None:
+            self.reporter.state("idle", None, "no model installed yet")
+            return
+        try:
+            model = self.loader(self.store.models / pointer.folder)
+        except Exception as e:  # damaged on disk: keep running, wait for the operator
+            logger.exception("cannot load the committed model %s", pointer.release)
+            self.reporter.event("load-failed", pointer.release, str(e))
+            self.reporter.state("error", None, f"committed model {pointer.release} does not load: {e}")
+            return
+        self.slot.swap(model)
+        self.reporter.event("started", pointer.release, "serving the committed model")
+        self.reporter.state("serving", pointer.release)
+
+    def resume(self) -> None:
+        """Carry on with an install a restart interrupted (its document was accepted before)."""
+        journal = self.store.journal()
+        stored = self.store.document()
+        if journal is None or stored is None:
+            return
+        envelope = SignedDirectorDocument.model_validate(stored)
+        if envelope.signed.version != journal.document_version:
+            self.store.set_journal(None)
+            return
+        logger.info("resuming the install of %s after step %s", journal.release, Step(journal.step).name)
+        self._run(envelope.signed, journal)
+
+    # -- entry point ------------------------------------------------------------------------
+    def handle(self, envelope: SignedDirectorDocument) -> None:
+        """Act on a director document from the desired topic."""
+        doc = envelope.signed
+        if self.director is None:
+            detail = "the trusted director state is unreadable; re-provision the device to install again"
+            self.reporter.event("refused", doc.release, detail, step="accept")
+            return
+        stored = self.store.document()
+        if (
+            stored is not None
+            and doc.version == self.director.version
+            and SignedDirectorDocument.model_validate(stored) == envelope
+        ):
+            # the retained copy of the document already accepted (a reconnect or a restart)
+            journal = self.store.journal()
+            if journal is not None and journal.document_version == doc.version:
+                self._run(doc, journal)
+            return
+        try:
+            self.director, doc = self.director.accept(envelope, self.now())
+        except TrustError as e:
+            logger.warning("director document refused: %s", e)
+            self.reporter.event("refused", doc.release, str(e), step="accept")
+            return
+        # the document first, then the version: a crash between leaves a document that is
+        # accepted again, never one that looks like a replay of itself
+        journal = InstallJournal(doc.version, doc.release, int(Step.ACCEPTED))
+        try:
+            self.store.set_document(envelope.model_dump(mode="json"))
+            self.director.save(self.director_path)
+            self.store.set_journal(journal)
+        except OSError as e:
+            self._stopped(doc, e)
+            return
+        self.reporter.event("accepted", doc.release, f"director document {doc.version} ({doc.action})")
+        self._run(doc, journal)
+
+    # -- the pipeline ---------------------------------------------------------------------------
+    def _advance(self, journal: InstallJournal, step: Step, **changes: Any) -> InstallJournal:
+        if step != Step(journal.step) + 1 and not (step == Step.STAGED and journal.step == Step.VERIFIED):
+            raise RuntimeError(f"install step {step.name} after {Step(journal.step).name}")
+        journal = replace(journal, step=int(step), **changes)
+        if step <= Step.STAGED:  # later steps live in memory; a restart redoes them from STAGED
+            self.store.set_journal(journal)
+        return journal
+
+    def _run(self, doc: DirectorDocument, journal: InstallJournal) -> None:
+        self.interrupted.clear()
+        active = self.store.active()
+        installed = active.release if active else None
+        self.reporter.state("installing", installed, doc.release)
+        try:
+            journal = self._deliver(doc, journal)
+            assert journal.folder is not None
+            self._activate(doc, journal, self.store.models / journal.folder)
+        except Refused as e:
+            self._refuse(doc, e)
+        except OSError as e:
+            self._stopped(doc, e)
+
+    def _stopped(self, doc: DirectorDocument, error: OSError) -> None:
+        """Disk full, permissions: the committed model keeps serving; the journal (if it was
+        written) lets the install carry on after a restart."""
+        logger.error("install of %s stopped: %s", doc.release, error)
+        active = self.store.active()
+        installed = active.release if active else None
+        self.reporter.event("error", doc.release, f"cannot write the agent's state: {error}")
+        status = "serving" if self.slot.model else "error"
+        self.reporter.state(status, installed, f"install stopped: {error}")
+
+    def _deliver(self, doc: DirectorDocument, journal: InstallJournal) -> InstallJournal:
+        """verify → fetch → stage, retrying transport failures with backoff."""
+        if journal.step >= Step.STAGED:
+            return journal
+        attempts = journal.attempts
+        while True:
+            try:
+                journal = replace(journal, step=int(Step.ACCEPTED))
+                infos = self.verify(doc)
+                journal = self._advance(journal, Step.VERIFIED)
+                if self._already_installed(doc):
+                    folder = self.store.folder_name(doc.release)
+                    return self._advance(journal, Step.STAGED, folder=folder)
+                self.fetch(doc, infos)
+                journal = self._advance(journal, Step.FETCHED)
+                folder = self.stage(doc)
+                return self._advance(journal, Step.STAGED, folder=folder)
+            except TrustError as e:
+                raise Refused(Step(journal.step + 1).name.lower(), str(e)) from e
+            except BundleError as e:
+                raise Refused("stage", str(e)) from e
+            except FetchError as e:
+                attempts += 1
+                journal = replace(journal, attempts=attempts)
+                self.store.set_journal(journal)
+                if attempts >= self.settings.max_attempts:
+                    raise Refused("fetch", f"gave up after {attempts} attempts: {e}") from e
+                delay = min(2.0**attempts, 60.0)
+                self.reporter.event("retrying", doc.release, str(e), attempt=attempts, delay_s=delay)
+                if self.interrupted.wait(delay):
+                    raise Refused("fetch", "a newer director document arrived") from e
+
+    def verify(self, doc: DirectorDocument) -> dict[str, Any]:
+        """The image repository must sign every file the director names, identically."""
+        self.repository.refresh()
+        infos = {f.path: self.repository.target(f.path) for f in doc.files}
+        signed = {
+            path: RepositoryFile(
+                sha256=info.hashes.get("sha256", ""),
+                length=info.length,
+                profile=str(info.unrecognized_fields.get("custom", {}).get("edgec", {}).get("profile", "")),
+            )
+            for path, info in infos.items()
+        }
+        check_against_repository(doc, signed)
+        for path, info in infos.items():
+            if info.length > self.settings.max_target_bytes:
+                raise TrustError(
+                    f"{path} is {info.length} bytes, over the limit of {self.settings.max_target_bytes}",
+                    "targets",
+                )
+        return infos
+
+    @staticmethod
+    def _bundle_path(doc: DirectorDocument, path: str) -> str:
+        name, _, version = doc.release.partition(":")
+        prefix = f"{name}/{version}/{doc.profile}/"
+        if not path.startswith(prefix):
+            raise TrustError(f"{path} is not a file of bundle {prefix}", "director")
+        return path.removeprefix(prefix)
+
+    def _already_installed(self, doc: DirectorDocument) -> bool:
+        folder = self.store.model_folder(doc.release)
+        if not (folder / "manifest.json").is_file():
+            return False
+        try:
+            manifest = read_manifest(folder)
+        except BundleError:
+            return False
+        wanted = {self._bundle_path(doc, f.path): f.sha256 for f in doc.files}
+        have = {f.path: f.sha256 for f in manifest.files}
+        if any(have.get(path, sha) != sha for path, sha in wanted.items()):
+            return False
+        return not any(check_files(folder, manifest).values())
+
+    def fetch(self, doc: DirectorDocument, infos: dict[str, Any]) -> None:
+        """Every file into staging, each chunk checked against the signed chunk hashes."""
+        staging = self.store.staging_folder(doc.release)
+        for index, file in enumerate(doc.files, 1):
+            relative = self._bundle_path(doc, file.path)
+            dest = staging / relative
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.is_file() and dest.stat().st_size == file.length:
+                continue  # fetched before a restart (checked when it was assembled)
+            info = infos[file.path]
+            custom = info.unrecognized_fields.get("custom", {}).get("edgec", {})
+            if "chunks" not in custom:
+                raise TrustError(f"{file.path} has no signed chunk hashes", "targets")
+            folder, _, name = file.path.rpartition("/")
+            stored = f"targets/{folder}/{file.sha256}.{name}" if folder else f"targets/{file.sha256}.{name}"
+            download = ResumableDownload(
+                self.chunks, stored, dest, custom=custom, length=file.length, sha256=file.sha256
+            )
+            resumed = download.good_bytes()
+            download.run()
+            self.reporter.event(
+                "fetched",
+                doc.release,
+                relative,
+                file=index,
+                of=len(doc.files),
+                bytes=file.length,
+                resumed_at=resumed,
+            )
+
+    def stage(self, doc: DirectorDocument) -> str:
+        """The staged files form the bundle the director named: checked, then moved into place."""
+        staging = self.store.staging_folder(doc.release)
+        manifest = read_manifest(staging)
+        if f"{manifest.name}:{manifest.version}" != doc.release or manifest.profile.id != doc.profile:
+            raise BundleError(
+                f"the staged bundle is {manifest.name}:{manifest.version} for {manifest.profile.id}, "
+                f"not {doc.release} for {doc.profile}"
+            )
+        broken = {path: problem for path, problem in check_files(staging, manifest).items() if problem}
+        if broken:
+            raise BundleError(f"the staged bundle does not match its manifest: {broken}")
+        target = self.store.model_folder(doc.release)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+        return target.name
+
+    def _activate(self, doc: DirectorDocument, journal: InstallJournal, folder: Path) -> None:
+        """load → self-test → warm up → swap → probation → commit (or roll back)."""
+        try:
+            model = self.loader(folder)
+        except Exception as e:
+            raise Refused("load", str(e)) from e
+        journal = self._advance(journal, Step.LOADED)
+        result = self.self_test_fn(model, folder / "golden.npz")
+        if not result.passed:
+            model.close()
+            raise Refused("self-test", str(result.reason))
+        journal = self._advance(journal, Step.SELF_TESTED)
+        samples = self.golden_inputs(model, folder / "golden.npz")
+        for i in range(self.settings.warmup_runs):
+            model.infer(samples[i % len(samples)])
+        journal = self._advance(journal, Step.WARMED)
+        self.probation_monitor.watch(model.manifest.version)
+        self.slot.swap(model)
+        journal = self._advance(journal, Step.SWAPPED)
+        self.reporter.event("swapped", doc.release, "serving on probation")
+        try:
+            figures = self.probation(model, samples)
+        except Refused:
+            self._restore_committed()
+            raise
+        finally:
+            self.probation_monitor.watch(None)
+        self.commit(doc, folder)
+        self.reporter.event("committed", doc.release, None, **figures)
+
+    def probation(self, model: LoadedModel, samples: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+        """Watch the new model serve for ``probation_s``; golden probes fill in when traffic
+        is low. Error rate and p95 latency against the budget decide."""
+        settings = self.settings
+        start = time.monotonic()
+        probes = 0
+        while True:
+            elapsed = time.monotonic() - start
+            count, _, _ = self.probation_monitor.figures()
+            if elapsed >= settings.probation_s and count >= settings.probation_min_requests:
+                break
+            expected = settings.probation_min_requests * min(elapsed / max(settings.probation_s, 1e-9), 1.0)
+            if count < expected or elapsed >= settings.probation_s:
+                self._probe(model, samples[probes % len(samples)])
+                probes += 1
+            else:
+                self.sleep(0.05)
+        count, errors, p95_ms = self.probation_monitor.figures()
+        budget = model.manifest.max_latency_ms
+        figures = {
+            "requests": count,
+            "errors": errors,
+            "p95_ms": p95_ms,
+            "budget_ms": budget,
+            "probes": probes,
+        }
+        if errors / count > settings.max_error_rate:
+            raise Refused("probation", f"error rate {errors}/{count} over {settings.max_error_rate:.1%}")
+        if p95_ms is not None and p95_ms > budget:
+            raise Refused("probation", f"p95 latency {p95_ms:.1f} ms over the budget of {budget:.1f} ms")
+        return figures
+
+    def _probe(self, model: LoadedModel, sample: dict[str, np.ndarray]) -> None:
+        started = time.perf_counter()
+        try:
+            model.infer(sample)
+            ok = True
+        except Exception:
+            logger.exception("probation probe failed")
+            ok = False
+        self.probation_monitor.record(model.manifest.version, time.perf_counter() - started, ok)
+
+    def commit(self, doc: DirectorDocument, folder: Path) -> None:
+        previous = self.store.active()
+        pointer = ActivePointer(
+            release=doc.release,
+            folder=folder.name,
+            previous_release=previous.release if previous and previous.release != doc.release else None,
+            previous_folder=previous.folder if previous and previous.release != doc.release else None,
+        )
+        self.store.set_active(pointer)  # the commit point
+        self.store.set_outcome(doc.version, "committed")
+        self.store.set_journal(None)
+        self.store.prune(keep={p for p in (pointer.folder, pointer.previous_folder) if p})
+        self.reporter.state("serving", doc.release)
+
+    def _restore_committed(self) -> None:
+        """Put the committed model back in the slot (the one on probation failed)."""
+        pointer = self.store.active()
+        if pointer is None:
+            self.slot.clear()
+            return
+        self.slot.swap(self.loader(self.store.models / pointer.folder))
+
+    def _refuse(self, doc: DirectorDocument, error: Refused) -> None:
+        logger.warning("install of %s refused at %s: %s", doc.release, error.step, error.reason)
+        self.store.set_outcome(doc.version, f"refused at {error.step}: {error.reason}")
+        self.store.set_journal(None)
+        shutil.rmtree(self.store.staging_folder(doc.release), ignore_errors=True)
+        active = self.store.active()
+        keep = {p for p in (active.folder, active.previous_folder) if p} if active else set()
+        self.store.prune(keep=keep)
+        self.reporter.event("refused", doc.release, error.reason, step=error.step)
+        installed = active.release if active else None
+        self.reporter.state(
+            "serving" if self.slot.model else "idle", installed, f"{doc.release} refused: {error.reason}"
+        )

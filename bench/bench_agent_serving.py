@@ -1,0 +1,642 @@
+"""The agent's v2 inference endpoint against a FastAPI + uvicorn wrapper of the same session.
+
+Run:  .venv/bin/python bench/bench_agent_serving.py [--repeats 5] [--seconds 2]
+      (needs the bench extra: pip install -c constraints.txt -e '.[bench]')
+
+What it measures, for the digits sample's x86-64-cpu bundle (onnx fp32, built here with
+``edgec build`` into ``build/bench/agent_serving/``), on one eval sample:
+
+1. the onnxruntime session called directly, in this process: per-call latency p50/p99 (the
+   floor every server adds to), and the agent's in-process API (``RuntimeModel.infer``:
+   checks, layout, the session);
+2. each server in its own process, one onnxruntime session with 1 intra-op thread and the
+   manifest's ``runtime_config`` in every one of them:
+
+   - ``agent inline``: ``agent.serving.InferenceServer``, inference inline in its event loop
+     (``workers=0``, the default), JSON tensors;
+   - ``agent threads``: the same with a pool of 2 inference threads (``workers=2``);
+   - ``agent binary``: inline, with the binary tensor data extension both ways;
+   - ``fastapi``: FastAPI + uvicorn (default settings: one worker, h11, asyncio; access log
+     off) serving the same v2 JSON request written the way tutorials do it: pydantic
+     request models, a plain ``def`` endpoint (FastAPI runs it in its thread pool),
+     ``session.run``, ``.tolist()`` into a dict response;
+
+3. one load generator for all of them (this process, asyncio protocols, one keep-alive
+   connection per concurrent client, each sending its next request when the last answer is
+   in): requests/s and latency p50/p99 at concurrency 1, 4 and 16, ``--seconds`` per
+   measurement after a 0.5 s warm-up; ``--repeats`` rounds with the servers and concurrencies
+   interleaved; the median of the rounds is reported. Every response's status is checked
+   and the first answer from each server is compared with the direct session's output;
+4. each server process's resident memory (RSS, and its peak) after the load.
+
+Servers, the load generator and the runtimes share this machine's cores: requests/s are this
+machine's, not a device's. Writes ``bench/results/agent_serving.json`` and ``.md``. About
+3 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as dist_version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "bench" / "results"
+DIGITS = ROOT / "samples" / "digits"
+CONCURRENCY = (1, 4, 16)
+WARMUP_S = 0.5
+LIBRARIES = (
+    "onnxruntime",
+    "numpy",
+    "fastapi",
+    "uvicorn",
+    "starlette",
+    "pydantic",
+    "h11",
+    "uvloop",
+    "httptools",
+)
+NOTES = """\
+- p50 added: the server's p50 at concurrency 1 minus `session.run`'s p50 in-process: what HTTP,
+  JSON and the agent's checks add to a request on its own.
+- server CPU: the server process's user + system CPU time per answered request (warm-up
+  included), a figure less sensitive than requests/s to what else runs on the machine.
+- RSS: each server process's resident memory after the load (numpy, onnxruntime, the session).
+- agent inline / threads: inference in the event loop (`workers=0`, the default) or in a pool of
+  2 threads (`workers=2`); agent binary: inline, with the binary tensor data extension both ways.
+- fastapi: uvicorn 1 worker (h11, asyncio; no uvloop/httptools installed), access log off,
+  pydantic request model, sync endpoint (run in FastAPI's thread pool)."""
+SERVERS = {
+    "agent inline": ["agent", "--workers", "0"],
+    "agent threads": ["agent", "--workers", "2"],
+    "agent binary": ["agent", "--workers", "0"],
+    "fastapi": ["fastapi"],
+}
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def session_for(bundle: Path) -> Any:
+    """The onnxruntime session every side uses: 1 intra-op thread, the manifest's config."""
+    import onnxruntime as ort
+
+    from edgec.manifest import read_manifest
+
+    manifest = read_manifest(bundle)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    for key, value in manifest.runtime_config.items():
+        options.add_session_config_entry(key, value)
+    return ort.InferenceSession(
+        str(bundle / manifest.model_file), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def serve_agent(bundle: Path, workers: int) -> None:
+    from agent.runtime import load_bundle
+    from agent.serving import InferenceServer
+    from agent.slot import ModelSlot
+
+    slot = ModelSlot()
+    slot.swap(load_bundle(bundle, threads=1))
+    server = InferenceServer(slot, workers=workers)
+    print(f"PORT {server.start()}", flush=True)
+    sys.stdin.read()  # until the benchmark closes our stdin
+    server.stop()
+
+
+class InferInput(BaseModel):
+    """The FastAPI side's request models (module level: FastAPI resolves annotations here)."""
+
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[float]
+
+
+class InferRequest(BaseModel):
+    id: str | None = None
+    inputs: list[InferInput]
+
+
+def fastapi_app(bundle: Path) -> Any:
+    """The tutorial way: pydantic models in, session.run, lists out."""
+    from fastapi import FastAPI
+
+    from edgec.manifest import read_manifest
+
+    manifest = read_manifest(bundle)
+    session = session_for(bundle)
+    output_names = [o.name for o in session.get_outputs()]
+    app = FastAPI()
+
+    @app.post(f"/v2/models/{manifest.name}/infer")
+    def infer(request: InferRequest) -> dict[str, Any]:
+        feeds = {i.name: np.array(i.data, dtype=np.float32).reshape(i.shape) for i in request.inputs}
+        results = session.run(output_names, feeds)
+        return {
+            "model_name": manifest.name,
+            "model_version": manifest.version,
+            "id": request.id,
+            "outputs": [
+                {"name": name, "datatype": "FP32", "shape": list(value.shape), "data": value.ravel().tolist()}
+                for name, value in zip(output_names, results, strict=True)
+            ],
+        }
+
+    return app
+
+
+def serve_fastapi(bundle: Path) -> None:
+    import socket
+    import threading
+
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(
+        fastapi_app(bundle), host="127.0.0.1", port=port, log_level="warning", access_log=False
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    print(f"PORT {port}", flush=True)
+    sys.stdin.read()
+    server.should_exit = True
+    thread.join(5)
+
+
+class ServerProcess:
+    def __init__(self, label: str, bundle: Path) -> None:
+        self.label = label
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--serve",
+            *SERVERS[label],
+            "--bundle",
+            str(bundle),
+        ]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line.startswith("PORT "):
+            self.process.kill()
+            raise SystemExit(f"{label} server did not start: {line!r}")
+        self.port = int(line.split()[1])
+
+    def memory(self) -> dict[str, float]:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        return {
+            "rss_mib": int(fields["VmRSS"].split()[0]) / 1024,
+            "peak_rss_mib": int(fields["VmHWM"].split()[0]) / 1024,
+        }
+
+    def stop(self) -> None:
+        if self.process.stdin:
+            self.process.stdin.close()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+# --------------------------------------------------------------------------- load generator
+
+
+class _Client(asyncio.Protocol):
+    """One keep-alive connection sending ``request`` again as soon as each answer is in."""
+
+    def __init__(self, request: bytes, record_from: float, deadline: float, run: _Run) -> None:
+        self.request = request
+        self.record_from = record_from
+        self.deadline = deadline
+        self.run = run
+        self.buffer = bytearray()
+        self.need: int | None = None
+        self.status = 0
+        self.sent = 0.0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.send()
+
+    def send(self) -> None:
+        assert self.transport is not None
+        self.sent = time.perf_counter()
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            if self.need is None:
+                end = self.buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                head = bytes(self.buffer[:end]).decode("latin-1").lower()
+                self.status = int(head[9:12])
+                length = int(head.split("content-length:", 1)[1].split("\r\n", 1)[0])
+                self.need = end + 4 + length
+            if len(self.buffer) < self.need:
+                return
+            body = bytes(self.buffer[: self.need])
+            del self.buffer[: self.need]
+            self.need = None
+            now = time.perf_counter()
+            self.run.answered(self.status, body, now - self.sent, now >= self.record_from)
+            if now < self.deadline:
+                self.send()
+            else:
+                assert self.transport is not None
+                self.transport.close()
+                self.run.closed()
+                return
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.need is not None or self.buffer:
+            self.run.closed(error=True)
+
+
+class _Run:
+    def __init__(self, clients: int, done: asyncio.Future[None]) -> None:
+        self.latencies: list[float] = []
+        self.total = 0  # answers, warm-up included
+        self.errors = 0
+        self.first_body: bytes | None = None
+        self.open = clients
+        self.done = done
+
+    def answered(self, status: int, body: bytes, latency_s: float, record: bool) -> None:
+        self.total += 1
+        if status != 200:
+            self.errors += 1
+        if self.first_body is None:
+            self.first_body = body
+        if record:
+            self.latencies.append(latency_s)
+
+    def closed(self, error: bool = False) -> None:
+        self.errors += error
+        self.open -= 1
+        if self.open == 0 and not self.done.done():
+            self.done.set_result(None)
+
+
+async def _load(port: int, request: bytes, clients: int, seconds: float) -> tuple[_Run, float]:
+    loop = asyncio.get_running_loop()
+    started = time.perf_counter()
+    record_from = started + WARMUP_S
+    deadline = record_from + seconds
+    run = _Run(clients, loop.create_future())
+    for _ in range(clients):
+        await loop.create_connection(lambda: _Client(request, record_from, deadline, run), "127.0.0.1", port)
+    await asyncio.wait_for(run.done, seconds + 30)
+    return run, deadline - record_from
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(port: int, pid: int, request: bytes, clients: int, seconds: float) -> dict[str, Any]:
+    cpu_before = cpu_seconds(pid)
+    run, window = asyncio.run(_load(port, request, clients, seconds))
+    cpu = cpu_seconds(pid) - cpu_before
+    lat = np.array(run.latencies) * 1e3
+    return {
+        "requests_per_s": len(lat) / window,
+        "server_cpu_us_per_request": 1e6 * cpu / max(run.total, 1),
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "requests": len(lat),
+        "errors": run.errors,
+        "first_body": run.first_body,
+    }
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def http_request(path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+    lines = [
+        f"POST {path} HTTP/1.1",
+        "Host: 127.0.0.1",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+    ]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def json_request(name: str, sample: np.ndarray, path: str) -> bytes:
+    document = {
+        "id": "bench",
+        "inputs": [
+            {"name": name, "shape": list(sample.shape), "datatype": "FP32", "data": sample.ravel().tolist()}
+        ],
+    }
+    return http_request(path, json.dumps(document).encode())
+
+
+def binary_request(name: str, sample: np.ndarray, path: str) -> bytes:
+    blob = sample.astype("<f4").tobytes()
+    document = {
+        "id": "bench",
+        "inputs": [
+            {
+                "name": name,
+                "shape": list(sample.shape),
+                "datatype": "FP32",
+                "parameters": {"binary_data_size": len(blob)},
+            }
+        ],
+        "parameters": {"binary_data_output": True},
+    }
+    head = json.dumps(document).encode()
+    return http_request(path, head + blob, {"Inference-Header-Content-Length": str(len(head))})
+
+
+def decode_logits(body: bytes) -> np.ndarray:
+    head, _, payload = body.partition(b"\r\n\r\n")
+    headers = dict(
+        (k.strip().lower(), v.strip())
+        for k, _, v in (line.partition(":") for line in head.decode().split("\r\n")[1:])
+    )
+    if "inference-header-content-length" in headers:
+        size = int(headers["inference-header-content-length"])
+        return np.frombuffer(payload[size:], dtype="<f4")
+    document = json.loads(payload)
+    return np.array(document["outputs"][0]["data"], dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- direct calls
+
+
+def direct_latency(bundle: Path, sample: np.ndarray, name: str, calls: int) -> dict[str, dict[str, float]]:
+    from agent.runtime import load_bundle
+
+    session = session_for(bundle)
+    output = session.get_outputs()[0].name
+    model = load_bundle(bundle, threads=1)
+    feeds = {name: sample}
+    results: dict[str, dict[str, float]] = {}
+    for label, call in (
+        ("session.run", lambda: session.run([output], feeds)),
+        ("RuntimeModel.infer", lambda: model.infer(feeds)),
+    ):
+        for _ in range(200):
+            call()
+        times = np.empty(calls)
+        for i in range(calls):
+            started = time.perf_counter()
+            call()
+            times[i] = time.perf_counter() - started
+        times *= 1e3
+        results[label] = {
+            "p50_ms": float(np.percentile(times, 50)),
+            "p99_ms": float(np.percentile(times, 99)),
+        }
+    model.close()
+    return results
+
+
+# --------------------------------------------------------------------------- report
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = dist_version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def machine() -> dict[str, Any]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.machine(),
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions(),
+        "loadavg_start": loadavg(),
+    }
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def median_of(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        key: float(np.median([r[key] for r in rounds]))
+        for key in ("requests_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_request")
+    } | {
+        "errors": sum(r["errors"] for r in rounds),
+        "rounds_requests_per_s": [round(r["requests_per_s"], 1) for r in rounds],
+    }
+
+
+def render(
+    direct: dict[str, dict[str, float]],
+    table: dict[str, dict[int, dict[str, Any]]],
+    memory: dict[str, dict[str, float]],
+) -> str:
+    session_p50 = direct["session.run"]["p50_ms"]
+    lines = [
+        "| side | concurrency | requests/s | x fastapi | p50 ms | p99 ms | p50 added, ms "
+        "| server CPU us/request | RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, figures in direct.items():
+        lines.append(
+            f"| {label} (direct, in-process) | 1 | - | - | {figures['p50_ms']:.3f} | "
+            f"{figures['p99_ms']:.3f} | "
+            f"{figures['p50_ms'] - session_p50:+.3f} | - | - |"
+        )
+    for label, per in table.items():
+        for clients, figures in per.items():
+            ratio = figures["requests_per_s"] / table["fastapi"][clients]["requests_per_s"]
+            added = f"{figures['p50_ms'] - session_p50:+.3f}" if clients == 1 else "-"
+            lines.append(
+                f"| {label} | {clients} | {figures['requests_per_s']:,.0f} | {ratio:.2f} | "
+                f"{figures['p50_ms']:.3f} | {figures['p99_ms']:.3f} | {added} | "
+                f"{figures['server_cpu_us_per_request']:.0f} | {memory[label]['rss_mib']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (default 5)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="measured seconds per run (default 2)")
+    parser.add_argument("--calls", type=int, default=5000, help="direct calls timed (default 5000)")
+    parser.add_argument("--bundles", type=Path, default=ROOT / "build" / "bench" / "agent_serving")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)  # internal: run one server
+    parser.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        if args.serve[0] == "agent":
+            serve_agent(args.bundle, args.workers)
+        else:
+            serve_fastapi(args.bundle)
+        return 0
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise SystemExit("needs the bench extra: pip install -c constraints.txt -e '.[bench]'") from None
+    started = time.perf_counter()
+    info = machine()
+    print(f"machine: {info['cpu']}, {info['usable_cores']} usable cores, python {info['python']}")
+    print("versions: " + ", ".join(f"{k} {v or '-'}" for k, v in info["versions"].items()))
+
+    build = subprocess.run(
+        [sys.executable, "-m", "edgec", "build", str(DIGITS / "model.onnx"), "--name", "digits",
+         "--version", "1.0.0", "--target", "x86-64-cpu", "--eval", str(DIGITS / "eval.npz"),
+         "--out", str(args.bundles), "--force", "--json"],
+        capture_output=True, text=True, cwd=ROOT, check=False,
+    )  # fmt: skip
+    if build.returncode != 0:
+        raise SystemExit(f"edgec build failed:\n{build.stderr}")
+    bundle = Path(json.loads(build.stdout)["bundles"][0]["path"])
+    from edgec.manifest import read_manifest
+
+    manifest = read_manifest(bundle)
+    name = manifest.inputs[0].name
+    with np.load(DIGITS / "eval.npz") as data:
+        sample = np.ascontiguousarray(data[name][:1], dtype=np.float32).reshape(manifest.inputs[0].shape)
+    shown = bundle.relative_to(ROOT) if bundle.is_relative_to(ROOT) else bundle
+    print(f"bundle: {shown}, input {list(sample.shape)}")
+
+    direct = direct_latency(bundle, sample, name, args.calls)
+    expected = session_for(bundle).run(None, {name: sample})[0].ravel()
+    for label, figures in direct.items():
+        print(f"direct {label}: p50 {figures['p50_ms']:.3f} ms, p99 {figures['p99_ms']:.3f} ms")
+
+    path = f"/v2/models/{manifest.name}/infer"
+    requests = {label: json_request(name, sample, path) for label in SERVERS}
+    requests["agent binary"] = binary_request(name, sample, path)
+    servers = {label: ServerProcess(label, bundle) for label in SERVERS}
+    rounds: dict[str, dict[int, list[dict[str, Any]]]] = {
+        label: {c: [] for c in CONCURRENCY} for label in SERVERS
+    }
+    checks: dict[str, float] = {}
+    try:
+        for index in range(args.repeats):
+            order = list(SERVERS)[index % len(SERVERS) :] + list(SERVERS)[: index % len(SERVERS)]
+            for label in order:
+                for clients in CONCURRENCY:
+                    server = servers[label]
+                    result = measure(server.port, server.process.pid, requests[label], clients, args.seconds)
+                    body = result.pop("first_body")
+                    if label not in checks:
+                        checks[label] = float(np.abs(decode_logits(body) - expected).max())
+                    rounds[label][clients].append(result)
+                    print(
+                        f"round {index + 1}/{args.repeats} {label:13s} c={clients:2d}: "
+                        f"{result['requests_per_s']:8,.0f} req/s  p50 {result['p50_ms']:.3f} ms  "
+                        f"p99 {result['p99_ms']:.3f} ms  server CPU "
+                        f"{result['server_cpu_us_per_request']:.0f} us/req  errors {result['errors']}",
+                        flush=True,
+                    )
+        memory = {label: server.memory() for label, server in servers.items()}
+    finally:
+        for server in servers.values():
+            server.stop()
+
+    info["loadavg_end"] = loadavg()
+    table = {label: {c: median_of(rs) for c, rs in per.items()} for label, per in rounds.items()}
+    text = render(direct, table, memory)
+    print()
+    print(text)
+    print("\nmax abs difference of each server's answer from session.run: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in checks.items()))  # fmt: skip
+    elapsed = round(time.perf_counter() - started, 1)
+
+    args.results.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "repeats": args.repeats,
+        "seconds_per_run": args.seconds,
+        "warmup_s": WARMUP_S,
+        "concurrency": list(CONCURRENCY),
+        "direct_calls": args.calls,
+        "session": "onnxruntime CPU, intra_op_num_threads=1, manifest runtime_config",
+        "fastapi": "uvicorn.Config(log_level='warning', access_log=False), 1 process, sync def endpoint",
+        "input_shape": list(sample.shape),
+    }
+    report = {
+        "benchmark": "agent_serving",
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": info,
+        "bundle": manifest.name + " " + manifest.version + " " + manifest.profile.id,
+        "settings": settings,
+        "direct": direct,
+        "servers": {label: {str(c): f for c, f in per.items()} for label, per in table.items()},
+        "memory": memory,
+        "answer_max_abs_diff": checks,
+        "elapsed_s": elapsed,
+    }
+    json_path = args.results / "agent_serving.json"
+    md_path = args.results / "agent_serving.md"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    md_path.write_text(
+        "# Agent serving: v2 endpoint vs FastAPI + uvicorn (digits, onnx fp32)\n\n"
+        f"{info['cpu']}, {info['usable_cores']} cores, python {info['python']}; "
+        + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)
+        + f"; {report['created_at']}.\n\n"
+        f"Median of {args.repeats} interleaved rounds of {args.seconds:g} s per server and concurrency, "
+        "keep-alive connections, one load generator for all. Load average "
+        f"{info['loadavg_start']} at the start, {info['loadavg_end']} at the end.\n\n"
+        + text
+        + "\n\n"
+        + NOTES
+        + "\n"
+    )
+    print(f"\nwrote {json_path}\nwrote {md_path}\n({elapsed} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
