@@ -22,6 +22,8 @@ __all__ = ["Outputs", "compare", "gate_failures", "run_samples"]
 logger = logging.getLogger(__name__)
 
 Outputs = list[dict[str, np.ndarray]]  # one dict of named outputs per sample
+
+
 def run_samples(runner: Runner, samples: SampleSet) -> Outputs:
     return [runner.run(feed) for feed in samples]
 
