@@ -20,10 +20,13 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from pydantic import ValidationError
+
 from edgec.director import Action, SignedDirectorDocument
 from edgec.errors import UserInputError
 from ota_server.registry import Registry
 from ota_server.repository import ImageRepository
+from ota_server.rollouts import Rollouts, RolloutSpec
 
 __all__ = ["HttpApi", "Role", "openapi"]
 
@@ -147,11 +150,14 @@ class HttpApi:
         registry: Registry,
         tokens: Mapping[str, Role],
         token_digests: Mapping[str, Role] | None = None,
+        *,
         assign: Callable[..., SignedDirectorDocument] | None = None,
+        rollouts: Rollouts | None = None,
     ) -> None:
         self.repository = repository
         self.registry = registry
         self._assign = assign  # the server's: sign and publish a director document
+        self._rollouts = rollouts
         # tokens are kept as sha256 digests (a config file holds only those), compared in constant time
         self._tokens = {hashlib.sha256(t.encode()).hexdigest(): role for t, role in tokens.items()}
         self._tokens.update(token_digests or {})
@@ -182,7 +188,7 @@ class HttpApi:
         routes: dict[tuple[str, str], tuple[Role, Callable[..., Any]]] = {
             ("GET", "/v1/devices"): (Role.VIEWER, lambda: [d.as_dict() for d in self.registry.devices()]),
             ("GET", "/v1/releases"): (Role.VIEWER, lambda: [r.__dict__ for r in self.repository.releases()]),
-            ("GET", "/v1/rollouts"): (Role.VIEWER, self.registry.rollouts),
+            ("GET", "/v1/rollouts"): (Role.VIEWER, lambda: self._scheduler().list()),
         }
         auth = headers.get("authorization")
         if (method, path) in routes:
@@ -202,6 +208,8 @@ class HttpApi:
         if method == "POST" and path == "/v1/rollouts":
             who, _ = self._who(auth, Role.OPERATOR)
             return self._start_rollout(body, who)
+        if path.startswith("/v1/rollouts/"):
+            return self._steer_rollout(method, path.removeprefix("/v1/rollouts/").split("/"), auth)
         raise ApiError(HTTPStatus.NOT_FOUND, f"no route {method} {path}")
 
     @staticmethod
@@ -229,22 +237,47 @@ class HttpApi:
             raise ApiError(status, str(e)) from e
         return self._json(HTTPStatus.OK, document.model_dump(mode="json"))
 
+    def _scheduler(self) -> Rollouts:
+        if self._rollouts is None:
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "this server does not run rollouts")
+        return self._rollouts
+
     def _start_rollout(self, body: bytes, who: str) -> tuple[int, dict[str, str], bytes]:
         request = self._body(body)
-        fields_ok = isinstance(request, dict) and all(
-            isinstance(request.get(k), str) for k in ("release", "group")
-        )
-        if not fields_ok:
-            shape = '{"release": "NAME:VERSION", "group": "GROUP", ...}'
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"expected {shape}")
-        known = {f"{r.name}:{r.version}" for r in self.repository.releases()}
-        if request["release"] not in known:
-            message = (
-                f"unknown release {request['release']!r}; published: {', '.join(sorted(known)) or 'none'}"
-            )
-            raise ApiError(HTTPStatus.BAD_REQUEST, message)
-        created = self.registry.add_rollout(request["release"], request["group"], who, request)
+        try:
+            spec = RolloutSpec.model_validate(request)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            shape = '{"release": "NAME:VERSION", "group": "GROUP", "waves": ["5%", "100%"], ...}'
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"{where}: {first['msg']} (expected {shape})") from e
+        try:
+            created = self._scheduler().start(spec, who)
+        except UserInputError as e:
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(e)) from e
         return self._json(HTTPStatus.CREATED, created)
+
+    def _steer_rollout(
+        self, method: str, parts: list[str], auth: str | None
+    ) -> tuple[int, dict[str, str], bytes]:
+        rollouts = self._scheduler()
+        actions = {
+            "pause": rollouts.pause,
+            "resume": rollouts.resume,
+            "abort": rollouts.abort,
+            "rollback": rollouts.rollback,
+        }
+        try:
+            if method == "GET" and len(parts) == 1:
+                self._who(auth, Role.VIEWER)
+                return self._json(HTTPStatus.OK, rollouts.status(parts[0]))
+            if method == "POST" and len(parts) == 2 and parts[1] in actions:
+                self._who(auth, Role.OPERATOR)
+                return self._json(HTTPStatus.OK, actions[parts[1]](parts[0]))
+        except UserInputError as e:
+            status = HTTPStatus.NOT_FOUND if str(e).startswith("no rollout") else HTTPStatus.CONFLICT
+            raise ApiError(status, str(e)) from e
+        raise ApiError(HTTPStatus.NOT_FOUND, f"no route {method} /v1/rollouts/{'/'.join(parts)}")
 
     def _repo_file(self, relative: str, range_header: str | None) -> tuple[int, dict[str, str], bytes]:
         root = self.repository.folder.resolve()
@@ -305,6 +338,10 @@ class HttpApi:
                     status, headers, data = api._json(e.status, {"error": str(e)})
                 except ValueError as e:
                     status, headers, data = api._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
+                except Exception as e:  # a bug of ours: say so, keep serving
+                    logger.exception("%s %s failed", self.command, self.path)
+                    error = {"error": f"internal error: {type(e).__name__}: {e}"}
+                    status, headers, data = api._json(HTTPStatus.INTERNAL_SERVER_ERROR, error)
                 self.send_response(status)
                 for key, value in headers.items():
                     self.send_header(key, value)

@@ -62,6 +62,29 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             )""",
         ],
     ),
+    (
+        3,
+        [
+            "ALTER TABLE rollouts ADD COLUMN wave INTEGER NOT NULL DEFAULT -1",
+            "ALTER TABLE rollouts ADD COLUMN bake_until VARCHAR(40)",
+            "ALTER TABLE rollouts ADD COLUMN reason TEXT",
+            "ALTER TABLE rollouts ADD COLUMN updated_at VARCHAR(40)",
+            # the abort rules with their figures, as judged at the end of the last bake
+            "ALTER TABLE rollouts ADD COLUMN judgement TEXT",
+            """CREATE TABLE rollout_devices (
+                rollout_id VARCHAR(64) NOT NULL,
+                device_id VARCHAR(128) NOT NULL,
+                wave INTEGER,
+                state VARCHAR(32) NOT NULL,
+                from_release VARCHAR(256),
+                assigned_at VARCHAR(40),
+                finished_at VARCHAR(40),
+                detail TEXT,
+                PRIMARY KEY (rollout_id, device_id)
+            )""",
+            "CREATE INDEX rollout_devices_by_device ON rollout_devices (device_id, state)",
+        ],
+    ),
 ]
 
 
@@ -231,47 +254,3 @@ class Registry:
             conn.execute(
                 text(f"UPDATE devices SET {assignments} WHERE id = :id"), {**fields, "id": device_id}
             )
-
-    def add_rollout(self, release: str, group: str, created_by: str, spec: dict[str, Any]) -> dict[str, Any]:
-        """Record a rollout (the scheduler that drives it comes with the rollouts issue)."""
-        rollout_id = f"r-{secrets.token_hex(4)}"
-        with self.engine.begin() as conn:
-            conn.execute(
-                text(
-                    "INSERT INTO rollouts (id, release, group_name, state, created_by, created_at, spec) "
-                    "VALUES (:id, :release, :group, 'pending', :by, :now, :spec)"
-                ),
-                {
-                    "id": rollout_id,
-                    "release": release,
-                    "group": group,
-                    "by": created_by,
-                    "now": _now(),
-                    "spec": json.dumps(spec, sort_keys=True),
-                },
-            )
-        return self.rollout(rollout_id)
-
-    def rollout(self, rollout_id: str) -> dict[str, Any]:
-        with self.engine.connect() as conn:
-            row = conn.execute(text("SELECT * FROM rollouts WHERE id = :id"), {"id": rollout_id}).first()
-        if row is None:
-            raise UserInputError(f"no rollout {rollout_id!r}")
-        return self._rollout(row)
-
-    @staticmethod
-    def _rollout(row: Any) -> dict[str, Any]:
-        return {
-            "id": row.id,
-            "release": row.release,
-            "group": row.group_name,
-            "state": row.state,
-            "created_by": row.created_by,
-            "created_at": row.created_at,
-            "spec": json.loads(row.spec),
-        }
-
-    def rollouts(self) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
-            rows = conn.execute(text("SELECT * FROM rollouts ORDER BY created_at, id")).all()
-        return [self._rollout(r) for r in rows]

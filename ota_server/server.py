@@ -27,6 +27,7 @@ from ota_server.fetch import FetchServer
 from ota_server.http_api import HttpApi, Role
 from ota_server.registry import Registry
 from ota_server.repository import ImageRepository
+from ota_server.rollouts import Rollouts
 
 __all__ = ["OtaServer", "ServerConfig"]
 
@@ -60,6 +61,7 @@ class ServerConfig(_Model):
     # the passphrase of the repository's online keys (the director's signs device documents);
     # without it the server serves and records but cannot assign releases
     passphrase_file: Path | None = None
+    rollout_tick_s: float = 1.0  # how often the rollout scheduler looks at the devices
     mqtt: MqttSettings
     http: HttpSettings = HttpSettings()
 
@@ -89,7 +91,26 @@ class OtaServer:
             signer = self.repository.director_signer(passphrase)
             self.issuer = DirectorIssuer(config.repo / "director" / "versions.json", signer)
         digests = {digest: Role[role.upper()] for digest, role in config.http.tokens.items()}
-        self.http = HttpApi(self.repository, self.registry, {}, token_digests=digests, assign=self.assign)
+        self.rollouts = Rollouts(self.registry, self.assign, self._bundle_profiles)
+        self.http = HttpApi(
+            self.repository,
+            self.registry,
+            {},
+            token_digests=digests,
+            assign=self.assign,
+            rollouts=self.rollouts,
+        )
+        self._stopping = threading.Event()
+        self._scheduler = threading.Thread(target=self._schedule, name="rollouts", daemon=True)
+
+    def _bundle_profiles(self, release: str) -> set[str]:
+        name, _, version = release.partition(":")
+        return {r.profile for r in self.repository.releases() if (r.name, r.version) == (name, version)}
+
+    def _schedule(self) -> None:
+        while not self._stopping.wait(self.config.rollout_tick_s):
+            if self.issuer is not None:
+                self.rollouts.tick()
         self.http_port = 0
 
     def assign(
@@ -150,7 +171,11 @@ class OtaServer:
                 if self._is_newer(device, window):
                     self.registry.update(device, last_seen=now, telemetry=window.figures())
             else:
+                if not isinstance(data, dict):
+                    raise ValueError("an event is a JSON object")
                 logger.info("event from %s: %s", device, data)
+                self.registry.update(device, last_seen=now)
+                self.rollouts.on_event(device, data)
         except (ValueError, ValidationError, UnicodeDecodeError, RecursionError) as e:
             # RecursionError: json.loads on deeply nested garbage ("[[[[...")
             return self._drop(message.topic, (str(e).splitlines() or [type(e).__name__])[0])
@@ -175,8 +200,10 @@ class OtaServer:
         self.client.loop_start()
         self.http_port = self.http.serve(self.config.http.host, self.config.http.port)
         logger.info("serving HTTP on %s:%d", self.config.http.host, self.http_port)
+        self._scheduler.start()
 
     def stop(self) -> None:
+        self._stopping.set()
         self.http.close()
         self.fetch.stop()
         self.client.loop_stop()

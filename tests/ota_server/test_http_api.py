@@ -14,6 +14,7 @@ from ota_server.director import DirectorIssuer, release_files
 from ota_server.http_api import HttpApi, Role
 from ota_server.registry import Registry
 from ota_server.repository import ImageRepository
+from ota_server.rollouts import Rollouts
 from tests.security.test_image_repository import PASS
 from tests.security.test_image_repository import bundle as bundle  # noqa: PLC0414  (fixture)
 
@@ -29,20 +30,26 @@ def api(tmp_path, bundle):
     registry.add_device("pi-01", "lab", "canary", "x86-64-cpu")
     issuer = DirectorIssuer(tmp_path / "director.json", repo.director_signer(PASS))
 
-    def assign(device_id: str, release: str, action: Action) -> SignedDirectorDocument:
+    def assign(
+        device_id: str, release: str, action: Action, rollout: str = "manual"
+    ) -> SignedDirectorDocument:
         device = registry.get(device_id)  # what OtaServer.assign does, less the MQTT publish
         files = release_files(repo.load("targets").signed.targets, release, device.profile)
         return issuer.issue(
             fleet=device.fleet,
             device=device.id,
             profile=device.profile,
-            rollout="manual",
+            rollout=rollout,
             action=action,
             release=release,
             files=files,
         )
 
-    server = HttpApi(repo, registry, TOKENS, assign=assign)
+    def bundle_profiles(release: str) -> set[str]:
+        return {r.profile for r in repo.releases() if f"{r.name}:{r.version}" == release}
+
+    rollouts = Rollouts(registry, assign, bundle_profiles)
+    server = HttpApi(repo, registry, TOKENS, assign=assign, rollouts=rollouts)
     port = server.serve()
     yield {"base": f"http://127.0.0.1:{port}", "repo": repo}
     server.close()
@@ -100,7 +107,9 @@ def test_a_viewer_cannot_start_a_rollout_an_operator_can(api):
         (b"{not json", "not JSON"),
         (b"[1, 2]", "expected"),
         (b'{"release": 5, "group": "g"}', "expected"),
-        (b'{"release": "model:9.9.9", "group": "g"}', "unknown release"),
+        (b'{"release": "model:9.9.9", "group": "g"}', "not published"),
+        (b'{"release": "model:1.0.0", "group": "g", "abort_if": ["p95>2"]}', "bad abort rule"),
+        (b'{"release": "model:1.0.0", "group": "nobody"}', "no devices"),
         (b"\xff\xfe", "not JSON"),
     ],
 )
