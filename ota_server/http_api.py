@@ -75,15 +75,7 @@ def openapi() -> dict[str, Any]:
                     },
                     "required": ["release"],
                 },
-                "RolloutRequest": {
-                    "type": "object",
-                    "properties": {
-                        "release": {"type": "string"},
-                        "group": {"type": "string"},
-                        "waves": {"type": "array", "items": {"type": "string"}},
-                    },
-                    "required": ["release", "group"],
-                },
+                "RolloutRequest": RolloutSpec.model_json_schema(),
             },
         },
         "paths": {
@@ -128,6 +120,20 @@ def openapi() -> dict[str, Any]:
                     "security": bearer,
                     "summary": "published releases (viewer)",
                     "responses": {"200": {"description": "releases"}},
+                }
+            },
+            "/v1/rollouts/{id}": {
+                "get": {
+                    "security": bearer,
+                    "summary": "waves, abort rules with canary and control figures, devices (viewer)",
+                    "responses": {**ok, "404": error},
+                }
+            },
+            "/v1/rollouts/{id}/{action}": {
+                "post": {
+                    "security": bearer,
+                    "summary": "pause, resume, abort or rollback (operator)",
+                    "responses": {**ok, "404": error, "409": error},
                 }
             },
             "/v1/rollouts": {
