@@ -17,7 +17,6 @@ import collections
 import datetime as dt
 import json
 import logging
-import signal
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,6 +37,7 @@ from agent.slot import LoadedModel, ModelSlot
 from agent.store import StateStore
 from agent.telemetry import TelemetryBuffer, WindowRecorder
 from agent.trust import TrustedRepository
+from edgec._service import run_until_signalled
 from edgec.director import SignedDirectorDocument
 from edgec.errors import TrustError
 from edgec.topics import device_topics
@@ -325,9 +325,4 @@ class Agent:
         self.client.disconnect()
 
     def run_forever(self) -> None:
-        done = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: done.set())
-        signal.signal(signal.SIGINT, lambda *_: done.set())
-        self.start()
-        done.wait()
-        self.stop()
+        run_until_signalled(self.start, self.stop)

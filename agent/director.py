@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 from securesystemslib.exceptions import UnverifiedSignatureError
 from securesystemslib.signer import Key, Signature
 
+from agent._atomic import atomic_write
 from edgec.director import DirectorDocument, SignedDirectorDocument, canonical
 from edgec.errors import TrustError
 
@@ -65,12 +65,8 @@ class DirectorState:
 
     def save(self, path: Path) -> None:
         """Persist the accepted version atomically (temp file, fsync, rename)."""
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            json.dump({"device": self.device, "profile": self.profile, "version": self.version}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        state = {"device": self.device, "profile": self.profile, "version": self.version}
+        atomic_write(path, json.dumps(state).encode())
 
     @classmethod
     def load(cls, path: Path, key: Key, device: str, profile: str) -> DirectorState:

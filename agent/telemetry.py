@@ -22,9 +22,7 @@ import datetime as dt
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 import threading
 import time
 from collections import deque
@@ -34,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from agent._atomic import atomic_write
 from edgec.manifest import TensorStats
 from edgec.reports import DriftVerdict, Telemetry
 
@@ -494,29 +493,6 @@ _WINDOW_FILE = re.compile(r"^(\d{20})\.json$")
 _COUNTER = "next_seq"
 
 
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename, fsync the folder."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
-
-
 class TelemetryBuffer:
     """Windows waiting to be sent, on disk, oldest first, at most ``max_windows`` of them.
 
@@ -584,10 +560,10 @@ class TelemetryBuffer:
             seq = self._next_seq
             while len(self._seqs) >= self.max_windows:
                 self._drop_oldest()
-            _write_atomically(self._path(seq), data)
+            atomic_write(self._path(seq), data)
             self._seqs.append(seq)
             self._next_seq = seq + 1
-            _write_atomically(self.folder / _COUNTER, str(self._next_seq).encode())
+            atomic_write(self.folder / _COUNTER, str(self._next_seq).encode())
             return seq
 
     def pending(self, limit: int | None = None) -> list[tuple[int, dict[str, Any]]]:

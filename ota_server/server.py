@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import signal
 import threading
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +17,7 @@ from typing import Any, Literal
 import paho.mqtt.client as mqtt
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from edgec._service import run_until_signalled
 from edgec.director import Action, SignedDirectorDocument
 from edgec.errors import UserInputError
 from edgec.reports import DeviceState, Telemetry
@@ -210,9 +210,4 @@ class OtaServer:
         self.client.disconnect()
 
     def run_forever(self) -> None:
-        done = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: done.set())
-        signal.signal(signal.SIGINT, lambda *_: done.set())
-        self.start()
-        done.wait()
-        self.stop()
+        run_until_signalled(self.start, self.stop)
