@@ -1,11 +1,13 @@
-"""Delivery throughput: one 20 MB blob over MQTT (chunked, through Mosquitto) and over HTTP.
+"""Delivery throughput over MQTT (chunked, through Mosquitto) and over HTTP, side by side.
 
-Run:  python bench/bench_delivery.py [--repeats 5] [--mb 20]
+Run:  python bench/bench_delivery.py [--repeats 5] [--mb 20] [--devices 1,10,100] [--sweep-mb 2]
 
 Starts a real Mosquitto on free ports with the configuration ``edgec broker config`` writes
-(ACL, passwords), the server's MQTT fetch responder and its HTTP server, then downloads the
-same blob as a device would, alternating MQTT and HTTP in every round. Reports the median
-MB/s of each side by side and writes bench/results/delivery.json.
+(ACL, passwords), the server's MQTT fetch responder and its HTTP server, then downloads as
+devices would: one ``--mb`` blob by one device, alternating MQTT and HTTP in every round;
+then ``--devices`` devices at once (each with its own credentials), each fetching its own
+copy of a ``--sweep-mb`` blob. Reports medians side by side (MB/s in all, and the slowest
+device's time) and writes bench/results/delivery.json.
 """
 
 from __future__ import annotations
@@ -59,11 +61,53 @@ def _client(user: str, password: str, port: int) -> mqtt.Client:
     return client
 
 
+def _mqtt_download(chunks: ChunkClient, path: str) -> bytes:
+    parts, offset, total = [], 0, 1
+    while offset < total:
+        total, data = chunks.chunk(path, offset)
+        parts.append(data)
+        offset += len(data)
+    return b"".join(parts)
+
+
+def _http_download(port: int, path: str) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/repo/{path}", timeout=120) as r:
+        return bytes(r.read())
+
+
+def _at_once(jobs: list, check: str) -> tuple[float, float]:
+    """Run every job in its own thread; (wall seconds for all, slowest job's seconds)."""
+    times: list[float] = []
+    errors: list[BaseException] = []
+
+    def run(job) -> None:
+        started = time.perf_counter()
+        try:
+            if hashlib.sha256(job()).hexdigest() != check:
+                raise AssertionError("downloaded bytes differ")
+        except BaseException as e:  # reported after the round
+            errors.append(e)
+        times.append(time.perf_counter() - started)
+
+    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise SystemExit(f"{len(errors)} downloads failed: {errors[0]!r}")
+    return time.perf_counter() - started, max(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--mb", type=int, default=20)
+    parser.add_argument("--devices", default="1,10,100", help="concurrent devices to sweep")
+    parser.add_argument("--sweep-mb", type=float, default=2.0, help="blob size in the sweep")
     args = parser.parse_args()
+    sweep = [int(n) for n in args.devices.split(",") if n]
     mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -72,8 +116,15 @@ def main() -> None:
         blob = repo.targets_dir / "blob.bin"
         blob.write_bytes(os.urandom(args.mb * 1024 * 1024))
         digest = hashlib.sha256(blob.read_bytes()).hexdigest()
+        small = repo.targets_dir / "small.bin"
+        small.write_bytes(os.urandom(int(args.sweep_mb * 1024 * 1024)))
+        small_digest = hashlib.sha256(small.read_bytes()).hexdigest()
         registry = Registry.open(f"sqlite:///{folder / 'fleet.db'}")
         _, password = registry.add_device("bench-device", "bench", "g", "x86-64-cpu")
+        passwords = {
+            f"dev-{n:03d}": registry.add_device(f"dev-{n:03d}", "bench", "g", "x86-64-cpu")[1]
+            for n in range(max(sweep, default=0))
+        }
         port = _free_port()
         user = pwd.getpwuid(os.getuid()).pw_name
         files = write_broker_config(
@@ -94,18 +145,27 @@ def main() -> None:
             mqtt_s, http_s = [], []
             for _ in range(args.repeats):
                 started = time.perf_counter()
-                parts, offset, total = [], 0, 1
-                while offset < total:
-                    total, data = chunks.chunk("targets/blob.bin", offset)
-                    parts.append(data)
-                    offset += len(data)
+                data = _mqtt_download(chunks, "targets/blob.bin")
                 mqtt_s.append(time.perf_counter() - started)
-                assert hashlib.sha256(b"".join(parts)).hexdigest() == digest
+                assert hashlib.sha256(data).hexdigest() == digest
                 started = time.perf_counter()
-                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/repo/targets/blob.bin") as r:
-                    data = r.read()
+                data = _http_download(http_port, "targets/blob.bin")
                 http_s.append(time.perf_counter() - started)
                 assert hashlib.sha256(data).hexdigest() == digest
+            devices = {
+                d: ChunkClient(_client(d, pw, port), "bench", d, timeout_s=60) for d, pw in passwords.items()
+            }
+            time.sleep(0.5)
+            rounds: dict[int, dict[str, list[tuple[float, float]]]] = {}
+            for n in sweep:
+                rounds[n] = {"mqtt": [], "http": []}
+                clients = list(devices.values())[:n]
+                for _ in range(args.repeats):
+                    jobs = [lambda c=c: _mqtt_download(c, "targets/small.bin") for c in clients]
+                    rounds[n]["mqtt"].append(_at_once(jobs, small_digest))
+                    jobs = [lambda: _http_download(http_port, "targets/small.bin") for _ in clients]
+                    rounds[n]["http"].append(_at_once(jobs, small_digest))
+                print(f"  {n} devices: done", flush=True)
             api.close()
         finally:
             broker.terminate()
@@ -128,6 +188,21 @@ def main() -> None:
         f"  HTTP (one GET):                      median {statistics.median(http_s):.2f} s = "
         f"{result['http_mb_per_s']} MB/s"
     )
+    result["sweep_mb"] = args.sweep_mb
+    result["sweep"] = {}
+    print(f"\n{args.sweep_mb:g} MB each, N devices at once, median of {args.repeats} rounds:")
+    print(f"  {'devices':>7}  {'MQTT MB/s':>10}  {'slowest s':>9}  {'HTTP MB/s':>10}  {'slowest s':>9}")
+    for n, sides in rounds.items():
+        row = {}
+        for side, measured in sides.items():
+            wall = statistics.median(w for w, _ in measured)
+            row[f"{side}_mb_per_s"] = round(n * args.sweep_mb / wall, 1)
+            row[f"{side}_slowest_s"] = round(statistics.median(s for _, s in measured), 3)
+        result["sweep"][str(n)] = row
+        print(
+            f"  {n:>7}  {row['mqtt_mb_per_s']:>10}  {row['mqtt_slowest_s']:>9}  "
+            f"{row['http_mb_per_s']:>10}  {row['http_slowest_s']:>9}"
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "delivery.json").write_text(json.dumps(result, indent=2) + "\n")
 
