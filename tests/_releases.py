@@ -22,7 +22,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from edgec.manifest import file_entry
-from tests.conftest import DIGITS, run_edgec
+from tests._cli import DIGITS, run_edgec
 
 PROFILE = "x86-64-cpu"
 

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -20,38 +14,7 @@ for _var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_prox
     os.environ[_var] = "http://127.0.0.1:9"
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost,::1"
 
-ROOT = Path(__file__).resolve().parent.parent
-DIGITS = ROOT / "samples" / "digits"
-
-
-@dataclass
-class CliResult:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-
-UNSHARE = shutil.which("unshare")
-
-
-def run_edgec(*args: str | Path, cwd: Path | None = None, offline: bool = False) -> CliResult:
-    """Run the real command line in a subprocess, as a user would.
-
-    ``offline`` runs it in a network namespace of its own with no network at all.
-    """
-    prefix = [UNSHARE, "--net"] if offline and UNSHARE else []
-    proc = subprocess.run(
-        [*prefix, sys.executable, "-m", "edgec", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd or ROOT,
-        timeout=600,
-        check=False,
-    )
-    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+from tests._cli import DIGITS, ROOT, UNSHARE, CliResult, run_edgec  # noqa: E402, F401
 
 
 @pytest.fixture
