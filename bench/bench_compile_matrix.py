@@ -154,8 +154,9 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
         for r in rows:
             if r.get("median_ms") is None or r["label"] == "source":
                 continue
-            ax.scatter(r["size_bytes"] / 1024, r["median_ms"] * 1e3, color=colours.get(r["precision"], "grey"),
-                       marker=markers.get(r["format"], "x"), s=50)  # fmt: skip
+            colour = colours.get(r["precision"], "grey")
+            marker = markers.get(r["format"], "x")
+            ax.scatter(r["size_bytes"] / 1024, r["median_ms"] * 1e3, color=colour, marker=marker, s=50)
         source = rows[0]
         ax.scatter(source["size_bytes"] / 1024, source["median_ms"] * 1e3, color="black", marker="*", s=120)
         ax.set_title(f"{model}: size vs latency here (● onnx, ■ tflite, ★ source)")
