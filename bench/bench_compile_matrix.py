@@ -18,6 +18,7 @@ Writes bench/results/compile_matrix.json and compile_matrix.png.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import statistics
 import subprocess
@@ -206,7 +207,8 @@ def main() -> None:
             print(table, flush=True)
             report += [table, ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "compile_matrix.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    report_json = {"created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "models": results}
+    (RESULTS / "compile_matrix.json").write_text(json.dumps(report_json, indent=2, default=str) + "\n")
     (RESULTS / "compile_matrix.md").write_text("\n".join(report) + "\n")
     plot(results, RESULTS / "compile_matrix.png")
     print(f"wrote {RESULTS / 'compile_matrix.json'}, .md and .png")

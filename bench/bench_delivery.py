@@ -13,6 +13,7 @@ device's time) and writes bench/results/delivery.json.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import hashlib
 import json
 import os
@@ -172,6 +173,7 @@ def main() -> None:
             broker.wait(timeout=10)
     mb = args.mb
     result = {
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "blob_mb": mb,
         "repeats": args.repeats,
         "mqtt_s": [round(t, 3) for t in mqtt_s],

@@ -13,6 +13,7 @@ Writes bench/results/hot_swap.json and hot_swap.png (latency over time, swaps ma
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import platform
 import statistics
@@ -112,6 +113,7 @@ def main() -> None:
     ]
     duration = responses[-1].sent_at - responses[0].sent_at
     result = {
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, python {platform.python_version()}",
         "profile": PROFILE,
         "swaps": len(swaps),
