@@ -169,6 +169,7 @@ class Agent:
         self._stopping = threading.Event()
         self._flush = threading.Event()
         self._reference_lock = threading.Lock()
+        self._releases: dict[str, str] = {}  # model version -> NAME:VERSION
         self._threads: list[threading.Thread] = []
 
     # -- MQTT -------------------------------------------------------------------------------
@@ -288,15 +289,20 @@ class Agent:
         outputs: Mapping[str, np.ndarray] | None,
     ) -> None:
         self.probation.record(version, latency_s, ok)
-        if version != self.recorder.model:
-            self._switch_reference(version)
-        self.recorder.record(version, latency_s, ok, inputs, outputs)
+        release = self._releases.get(version) or self._learn_release(version)
+        self.recorder.record(release, latency_s, ok, inputs, outputs)
 
-    def _switch_reference(self, version: str) -> None:
+    def _learn_release(self, version: str) -> str:
+        """Windows name the model as NAME:VERSION; the first request of a newly swapped-in
+        model also gives the recorder that model's reference statistics for drift."""
         with self._reference_lock:
             model = self.slot.model
-            if model is not None and model.manifest.version == version and self.recorder.model != version:
-                self.recorder.set_reference(version, model.manifest.reference_stats)
+            if model is None or model.manifest.version != version:
+                return version  # answered by a model already swapped out, and unseen: rare
+            release = f"{model.manifest.name}:{version}"
+            self.recorder.set_reference(release, model.manifest.reference_stats)
+            self._releases[version] = release
+            return release
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self) -> None:

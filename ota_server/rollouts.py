@@ -323,19 +323,27 @@ class Rollouts:
         judgement = self.judge(rollout_id)
         self._set(rollout_id, judgement=json.dumps(judgement))
         fired = [r for r in judgement if r["verdict"] == "abort"]
+        unjudged = [r["rule"] for r in judgement if r["verdict"] == "no data" and r["canary"] is None]
+        waited_s = (now - dt.datetime.fromisoformat(row["bake_until"] or _iso(now))).total_seconds()
+        if unjudged and not fired and waited_s < max(spec.bake_s, 60.0):
+            # the canaries have not reported the figures a rule needs yet: wait for them (up to
+            # another bake, at least a minute) rather than go on blind
+            self._set(rollout_id, reason=f"waiting for canary figures: {', '.join(unjudged)}")
+            return
         if fired:
             reasons = "; ".join(
                 f"{r['rule']} (canary {r['canary']}, threshold {r['threshold']})" for r in fired
             )
             self._abort(rollout_id, f"wave {wave + 1}: {reasons}")
         elif wave + 1 >= len(spec.waves):
-            self._set(rollout_id, state="completed", reason=None)
+            note = f"completed without figures for {', '.join(unjudged)}" if unjudged else None
+            self._set(rollout_id, state="completed", reason=note)
             logger.info("rollout %s completed", rollout_id)
         else:
             self._start_wave(rollout_id, spec, wave + 1)
 
     def _start_wave(self, rollout_id: str, spec: RolloutSpec, wave: int) -> None:
-        self._set(rollout_id, wave=wave, bake_until=None)
+        self._set(rollout_id, wave=wave, bake_until=None, reason=None)
         for member in self._members(rollout_id):
             if member["wave"] != wave or member["state"] != "waiting":
                 continue
@@ -427,12 +435,13 @@ class Rollouts:
         return started, canary, control
 
     @staticmethod
-    def _figures(devices: list[Device], version: str | None, exclude: str | None = None) -> dict[str, Any]:
+    def _figures(devices: list[Device], release: str | None, exclude: str | None = None) -> dict[str, Any]:
+        """The cohort's latest windows for ``release`` (NAME:VERSION; None: any but ``exclude``)."""
         windows = [
             d.telemetry
             for d in devices
             if d.telemetry
-            and (version is None or d.telemetry.get("model") == version)
+            and (release is None or d.telemetry.get("model") == release)
             and (exclude is None or d.telemetry.get("model") != exclude)
         ]
         figures: dict[str, Any] = {"devices": len(windows)}
@@ -451,13 +460,12 @@ class Rollouts:
         """Each abort rule with the canary and control figures behind it."""
         row = self._rollout_row(rollout_id)
         spec = RolloutSpec.model_validate_json(row["spec"])
-        version = spec.release.partition(":")[2]
         started, canary, control = self._cohorts(rollout_id)
         settled = [m for m in started if m["state"] in ("installed", *FAILED)]
         failures = [m for m in settled if m["state"] in FAILED]
-        canary_figures = self._figures(canary, version)
+        canary_figures = self._figures(canary, spec.release)
         canary_figures["install_failure_rate"] = round(len(failures) / len(settled), 4) if settled else None
-        control_figures = self._figures(control, None, exclude=version)
+        control_figures = self._figures(control, None, exclude=spec.release)
         results = []
         for text_rule in spec.abort_if:
             rule = parse_rule(text_rule)
@@ -486,7 +494,6 @@ class Rollouts:
             counts = Counter(m["state"] for m in in_wave)
             waves.append({"wave": index + 1, "size": label, "devices": len(in_wave), **dict(counts)})
         _, canary, control = self._cohorts(rollout_id)
-        version = spec.release.partition(":")[2]
         judged = json.loads(row["judgement"]) if row["judgement"] else []
         return {
             "id": row["id"],
@@ -503,8 +510,8 @@ class Rollouts:
             "spec": json.loads(row["spec"]),
             # live figures while it runs; once it ended, those it was judged on
             "rules": self.judge(rollout_id) if row["state"] in ("running", "paused") else judged,
-            "canary": self._figures(canary, version),
-            "control": self._figures(control, None, exclude=version),
+            "canary": self._figures(canary, spec.release),
+            "control": self._figures(control, None, exclude=spec.release),
             "devices": [
                 {
                     "device": m["device_id"],

@@ -181,6 +181,41 @@ class Fleet:
         assert wait_for(lambda: port_open(self.http_port), 30), (self.root / "server.log").read_text()
         time.sleep(0.5)  # its MQTT subscriptions
 
+    def add_sim_devices(
+        self, count: int, group: str, prefix: str = "sim-", profile: str = PROFILE
+    ) -> list[Any]:
+        """Register ``count`` simulated devices straight in the registry (before ``up``: their
+        passwords go into the broker's file); their ``agent.sim.SimDeviceConfig`` s."""
+        from agent.sim import SimDeviceConfig, device_ids
+
+        registry = Registry.open(self.db)
+        try:
+            configs = []
+            for device in device_ids(prefix, count):
+                _, password = registry.add_device(device, FLEET, group, profile)
+                state = self.root / "sim" / device
+                configs.append(SimDeviceConfig(device, password, state, FLEET, profile))
+            return configs
+        finally:
+            registry.engine.dispose()
+
+    def rollout(self, release: str, *options: str) -> str:
+        """``edgec rollout start``; the rollout's id."""
+        result = run_edgec("rollout", "start", release, *options, *self.api_args())
+        assert result.returncode == 0, result.stderr
+        return result.stdout.split()[1].rstrip(":")
+
+    def rollout_status(self, rollout_id: str) -> dict[str, Any]:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/v1/rollouts/{rollout_id}")
+        request.add_header("Authorization", f"Bearer {self.token}")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status: dict[str, Any] = json.loads(response.read())
+        return status
+
+    def steer(self, rollout_id: str, action: str) -> None:
+        result = run_edgec("rollout", action, rollout_id, *self.api_args())
+        assert result.returncode == 0, result.stderr
+
     def add_agent(self, device: str, tls: bool = False, **overrides: Any) -> AgentProcess:
         """Register the device (before the broker starts: its password goes into the broker's
         file) and write its agent config, as ``edgec devices add`` makes it, plus test settings."""
@@ -235,7 +270,7 @@ def new_fleet(tmp_path: Path) -> Fleet:
     token = "e2e-operator-token"
     http_port, broker_port = free_port(), free_port()
     (tmp_path / "server.toml").write_text(
-        f'repo = "{repo.folder}"\ndb = "{db}"\npassphrase_file = "{passphrase}"\n\n'
+        f'repo = "{repo.folder}"\ndb = "{db}"\npassphrase_file = "{passphrase}"\nrollout_tick_s = 0.5\n\n'
         f'[mqtt]\nport = {broker_port}\npassword_file = "{tmp_path / "broker" / "server.secret"}"\n'
         f'client_id = "edgec-server-e2e"\n\n[http]\nport = {http_port}\n\n'
         f'[http.tokens]\n"{hashlib.sha256(token.encode()).hexdigest()}" = "operator"\n'

@@ -34,6 +34,7 @@ class Devices:
         self.registry = registry
         self.p95_ms = p95_ms
         self.silent = set(silent)
+        self.quiet = False
         self.documents: list[tuple[str, str, Action, str]] = []
 
     def assign(self, device: str, release: str, action: Action, rollout: str) -> None:
@@ -42,8 +43,11 @@ class Devices:
         if device in self.silent:
             return
         version = release.partition(":")[2]
+        if self.quiet:  # installs, but reports no telemetry (no traffic yet)
+            self.registry.update(device, installed_release=release, status="serving", telemetry=None)
+            return
         window = {
-            "model": version,
+            "model": release,
             "requests": 100,
             "errors": 0,
             "p95_ms": self.p95_ms[version],
@@ -60,7 +64,7 @@ def fleet(db_url):
     registry = Registry.open(db_url)
     for n in range(50):
         registry.add_device(f"pi-{n:02d}", "lab", "field", "raspberry-pi-4")
-        window = {"model": "1.0.0", "requests": 100, "errors": 0, "p95_ms": 10.0, "drift": "ok"}
+        window = {"model": "digits:1.0.0", "requests": 100, "errors": 0, "p95_ms": 10.0, "drift": "ok"}
         registry.update(f"pi-{n:02d}", installed_release="digits:1.0.0", telemetry=window)
     registry.add_device("mac-01", "lab", "field", "apple-silicon-mac")  # no bundle for it
     yield registry
@@ -228,3 +232,23 @@ def test_rules_waves_and_durations_are_checked_up_front():
         parse_duration("ten minutes")
     with pytest.raises(ValueError, match="neither a percentage"):
         _spec(waves=["half"])
+
+
+def test_a_wave_waits_for_the_canary_figures_its_rules_need_then_goes_on_with_a_note(fleet):
+    clock, devices = Clock(), Devices(fleet, {"1.0.0": 10.0, "2.0.0": 10.0})
+    devices.quiet = True
+    rollouts = _rollouts(fleet, devices, clock)
+    rollout_id = rollouts.start(_spec(waves=["10%", "100%"], bake_s=60), "op")["id"]
+    rollouts.tick()
+    rollouts.tick()  # installed: the bake starts
+    clock.advance(61)
+    rollouts.tick()
+    held = rollouts.status(rollout_id)
+    assert (held["state"], held["wave"]) == ("running", 1)
+    assert "waiting for canary figures: p95_ms>1.5*control" in held["reason"]
+    clock.advance(30)
+    rollouts.tick()
+    assert rollouts.status(rollout_id)["wave"] == 1  # still held
+    clock.advance(31)  # a minute past the bake: it goes on, and says what it went without
+    rollouts.tick()
+    assert rollouts.status(rollout_id)["wave"] == 2
