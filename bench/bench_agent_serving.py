@@ -1,7 +1,9 @@
-"""The agent's v2 inference endpoint against a FastAPI + uvicorn wrapper of the same session.
+"""The agent's v2 inference endpoint against FastAPI + uvicorn and MLServer serving the same model.
 
 Run:  .venv/bin/python bench/bench_agent_serving.py [--repeats 5] [--seconds 2]
-      (needs the bench extra: pip install -c constraints.txt -e '.[bench]')
+          [--mlserver-venv PATH | --no-mlserver]
+      (needs the bench extra: pip install -c constraints.txt -e '.[bench]'; the plot needs
+      matplotlib, in the dev extra)
 
 What it measures, for the digits sample's x86-64-cpu bundle (onnx fp32, built here with
 ``edgec build`` into ``build/bench/agent_serving/``), on one eval sample:
@@ -20,6 +22,14 @@ What it measures, for the digits sample's x86-64-cpu bundle (onnx fp32, built he
      off) serving the same v2 JSON request written the way tutorials do it: pydantic
      request models, a plain ``def`` endpoint (FastAPI runs it in its thread pool),
      ``session.run``, ``.tolist()`` into a dict response;
+   - ``mlserver``: Seldon's MLServer (``mlserver start <folder>``) with a custom runtime, the
+     way its users serve an ONNX model: an ``MLModel`` subclass whose ``load()`` opens the
+     session and whose ``predict()`` decodes the v2 request with ``NumpyCodec`` and returns an
+     ``InferenceResponse``; one process (``parallel_workers=0``), access log and metrics off,
+     gRPC on a port of its own (it cannot be turned off), the agent's JSON request. MLServer
+     pins protobuf 6 and edgec 7, so it runs from a venv of its own:
+     ``build/bench/mlserver-venv``, created with pip when missing (about 2 minutes;
+     ``--mlserver-venv PATH`` for another, ``--no-mlserver`` to leave this side out);
 
 3. one load generator for all of them (this process, asyncio protocols, one keep-alive
    connection per concurrent client, each sending its next request when the last answer is
@@ -30,8 +40,9 @@ What it measures, for the digits sample's x86-64-cpu bundle (onnx fp32, built he
 4. each server process's resident memory (RSS, and its peak) after the load.
 
 Servers, the load generator and the runtimes share this machine's cores: requests/s are this
-machine's, not a device's. Writes ``bench/results/agent_serving.json`` and ``.md``. About
-3 minutes on 2 cores.
+machine's, not a device's. Writes ``bench/results/agent_serving.json``, ``.md`` and ``.png``
+(requests/s and p99 per side and concurrency). About 3.5 minutes on 2 cores once the MLServer
+venv exists; creating it adds 1 to 2 minutes.
 """
 
 from __future__ import annotations
@@ -42,9 +53,13 @@ import datetime as dt
 import json
 import os
 import platform
+import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as dist_version
 from pathlib import Path
@@ -72,6 +87,23 @@ LIBRARIES = (
     "uvloop",
     "httptools",
 )
+MLSERVER_PINS = ("mlserver==1.7.1", "onnxruntime==1.32.0", "numpy==2.4.6")
+MLSERVER_LIBRARIES = (
+    "mlserver",
+    "onnxruntime",
+    "numpy",
+    "fastapi",
+    "uvicorn",
+    "starlette",
+    "pydantic",
+    "h11",
+    "uvloop",
+    "httptools",
+    "orjson",
+)
+MLSERVER_VENV = ROOT / "build" / "bench" / "mlserver-venv"
+MLSERVER_REPO = ROOT / "build" / "bench" / "mlserver-repo"
+MLSERVER_START_S = 120
 NOTES = """\
 - p50 added: the server's p50 at concurrency 1 minus `session.run`'s p50 in-process: what HTTP,
   JSON and the agent's checks add to a request on its own.
@@ -82,6 +114,14 @@ NOTES = """\
   2 threads (`workers=2`); agent binary: inline, with the binary tensor data extension both ways.
 - fastapi: uvicorn 1 worker (h11, asyncio; no uvloop/httptools installed), access log off,
   pydantic request model, sync endpoint (run in FastAPI's thread pool)."""
+MLSERVER_NOTE = """
+- mlserver: `mlserver start` with a custom runtime (`MLModel` subclass, `NumpyCodec` in and out,
+  `async def predict` calling `session.run`, so inference runs in the event loop like agent
+  inline), `parallel_workers=0` (MLServer's default, 1, sends every request to a separate
+  inference process), `debug=false` (access log off), `metrics_endpoint=null` (no metrics
+  server or Prometheus middleware), gRPC on its own port, gzip middleware on (its default; the
+  load generator sends no Accept-Encoding, so no answer is compressed). Its own venv: uvicorn
+  there runs on uvloop (MLServer installs and requires it) with h11 (no httptools)."""
 SERVERS = {
     "agent inline": ["agent", "--workers", "0"],
     "agent threads": ["agent", "--workers", "2"],
@@ -167,14 +207,11 @@ def fastapi_app(bundle: Path) -> Any:
 
 
 def serve_fastapi(bundle: Path) -> None:
-    import socket
     import threading
 
     import uvicorn
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     config = uvicorn.Config(
         fastapi_app(bundle), host="127.0.0.1", port=port, log_level="warning", access_log=False
     )
@@ -221,6 +258,143 @@ class ServerProcess:
             self.process.stdin.close()
         try:
             self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+MLSERVER_RUNTIME = '''\
+"""An MLServer custom runtime for an ONNX model (written by bench/bench_agent_serving.py)."""
+
+import onnxruntime as ort
+from mlserver import MLModel
+from mlserver.codecs import NumpyCodec
+from mlserver.types import InferenceRequest, InferenceResponse
+from mlserver.utils import get_model_uri
+
+
+class OnnxModel(MLModel):
+    async def load(self) -> bool:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        for key, value in self.settings.parameters.extra.get("runtime_config", {}).items():
+            options.add_session_config_entry(key, value)
+        path = await get_model_uri(self.settings)
+        self._session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self._outputs = [o.name for o in self._session.get_outputs()]
+        return True
+
+    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        feeds = {i.name: NumpyCodec.decode_input(i) for i in payload.inputs}
+        results = self._session.run(self._outputs, feeds)
+        return InferenceResponse(
+            model_name=self.name,
+            model_version=self.version,
+            outputs=[NumpyCodec.encode_output(n, r) for n, r in zip(self._outputs, results)],
+        )
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def mlserver_venv(venv: Path) -> Path:
+    """The venv's ``mlserver`` command; the venv is created with pip when it has none."""
+    command = venv / "bin" / "mlserver"
+    if command.exists():
+        return command
+    shown = venv.relative_to(ROOT) if venv.is_relative_to(ROOT) else venv
+    print(f"creating the MLServer venv {shown}: pip install {' '.join(MLSERVER_PINS)} (about 2 minutes)")
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    steps = ([sys.executable, "-m", "venv", "--clear", str(venv)], [*pip, *MLSERVER_PINS])
+    for step in steps:
+        done = subprocess.run(step, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(
+                f"could not create the MLServer venv ({' '.join(step[:3])} ...):\n{done.stderr[-2000:]}\n"
+                "point --mlserver-venv at one with mlserver, or leave the side out with --no-mlserver"
+            )
+    return command
+
+
+def venv_versions(venv: Path) -> dict[str, str | None]:
+    """The versions of ``MLSERVER_LIBRARIES`` in the MLServer venv (None: not installed)."""
+    script = (
+        "import importlib.metadata as m, importlib.util as u, json, sys\n"
+        "print(json.dumps({n: m.version(n) if u.find_spec(n) else None for n in sys.argv[1:]}))"
+    )
+    command = [str(venv / "bin" / "python"), "-c", script, *MLSERVER_LIBRARIES]
+    found: dict[str, str | None] = json.loads(subprocess.check_output(command, text=True))
+    return found
+
+
+def write_mlserver_repo(repo: Path, bundle: Path, http_port: int, grpc_port: int) -> dict[str, Any]:
+    """``settings.json``, and ``<model>/model-settings.json`` with the runtime module next to it;
+    returns both settings."""
+    from edgec.manifest import read_manifest
+
+    manifest = read_manifest(bundle)
+    model = repo / manifest.name
+    model.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "debug": False,
+        "parallel_workers": 0,
+        "host": "127.0.0.1",
+        "http_port": http_port,
+        "grpc_port": grpc_port,
+        "metrics_endpoint": None,
+    }
+    model_settings = {
+        "name": manifest.name,
+        "implementation": "onnx_runtime.OnnxModel",
+        "parameters": {
+            "uri": str((bundle / manifest.model_file).resolve()),
+            "version": manifest.version,
+            "extra": {"runtime_config": manifest.runtime_config},
+        },
+    }
+    (repo / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    (model / "model-settings.json").write_text(json.dumps(model_settings, indent=2) + "\n")
+    (model / "onnx_runtime.py").write_text(MLSERVER_RUNTIME)
+    return {"settings.json": settings, "model-settings.json": model_settings}
+
+
+class MLServerProcess(ServerProcess):
+    """``mlserver start <repo>``, ready once the model's v2 ready endpoint answers 200."""
+
+    def __init__(self, command: Path, repo: Path, model: str, port: int) -> None:
+        self.label = "mlserver"
+        self.port = port
+        self.log = repo / "mlserver.log"
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(
+                [str(command), "start", str(repo)], cwd=repo, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            )
+        deadline = time.monotonic() + MLSERVER_START_S
+        while not self.ready(model):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                tail = self.log.read_text()[-3000:]
+                raise SystemExit(f"mlserver did not start (log {self.log}):\n{tail}")
+            time.sleep(0.2)
+
+    def ready(self, model: str) -> bool:
+        url = f"http://127.0.0.1:{self.port}/v2/models/{model}/ready"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as answer:
+                return bool(answer.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(15)
         except subprocess.TimeoutExpired:
             self.process.kill()
 
@@ -504,6 +678,38 @@ def render(
     return "\n".join(lines)
 
 
+def plot(table: dict[str, dict[int, dict[str, Any]]], path: Path, repeats: int) -> bool:
+    """Grouped bars: requests/s (top) and p99 (bottom) per side, grouped by concurrency."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("no matplotlib (dev extra): no plot")
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(table)
+    width = 0.8 / len(labels)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    for i, label in enumerate(labels):
+        x = np.arange(len(CONCURRENCY)) + (i - (len(labels) - 1) / 2) * width
+        for ax, key in ((top, "requests_per_s"), (bottom, "p99_ms")):
+            values = [table[label][c][key] for c in CONCURRENCY]
+            bars = ax.bar(x, values, width, label=label)
+            ax.bar_label(bars, fmt="%.0f" if key == "requests_per_s" else "%.1f", fontsize=7)
+    top.set_ylabel("requests/s (higher is better)")
+    bottom.set_ylabel("p99 latency, ms (lower is better)")
+    bottom.set_xticks(np.arange(len(CONCURRENCY)), [f"concurrency {c}" for c in CONCURRENCY])
+    top.set_title(f"digits onnx fp32, one v2 JSON request per call; median of {repeats} rounds")
+    top.legend(ncols=len(labels), fontsize=8, loc="upper left")
+    for ax in (top, bottom):
+        ax.margins(y=0.15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (default 5)")
@@ -511,6 +717,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=5000, help="direct calls timed (default 5000)")
     parser.add_argument("--bundles", type=Path, default=ROOT / "build" / "bench" / "agent_serving")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--mlserver-venv",
+        type=Path,
+        default=MLSERVER_VENV,
+        help="venv with mlserver and onnxruntime, created when missing (default build/bench/mlserver-venv)",
+    )
+    parser.add_argument("--no-mlserver", action="store_true", help="leave the MLServer side out")
     parser.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)  # internal: run one server
     parser.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
@@ -531,6 +744,16 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     print(f"machine: {info['cpu']}, {info['usable_cores']} usable cores, python {info['python']}")
     print("versions: " + ", ".join(f"{k} {v or '-'}" for k, v in info["versions"].items()))
+    mlserver_command: Path | None = None
+    if not args.no_mlserver:
+        venv_started = time.perf_counter()
+        mlserver_command = mlserver_venv(args.mlserver_venv.resolve())
+        info["mlserver_venv_versions"] = venv_versions(args.mlserver_venv.resolve())
+        info["mlserver_venv_setup_s"] = round(time.perf_counter() - venv_started, 1)
+        print(
+            "mlserver venv: "
+            + ", ".join(f"{k} {v or '-'}" for k, v in info["mlserver_venv_versions"].items())
+        )
 
     build = subprocess.run(
         [sys.executable, "-m", "edgec", "build", str(DIGITS / "model.onnx"), "--name", "digits",
@@ -555,17 +778,28 @@ def main(argv: list[str] | None = None) -> int:
     for label, figures in direct.items():
         print(f"direct {label}: p50 {figures['p50_ms']:.3f} ms, p99 {figures['p99_ms']:.3f} ms")
 
+    labels = [*SERVERS, "mlserver"] if mlserver_command else list(SERVERS)
     path = f"/v2/models/{manifest.name}/infer"
-    requests = {label: json_request(name, sample, path) for label in SERVERS}
+    requests = {label: json_request(name, sample, path) for label in labels}
     requests["agent binary"] = binary_request(name, sample, path)
     servers = {label: ServerProcess(label, bundle) for label in SERVERS}
+    mlserver_settings: dict[str, Any] | None = None
+    if mlserver_command:
+        port = free_port()
+        mlserver_settings = write_mlserver_repo(MLSERVER_REPO, bundle, port, free_port())
+        try:
+            servers["mlserver"] = MLServerProcess(mlserver_command, MLSERVER_REPO, manifest.name, port)
+        except BaseException:
+            for server in servers.values():
+                server.stop()
+            raise
     rounds: dict[str, dict[int, list[dict[str, Any]]]] = {
-        label: {c: [] for c in CONCURRENCY} for label in SERVERS
+        label: {c: [] for c in CONCURRENCY} for label in labels
     }
     checks: dict[str, float] = {}
     try:
         for index in range(args.repeats):
-            order = list(SERVERS)[index % len(SERVERS) :] + list(SERVERS)[: index % len(SERVERS)]
+            order = labels[index % len(labels) :] + labels[: index % len(labels)]
             for label in order:
                 for clients in CONCURRENCY:
                     server = servers[label]
@@ -604,6 +838,7 @@ def main(argv: list[str] | None = None) -> int:
         "direct_calls": args.calls,
         "session": "onnxruntime CPU, intra_op_num_threads=1, manifest runtime_config",
         "fastapi": "uvicorn.Config(log_level='warning', access_log=False), 1 process, sync def endpoint",
+        "mlserver": mlserver_settings,
         "input_shape": list(sample.shape),
     }
     report = {
@@ -620,21 +855,34 @@ def main(argv: list[str] | None = None) -> int:
     }
     json_path = args.results / "agent_serving.json"
     md_path = args.results / "agent_serving.md"
+    png_path = args.results / "agent_serving.png"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
+    mlserver_line = ""
+    if mlserver_command:
+        mlserver_line = (
+            "MLServer side, in its own venv: "
+            + ", ".join(f"{k} {v}" for k, v in info["mlserver_venv_versions"].items() if v)
+            + ".\n\n"
+        )
     md_path.write_text(
-        "# Agent serving: v2 endpoint vs FastAPI + uvicorn (digits, onnx fp32)\n\n"
+        "# Agent serving: v2 endpoint vs FastAPI + uvicorn and MLServer (digits, onnx fp32)\n\n"
         f"{info['cpu']}, {info['usable_cores']} cores, python {info['python']}; "
         + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)
         + f"; {report['created_at']}.\n\n"
-        f"Median of {args.repeats} interleaved rounds of {args.seconds:g} s per server and concurrency, "
+        + mlserver_line
+        + f"Median of {args.repeats} interleaved rounds of {args.seconds:g} s per server and concurrency, "
         "keep-alive connections, one load generator for all. Load average "
         f"{info['loadavg_start']} at the start, {info['loadavg_end']} at the end.\n\n"
         + text
         + "\n\n"
         + NOTES
-        + "\n"
+        + (MLSERVER_NOTE if mlserver_command else "")
+        + f"\n\n![requests/s and p99 per side and concurrency]({png_path.name})\n"
     )
-    print(f"\nwrote {json_path}\nwrote {md_path}\n({elapsed} s)")
+    print(f"\nwrote {json_path}\nwrote {md_path}")
+    if plot(table, png_path, args.repeats):
+        print(f"wrote {png_path}")
+    print(f"({elapsed} s)")
     return 0
 
 
