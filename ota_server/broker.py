@@ -137,6 +137,9 @@ def write_broker_config(
             f"persistence_location {folder / 'data'}/",
             "max_packet_size 1048576",
             "set_tcp_nodelay true",  # chunked fetches are request/response: no 40 ms delayed-ACK stalls
+            # the server's one session takes every device's reports: Mosquitto's default queue
+            # of 1,000 messages per client drops reports when a thousand devices answer a wave
+            "max_queued_messages 200000",
             f"listener {port} {bind}",
             f"listener {tls_port} {bind}",
             f"cafile {ca}",
