@@ -36,7 +36,7 @@ from agent.store import ActivePointer, InstallJournal, StateStore
 from agent.trust import TrustedRepository
 from edgec.director import DirectorDocument, SignedDirectorDocument
 from edgec.errors import BundleError, FetchError, TrustError
-from edgec.manifest import check_files, read_manifest
+from edgec.manifest import check_files, read_manifest, sha256_file
 
 __all__ = ["InstallSettingsView", "Installer", "ProbationMonitor", "Reporter", "Step"]
 
@@ -219,6 +219,7 @@ class Installer:
 
     # -- the pipeline ---------------------------------------------------------------------------
     def _advance(self, journal: InstallJournal, step: Step, **changes: Any) -> InstallJournal:
+        # one skip is allowed: a release already installed (a rollback) goes from VERIFIED to STAGED
         if step != Step(journal.step) + 1 and not (step == Step.STAGED and journal.step == Step.VERIFIED):
             raise RuntimeError(f"install step {step.name} after {Step(journal.step).name}")
         journal = replace(journal, step=int(step), **changes)
@@ -321,7 +322,8 @@ class Installer:
             return False
         wanted = {self._bundle_path(doc, f.path): f.sha256 for f in doc.files}
         have = {f.path: f.sha256 for f in manifest.files}
-        if any(have.get(path, sha) != sha for path, sha in wanted.items()):
+        have["manifest.json"] = sha256_file(folder / "manifest.json")
+        if set(wanted) != set(have) or any(have[path] != sha for path, sha in wanted.items()):
             return False
         return not any(check_files(folder, manifest).values())
 
