@@ -321,6 +321,7 @@ class Agent:
     def stop(self) -> None:
         self._stopping.set()
         self._flush.set()
+        self.installer.stopping.set()
         self.installer.interrupted.set()
         with self._work:
             self._work.notify_all()

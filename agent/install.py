@@ -64,6 +64,10 @@ class Refused(Exception):
         self.reason = reason
 
 
+class _Stopping(Exception):
+    """The agent is stopping in the middle of an install; its journal resumes it."""
+
+
 class Reporter(Protocol):
     def event(self, kind: str, release: str | None, detail: str | None = None, **figures: Any) -> None: ...
 
@@ -147,6 +151,7 @@ class Installer:
         self.sleep = sleep
         self.director_path = store.root / "director.json"
         self.interrupted = threading.Event()  # a newer document arrived: stop retrying this one
+        self.stopping = threading.Event()  # the agent is shutting down: leave the install for later
 
     # -- start-up ---------------------------------------------------------------------------
     def start_serving(self) -> None:
@@ -240,6 +245,8 @@ class Installer:
             self._refuse(doc, e)
         except OSError as e:
             self._stopped(doc, e)
+        except _Stopping:
+            logger.info("install of %s left for the next start", doc.release)
 
     def _stopped(self, doc: DirectorDocument, error: OSError) -> None:
         """Disk full, permissions: the committed model keeps serving; the journal (if it was
@@ -281,6 +288,8 @@ class Installer:
                 delay = min(2.0**attempts, 60.0)
                 self.reporter.event("retrying", doc.release, str(e), attempt=attempts, delay_s=delay)
                 if self.interrupted.wait(delay):
+                    if self.stopping.is_set():
+                        raise _Stopping from e  # the journal stays: a restart carries on
                     raise Refused("fetch", "a newer director document arrived") from e
 
     def verify(self, doc: DirectorDocument) -> dict[str, Any]:
