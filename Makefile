@@ -1,5 +1,6 @@
 # edgec: two commands to start.
-#   make demo   build the bundled digits sample for four device profiles, print the report
+#   make demo   the whole loop on this machine: build, sign, broker, OTA server, 3 agents,
+#               two rollouts, the fleet table (edgec demo; everything in one temp folder)
 #   make test   install what the tests need and run lint, type checks, import contracts, tests
 #
 # Uses the active virtual environment if there is one, else creates .venv here.
@@ -14,14 +15,14 @@ STAMP := $(VENV)/.edgec-installed
 DEMO_OUT ?= build/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test check pytest install system-deps samples mobilenet bench clean
+.PHONY: demo build-sample test check pytest install system-deps samples mobilenet bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
 
 $(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[compiler,pytorch,agent,server,dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[compiler,pytorch,agent,server,dev,demo]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -33,7 +34,15 @@ system-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; } || \
 	  echo "note: mosquitto is not installed; broker tests will skip"
 
-demo: $(STAMP)
+# Without a Mosquitto binary (system-deps could not install one), edgec demo runs an embedded
+# Python broker from the demo extra.
+demo: $(STAMP) system-deps
+	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || \
+	  $(PY) -m pip install --quiet -c constraints.txt -e ".[demo]"
+	$(PY) -m edgec demo
+
+# Build the digits sample for four device profiles and inspect one bundle (no services).
+build-sample: $(STAMP)
 	$(PY) -m edgec profiles list
 	$(PY) -m edgec build samples/digits/model.onnx --name digits --version 1.0.0 \
 	  --target x86-64-cpu --target raspberry-pi-4 --target jetson-orin-nano --target apple-silicon-mac \
@@ -60,9 +69,19 @@ samples: $(STAMP)
 mobilenet: $(STAMP)
 	$(PY) samples/mobilenet/make_mobilenetv2.py
 
+# Every benchmark, side by side with its baseline, then bench/REPORT.md (about 15 minutes on
+# 2 cores; the serving benchmark makes MLServer's own venv under build/ the first time).
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[bench]"
+	$(PY) bench/bench_compile_matrix.py
 	$(PY) bench/bench_onnx_precision.py
 	$(PY) bench/bench_formats.py
+	$(PY) bench/bench_cache.py
+	$(PY) bench/bench_agent_serving.py
+	$(PY) bench/bench_hot_swap.py
+	$(PY) bench/bench_delivery.py
+	$(PY) bench/bench_fleet.py
+	$(PY) bench/report.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

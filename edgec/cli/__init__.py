@@ -20,7 +20,7 @@ OUR_PACKAGES = ("edgec", "compiler", "device_profiles", "agent", "ota_server")
 
 
 def _parser() -> argparse.ArgumentParser:
-    from edgec.cli import agent, build, explain, fleet, inspect, profiles, repo, rollout, server
+    from edgec.cli import agent, build, demo, explain, fleet, inspect, profiles, repo, rollout, server, sim
 
     parser = argparse.ArgumentParser(
         prog="edgec",
@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="more logging; tracebacks on errors"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (build, profiles, inspect, explain, repo, fleet, server, agent, rollout):
+    for module in (build, profiles, inspect, explain, repo, fleet, server, agent, rollout, demo, sim):
         module.register(commands)
     return parser
 

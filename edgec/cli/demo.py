@@ -1,0 +1,760 @@
+"""``edgec demo``: the whole loop on one machine, driven through the real command line.
+
+Builds the digits sample as two releases for two device profiles, signs them into an image
+repository, registers devices, starts a broker (Mosquitto, else an embedded amqtt broker), the
+OTA server and one agent process per device, rolls out 1.0.0 and then 2.0.0 in waves while a
+small load generator calls the agents' inference APIs, and ends with the fleet table. Every
+``edgec`` command it runs is printed as a user would type it (``$DEMO`` is the work folder),
+so the output doubles as a walkthrough. Everything lives in one work folder, removed at the
+end, on an error or on Ctrl-C, unless ``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import pwd
+import queue
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from edgec.errors import EdgecError, OptionError
+
+__all__ = ["register"]
+
+ROOT = Path(__file__).resolve().parents[2]
+DIGITS = ROOT / "samples" / "digits"
+PROFILES = {"x86-64-cpu": "x86", "raspberry-pi-4": "pi4"}  # profile -> device name prefix
+DEFAULT_DEVICES = {"x86-64-cpu": 2, "raspberry-pi-4": 1}
+GROUP = "demo"
+BAKE = "5s"
+V2_RULES = ("install_failure_rate>0.05", "p95_ms>3*control", "drift=drift")
+LOAD_PER_AGENT_PER_S = 50.0
+TELEMETRY_WINDOW_S = 5.0  # long enough for steady p95 figures on a busy 2-core machine
+START_TIMEOUT_S = 60.0
+ROLLOUT_TIMEOUT_S = 180.0
+STEPS = 11
+
+
+class DemoError(EdgecError):
+    """A step of the demo failed; the message says which and where its log is."""
+
+
+def register(commands: Any) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="the whole loop on this machine: build, sign, broker, server, 3 agents, two rollouts",
+        description="Build the digits sample as two releases, publish them, start a broker, the OTA "
+        "server and agent processes, roll out 1.0.0 then 2.0.0 under load, and print the fleet table. "
+        "Everything runs in one work folder, removed at the end unless --keep.",
+    )
+    demo.add_argument("--keep", action="store_true", help="keep the work folder (logs, keys, bundles)")
+    demo.add_argument(
+        "--workdir",
+        type=Path,
+        metavar="DIR",
+        help="work in this empty or new folder instead of a temp one (removed too)",
+    )
+    demo.add_argument(
+        "--devices-per-profile",
+        action="append",
+        default=[],
+        metavar="PROFILE=N",
+        help="devices of a profile (x86-64-cpu or raspberry-pi-4; default x86-64-cpu=2, raspberry-pi-4=1)",
+    )
+    demo.add_argument(
+        "--broker",
+        choices=["auto", "mosquitto", "embedded"],
+        default="auto",
+        help="the MQTT broker: Mosquitto, amqtt in this process (edgec[demo]), or auto (Mosquitto if here)",
+    )
+    demo.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    devices = _device_plan(args.devices_per_profile)
+    broker = _choose_broker(args.broker)
+    if not (DIGITS / "model.onnx").exists():
+        raise OptionError(f"the digits sample is not at {DIGITS}: run edgec demo from a checkout of edgec")
+    workdir = _workdir(args.workdir)
+    demo = Demo(workdir, devices, broker)
+    outcome = "failed"
+    previous = signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        demo.run()
+        outcome = "done"
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+        raise
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            demo.close(keep=args.keep, outcome=outcome)
+        finally:
+            signal.signal(signal.SIGINT, previous[0] or signal.default_int_handler)
+            signal.signal(signal.SIGTERM, previous[1] or signal.SIG_DFL)
+    return 0
+
+
+def _raise_interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _device_plan(specs: list[str]) -> list[tuple[str, str]]:
+    """``[(device id, profile)]`` from ``PROFILE=N`` options over the defaults."""
+    counts = dict(DEFAULT_DEVICES)
+    for spec in specs:
+        profile, _, n = spec.partition("=")
+        if profile not in PROFILES or not n.isdigit() or int(n) > 10:
+            raise OptionError(
+                f"bad --devices-per-profile {spec!r}: write PROFILE=N with PROFILE one of "
+                f"{', '.join(PROFILES)} and N from 0 to 10"
+            )
+        counts[profile] = int(n)
+    if not sum(counts.values()):
+        raise OptionError("the demo needs at least one device")
+    return [(f"{PROFILES[p]}-{i}", p) for p, n in counts.items() for i in range(1, n + 1)]
+
+
+def _mosquitto() -> str | None:
+    found = shutil.which("mosquitto")
+    if found is None and Path("/usr/sbin/mosquitto").exists():
+        found = "/usr/sbin/mosquitto"
+    return found
+
+
+def _choose_broker(choice: str) -> str:
+    """A path to the Mosquitto binary, or ``"embedded"``; fails early, before any build."""
+    import importlib.util
+
+    mosquitto = _mosquitto()
+    has_amqtt = importlib.util.find_spec("amqtt") is not None
+    if choice in ("auto", "mosquitto") and mosquitto:
+        return mosquitto
+    if choice in ("auto", "embedded") and has_amqtt:
+        return "embedded"
+    if choice == "embedded":
+        raise OptionError("the embedded broker needs amqtt: pip install 'edgec[demo]' -c constraints.txt")
+    raise OptionError(
+        "no MQTT broker: install Mosquitto (sudo apt-get install mosquitto; make demo does it where it "
+        "can), or pip install 'edgec[demo]' for an embedded one"
+    )
+
+
+def _workdir(path: Path | None) -> Path:
+    if path is None:
+        return Path(tempfile.mkdtemp(prefix="edgec-demo-")).resolve()
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise OptionError(f"--workdir {path} is not an empty folder")
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
+
+
+def _count(items: list[Any], noun: str) -> str:
+    return f"{len(items)} {noun}{'s' if len(items) != 1 else ''}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+@dataclass
+class Service:
+    """A background process (broker, server, agent) with its log file."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def wait_for_port(self, port: int, timeout_s: float = START_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not _port_open(port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                why = f"exited with {self.proc.returncode}" if self.proc.poll() is not None else "timed out"
+                raise DemoError(f"{self.name} did not start ({why}); its log {self.log}:\n{_tail(self.log)}")
+            time.sleep(0.1)
+
+
+def stop_services(services: list[Service], timeout_s: float = 15.0) -> None:
+    """SIGTERM to all, wait, then SIGKILL to each process group still there."""
+    for service in services:
+        if service.proc.poll() is None:
+            service.proc.terminate()
+    deadline = time.monotonic() + timeout_s
+    for service in services:
+        try:
+            service.proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(service.proc.pid, signal.SIGKILL)
+            service.proc.wait(timeout=5)
+
+
+@dataclass
+class Device:
+    id: str
+    profile: str
+    config: Path
+    http_port: int = 0
+
+
+class Demo:
+    def __init__(self, workdir: Path, devices: list[tuple[str, str]], broker: str) -> None:
+        self.dir = workdir
+        self.broker = broker
+        self.devices = [Device(d, p, workdir / "devices" / f"{d}.agent.toml") for d, p in devices]
+        self.started = time.perf_counter()
+        self.step_no = 0
+        self.services: list[Service] = []
+        self.embedded: EmbeddedBroker | None = None
+        self.load: LoadGenerator | None = None
+        self.broker_port = self.tls_port = self.http_port = 0  # picked just before use (fewer races)
+        self.token = ""
+        local = ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1,localhost"]))
+        self.env = {
+            **os.environ,
+            "EDGEC_DB": f"sqlite:///{workdir / 'fleet.db'}",
+            "NO_PROXY": local,  # the operator commands talk to the server on loopback
+            "no_proxy": local,
+            "TMPDIR": str(workdir / "tmp"),  # what the tools leave in temp folders goes too
+        }
+        (workdir / "tmp").mkdir()
+        (workdir / "logs").mkdir()
+        (workdir / "devices").mkdir()
+
+    # -- output ---------------------------------------------------------------------------------
+    def say(self, text: str = "", indent: int = 0) -> None:
+        for line in text.splitlines() or [""]:
+            print(" " * indent + line.replace(str(self.dir), "$DEMO"), flush=True)
+
+    @contextlib.contextmanager
+    def step(self, title: str) -> Iterator[None]:
+        self.step_no += 1
+        self.say(f"\n[{self.step_no}/{STEPS}] {title}")
+        started = time.perf_counter()
+        yield
+        self.say(f"ok, {time.perf_counter() - started:.1f} s", indent=2)
+
+    def edgec(self, *args: str | Path, show: bool = True) -> str:
+        """Run ``edgec ARGS`` as a user would; its output, printed unless ``show`` is false."""
+        self.say("$ edgec " + " ".join(shlex.quote(str(a)) for a in args), indent=2)
+        proc = subprocess.run(
+            [sys.executable, "-m", "edgec", *map(str, args)],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        if proc.returncode != 0:
+            detail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-10:]
+            raise DemoError(f"edgec {args[0]} failed (exit {proc.returncode}):\n" + "\n".join(detail))
+        if show and proc.stdout.strip():
+            self.say(proc.stdout.rstrip(), indent=4)
+        return proc.stdout
+
+    def spawn(self, name: str, argv: list[str], log: Path) -> Service:
+        """Start a service in the background, its output to ``log``."""
+        shown = ["edgec", *argv[3:]] if argv[0] == sys.executable else [Path(argv[0]).name, *argv[1:]]
+        self.say(f"$ {shlex.join(shown)} > {log} 2>&1 &", indent=2)
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                argv, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        service = Service(name, proc, log)
+        self.services.append(service)
+        return service
+
+    # -- the steps ------------------------------------------------------------------------------
+    def run(self) -> None:
+        print(f"edgec demo: working in {self.dir} (shown as $DEMO below)", flush=True)
+        self.build("1.0.0", "the profiles' default precisions", ())
+        self.build("2.0.0", "int8 for both (x86 was fp32)", ("--precision", "int8"))
+        self.publish()
+        self.register_devices()
+        self.start_broker()
+        self.start_server()
+        self.start_agents()
+        if self.rollout("digits:1.0.0", "100%", ()) != "completed":
+            raise DemoError("the first rollout did not complete (see its status above)")
+        self.start_load()
+        outcome = self.rollout("digits:2.0.0", "1,100%", V2_RULES)
+        self.fleet_table(outcome)
+
+    def build(self, version: str, why: str, extra: tuple[str, ...]) -> None:
+        targets = [a for p in PROFILES for a in ("--target", p)]
+        with self.step(f"build digits:{version} for {' and '.join(PROFILES)}: {why}"):
+            self.edgec(
+                "build", "samples/digits/model.onnx", "--name", "digits", "--version", version, *targets,
+                *extra, "--calibration", "samples/digits/calib.npz", "--eval", "samples/digits/eval.npz",
+                "--out", self.dir / "bundles",
+            )  # fmt: skip
+
+    def publish(self) -> None:
+        with self.step("sign the four bundles into a TUF image repository"):
+            passphrase = self.dir / "passphrase"
+            passphrase.write_text("edgec demo passphrase\n")
+            passphrase.chmod(0o600)
+            repo = ("--repo", self.dir / "repo", "--passphrase-file", passphrase)
+            self.edgec("keys", "init", *repo)
+            self.edgec("publish", *sorted((self.dir / "bundles").iterdir()), *repo)
+
+    def register_devices(self) -> None:
+        with self.step(f"register {_count(self.devices, 'device')} in group {GROUP} (SQLite registry)"):
+            self.say(f"$ export EDGEC_DB={self.env['EDGEC_DB']}", indent=2)
+            self.broker_port, self.tls_port = _free_port(), _free_port()
+            for d in self.devices:
+                d.http_port = _free_port()
+                self.edgec(
+                    "devices", "add", d.id, "--profile", d.profile, "--group", GROUP, "--broker",
+                    f"127.0.0.1:{self.broker_port}", "--repo", self.dir / "repo", "--out", d.config,
+                )  # fmt: skip
+                _tune_agent_config(d.config, self.dir / "state" / d.id, d.http_port)
+            self.say(
+                "demo settings added to each agent config: its own state_dir and HTTP port, "
+                f"[install] probation_s = 2, [telemetry] window_s = {TELEMETRY_WINDOW_S:g}",
+                indent=4,
+            )
+
+    def start_broker(self) -> None:
+        folder = self.dir / "broker"
+        user = pwd.getpwuid(os.getuid()).pw_name
+        if self.broker == "embedded":
+            title = (
+                f"start an embedded amqtt broker on 127.0.0.1:{self.broker_port} "
+                "(no Mosquitto here: device passwords, no per-device ACL)"
+            )
+        else:
+            title = f"start Mosquitto on 127.0.0.1:{self.broker_port} with the ACL from the registry"
+        with self.step(title):
+            self.edgec(
+                "broker", "config", "--out", folder, "--port", str(self.broker_port),
+                "--tls-port", str(self.tls_port), "--run-as", user,
+            )  # fmt: skip
+            if self.broker == "embedded":
+                self.embedded = EmbeddedBroker(self.broker_port, folder, self.devices)
+                self.embedded.start()
+                self.say(f"amqtt listening on 127.0.0.1:{self.broker_port}", indent=4)
+                return
+            argv = [self.broker, "-c", str(folder / "mosquitto.conf")]
+            broker = self.spawn("mosquitto", argv, folder / "mosquitto.log")
+            broker.wait_for_port(self.broker_port)
+            self.say(f"mosquitto listening on 127.0.0.1:{self.broker_port}", indent=4)
+
+    def start_server(self) -> None:
+        self.http_port = _free_port()
+        with self.step(f"start the OTA server (operator API on http://127.0.0.1:{self.http_port})"):
+            out = self.edgec("server", "token", "--role", "operator")
+            self.token = out.split(": ", 1)[1].splitlines()[0].strip()
+            grant = next(line for line in out.splitlines() if line.endswith('= "operator"'))
+            config = self.dir / "server.toml"
+            config.write_text(
+                f"repo = {json.dumps(str(self.dir / 'repo'))}\n"
+                f"db = {json.dumps(self.env['EDGEC_DB'])}\n"
+                f"passphrase_file = {json.dumps(str(self.dir / 'passphrase'))}\n"
+                "rollout_tick_s = 0.5\n\n"
+                f"[mqtt]\nport = {self.broker_port}\n"
+                f"password_file = {json.dumps(str(self.dir / 'broker' / 'server.secret'))}\n\n"
+                f"[http]\nport = {self.http_port}\n\n[http.tokens]\n{grant}\n"
+            )
+            self.say("$DEMO/server.toml:", indent=2)
+            self.say(config.read_text().rstrip(), indent=4)
+            argv = [sys.executable, "-m", "edgec", "-v", "server", "run", "--config", str(config)]
+            self.spawn("the OTA server", argv, self.dir / "logs" / "server.log").wait_for_port(self.http_port)
+            self.env["EDGEC_SERVER"] = f"http://127.0.0.1:{self.http_port}"
+            self.env["EDGEC_TOKEN"] = self.token
+            self.say(f"$ export EDGEC_SERVER={self.env['EDGEC_SERVER']} EDGEC_TOKEN={self.token}", indent=2)
+
+    def start_agents(self) -> None:
+        with self.step(f"start {_count(self.devices, 'agent')}, one process per device"):
+            started = []
+            for d in self.devices:
+                argv = [sys.executable, "-m", "edgec", "-v", "agent", "run", "--config", str(d.config)]
+                started.append((d, self.spawn(f"agent {d.id}", argv, self.dir / "logs" / f"{d.id}.log")))
+            for d, service in started:
+                service.wait_for_port(d.http_port)
+                self.say(
+                    f"{d.id} ({d.profile}): inference API on http://127.0.0.1:{d.http_port}/v2", indent=4
+                )
+
+    def rollout(self, release: str, waves: str, rules: tuple[str, ...]) -> str:
+        """Start a rollout and follow it to its end; its final state."""
+        under_load = " under load" if self.load else ""
+        with self.step(f"roll out {release} to group {GROUP} in waves {waves}{under_load}"):
+            abort = [a for rule in rules for a in ("--abort-if", rule)]
+            out = self.edgec(
+                "rollout", "start", release, "--group", GROUP, "--waves", waves, "--bake", BAKE, *abort
+            )
+            match = re.match(r"rollout (\S+):", out)
+            if match is None:
+                raise DemoError(f"edgec rollout start said: {out.strip()}")
+            final = self.follow(match[1])
+            self.say(final, indent=4)
+        return final.split(" — ", 1)[-1].split(",")[0].strip()
+
+    def follow(self, rollout_id: str) -> str:
+        """``edgec rollout status ID --watch`` until the rollout ends: a line per change; its last
+        drawing (the final status) is returned."""
+        args = ("rollout", "status", rollout_id, "--watch", "--interval", "1")
+        self.say("$ edgec " + " ".join(args), indent=2)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edgec", *args], cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+        frame: list[str] = []
+        shown, started = "", time.perf_counter()
+        deadline = time.monotonic() + ROLLOUT_TIMEOUT_S
+        try:
+            while True:
+                try:
+                    line = lines.get(timeout=1.0)
+                except queue.Empty:
+                    if time.monotonic() > deadline:
+                        raise DemoError(
+                            f"rollout {rollout_id} did not end in {ROLLOUT_TIMEOUT_S:.0f} s"
+                        ) from None
+                    continue
+                if line is None:
+                    break
+                if line.startswith(f"rollout {rollout_id}:"):
+                    frame = []
+                frame.append(line.rstrip("\n"))
+                summary = _summary(frame)
+                if summary and summary != shown:
+                    shown = summary
+                    self.say(f"[{time.perf_counter() - started:5.1f}s] {summary}", indent=4)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        if proc.returncode != 0:
+            raise DemoError("edgec rollout status failed:\n" + "\n".join(frame[-10:]))
+        return "\n".join(frame).strip()
+
+    def start_load(self) -> None:
+        with self.step(
+            f"send inference requests to every agent ({LOAD_PER_AGENT_PER_S:.0f}/s each), keep going"
+        ):
+            self.load = LoadGenerator([d.http_port for d in self.devices], DIGITS / "eval.npz")
+            self.load.start()
+            self.say("POST /v2/models/digits/infer with the digits eval inputs (KServe v2 JSON)", indent=4)
+            self.wait_for_telemetry()
+
+    def wait_for_telemetry(self, timeout_s: float = 60.0) -> None:
+        """Until every device's latest telemetry window (in the registry) comes from the release it
+        has installed, with latency figures and a drift verdict."""
+        deadline = time.monotonic() + timeout_s
+        pending = {d.id for d in self.devices}
+        while pending:
+            for device in self._api("/v1/devices"):
+                t = device.get("telemetry") or {}
+                release = device.get("installed_release")
+                if release and t.get("model") == release and t.get("p95_ms") is not None and t.get("drift"):
+                    if device["id"] in pending:
+                        self.say(
+                            f"{device['id']}: {t['requests']} requests in {t['window_s']:.1f} s, "
+                            f"p50 {t['p50_ms']:.2f} ms, p95 {t['p95_ms']:.2f} ms, drift {t['drift']}",
+                            indent=4,
+                        )
+                    pending.discard(device["id"])
+            if pending and time.monotonic() > deadline:
+                raise DemoError(f"no telemetry from {', '.join(sorted(pending))} in {timeout_s:.0f} s")
+            time.sleep(0.5)
+
+    def fleet_table(self, outcome: str) -> None:
+        with self.step("the fleet, as the operator sees it"):
+            if outcome != "completed":  # the abort rules at work, not a failure of the demo
+                self.say(
+                    f"digits:2.0.0 was {outcome} by its abort rules: the devices it reached went back",
+                    indent=4,
+                )
+            self.wait_for_telemetry()
+            if self.load is not None:
+                sent, failed = self.load.counts()
+                self.say(f"load generator: {sent} requests, {failed} failed", indent=4)
+            table = self.edgec("fleet", "ls", show=False)
+        took = time.perf_counter() - self.started
+        self.say(f"\nedgec demo: built, signed, delivered and rolled out in {took:.0f} s:")
+        self.say()
+        self.say(table.rstrip())
+
+    def _api(self, path: str) -> Any:
+        connection = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
+        try:
+            connection.request("GET", path, headers={"Authorization": f"Bearer {self.token}"})
+            response = connection.getresponse()
+            body = response.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise DemoError(f"the OTA server does not answer GET {path}: {e}") from e
+        finally:
+            connection.close()
+        if response.status != 200:
+            raise DemoError(f"GET {path}: {response.status} {body[:200]!r}")
+        return json.loads(body)
+
+    # -- cleanup --------------------------------------------------------------------------------
+    def close(self, keep: bool, outcome: str) -> None:
+        if outcome != "done":
+            hint = "" if keep else f" and removing {self.dir} (--keep keeps it, with the logs)"
+            print(f"\nedgec demo: {outcome}; stopping everything{hint}", file=sys.stderr, flush=True)
+        if self.load is not None:
+            self.load.stop()
+        stop_services(self.services)
+        if self.embedded is not None:
+            self.embedded.stop()
+        if keep:
+            print(f"edgec demo: kept {self.dir} (logs in {self.dir / 'logs'})", flush=True)
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _pump(stream: IO[str] | None, lines: queue.Queue[str | None]) -> None:
+    if stream is not None:
+        for line in stream:
+            lines.put(line)
+    lines.put(None)
+
+
+def _table(frame: list[str], first_column: str) -> list[dict[str, str]] | None:
+    """The rows of the table whose header starts with ``first_column``; None until it is whole."""
+    header = next((i for i, line in enumerate(frame) if line.startswith(first_column + " ")), None)
+    if header is None:
+        return None
+    columns = re.split(r"\s{2,}", frame[header].strip())
+    rows: list[dict[str, str]] = []
+    for line in frame[header + 2 :]:
+        if not line.strip():  # a blank line ends the table
+            return rows
+        rows.append(dict(zip(columns, line.split(), strict=False)))
+    return None
+
+
+def _summary(frame: list[str]) -> str:
+    """One line from a drawing of ``edgec rollout status`` (once its cohort table is whole): state,
+    wave, devices installed, and the p95 latency of canary vs control that the abort rule compares."""
+    waves, cohorts = _table(frame, "wave"), _table(frame, "cohort")
+    if waves is None or cohorts is None:
+        return ""
+    state = re.sub(r", baking until \S+", ", baking", frame[0].split(" — ", 1)[-1])
+    installed = sum(int(w.get("installed", "0")) for w in waves)
+    line = f"{state}: {installed}/{sum(int(w['devices']) for w in waves)} devices installed"
+    p95 = {row["cohort"]: row.get("p95 ms", "-") for row in cohorts}
+    if "-" not in (p95.get("canary", "-"), p95.get("control", "-")):
+        line += f"; p95 canary {p95['canary']} ms, control {p95['control']} ms"
+    if len(frame) > 1 and frame[1].startswith("reason: "):
+        line += f" ({frame[1].removeprefix('reason: ')})"
+    return line
+
+
+def _tune_agent_config(config: Path, state_dir: Path, http_port: int) -> None:
+    """The demo's settings on top of what ``edgec devices add`` wrote: a state folder and an HTTP
+    port of its own, and short probation and telemetry windows so the demo moves quickly."""
+    text = config.read_text(encoding="utf-8")
+    text = text.replace('state_dir = "/var/lib/edgec"', f"state_dir = {json.dumps(str(state_dir))}")
+    text += (
+        f"\n[http]\nport = {http_port}\n\n[install]\nprobation_s = 2.0\n\n"
+        f"[telemetry]\nwindow_s = {TELEMETRY_WINDOW_S}\n"
+    )
+    config.write_text(text, encoding="utf-8")
+
+
+def _read_npy_float32(data: bytes) -> tuple[tuple[int, ...], list[float]]:
+    """A little-endian float32 C-order ``.npy`` array: its shape and values (no numpy in edgec)."""
+    import ast
+    import struct
+
+    if data[:6] != b"\x93NUMPY":
+        raise DemoError("not a .npy array")
+    length_bytes = 2 if data[6] == 1 else 4
+    (header_len,) = struct.unpack("<H" if length_bytes == 2 else "<I", data[8 : 8 + length_bytes])
+    start = 8 + length_bytes
+    header = ast.literal_eval(data[start : start + header_len].decode("latin1"))
+    if header["descr"] != "<f4" or header["fortran_order"]:
+        raise DemoError(f"expected a little-endian float32 C-order array, got {header}")
+    body = data[start + header_len :]
+    return tuple(header["shape"]), list(struct.unpack(f"<{len(body) // 4}f", body))
+
+
+class LoadGenerator:
+    """Inference requests to each agent's KServe v2 API, paced, one thread and one keep-alive
+    connection per agent."""
+
+    def __init__(self, ports: list[int], inputs: Path, rate_per_s: float = LOAD_PER_AGENT_PER_S) -> None:
+        import zipfile
+
+        with zipfile.ZipFile(inputs) as z:
+            shape, values = _read_npy_float32(z.read("x.npy"))
+        size = len(values) // shape[0]
+        sample = [1, *shape[1:]]
+        self.bodies = [
+            json.dumps(
+                {"inputs": [{"name": "x", "shape": sample, "datatype": "FP32", "data": values[i : i + size]}]}
+            ).encode()
+            for i in range(0, len(values), size)
+        ]
+        self.interval_s = 1.0 / rate_per_s
+        self.threads = [threading.Thread(target=self._run, args=(port,), daemon=True) for port in ports]
+        self.sent = self.failed = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self.threads:
+            thread.join(timeout=15)
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            return self.sent, self.failed
+
+    def _run(self, port: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        n, next_at = 0, time.perf_counter()
+        while not self._stop.is_set():
+            delay = next_at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            next_at = max(next_at + self.interval_s, time.perf_counter() - 1.0)
+            ok = False
+            try:
+                connection.request(
+                    "POST",
+                    "/v2/models/digits/infer",
+                    self.bodies[n % len(self.bodies)],
+                    {"Content-Type": "application/json"},
+                )
+                response = connection.getresponse()
+                response.read()
+                ok = response.status == 200
+            except (OSError, http.client.HTTPException):
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            n += 1
+            with self._lock:
+                self.sent += 1
+                self.failed += not ok
+        connection.close()
+
+
+class EmbeddedBroker:
+    """amqtt in a thread of this process, for machines without Mosquitto: it checks the device
+    and server passwords (Argon2 hashes of the ones ``edgec devices add`` and ``edgec broker
+    config`` made), but not the per-device ACL."""
+
+    def __init__(self, port: int, folder: Path, devices: list[Device]) -> None:
+        self.port = port
+        self.folder = folder
+        self.devices = devices
+        self.thread: threading.Thread | None = None
+        self.loop: Any = None
+        self.broker: Any = None
+        self.log_handler: Any = None
+
+    def _password_file(self) -> Path:
+        from pwdlib.hashers.argon2 import Argon2Hasher
+
+        from ota_server.broker import SERVER_USER
+
+        hasher = Argon2Hasher()
+        users = {SERVER_USER: (self.folder / "server.secret").read_text().strip()}
+        for d in self.devices:
+            users[d.id] = tomllib.loads(d.config.read_text())["mqtt"]["password"]
+        path = self.folder / "amqtt-passwords"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(f"{user}:{hasher.hash(password)}\n" for user, password in users.items())
+        return path
+
+    def start(self) -> None:
+        import asyncio
+        import logging
+
+        from amqtt.broker import Broker
+
+        config = {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
+            "plugins": {
+                "amqtt.plugins.authentication.FileAuthPlugin": {"password_file": str(self._password_file())}
+            },
+        }
+        self.log_handler = logging.FileHandler(self.folder / "amqtt.log")
+        logger = logging.getLogger("amqtt")
+        logger.addHandler(self.log_handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def serve() -> None:
+            asyncio.set_event_loop(self.loop)
+            try:
+                self.broker = Broker(config, loop=self.loop)
+                self.loop.run_until_complete(self.broker.start())
+            except Exception as e:
+                failure.append(e)
+                ready.set()
+                return
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=serve, name="amqtt", daemon=True)
+        self.thread.start()
+        ready.wait(START_TIMEOUT_S)
+        if failure or not _port_open(self.port):
+            raise DemoError(f"the embedded broker did not start: {failure[0] if failure else 'timed out'}")
+
+    def stop(self) -> None:
+        import asyncio
+        import logging
+
+        if self.thread is None or self.loop is None:
+            return
+        if self.broker is not None and self.loop.is_running():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self.broker.shutdown(), self.loop).result(10)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        if not self.thread.is_alive():
+            self.loop.close()
+        if self.log_handler is not None:
+            logging.getLogger("amqtt").removeHandler(self.log_handler)
+            self.log_handler.close()
