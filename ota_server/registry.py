@@ -85,6 +85,21 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE INDEX rollout_devices_by_device ON rollout_devices (device_id, state)",
         ],
     ),
+    (
+        4,
+        [
+            # recent telemetry windows, so a rollout judges a whole bake, not one window
+            """CREATE TABLE telemetry_windows (
+                device_id VARCHAR(128) NOT NULL,
+                ended_at VARCHAR(40) NOT NULL,
+                received_at VARCHAR(40) NOT NULL,
+                model VARCHAR(256),
+                figures TEXT NOT NULL,
+                PRIMARY KEY (device_id, ended_at)
+            )""",
+            "CREATE INDEX telemetry_windows_by_time ON telemetry_windows (received_at)",
+        ],
+    ),
 ]
 
 
@@ -266,3 +281,48 @@ class Registry:
             conn.execute(
                 text(f"UPDATE devices SET {assignments} WHERE id = :id"), {**fields, "id": device_id}
             )
+
+    def add_window(self, device_id: str, window: dict[str, Any], received_at: str) -> bool:
+        """Keep one telemetry window; a window already kept (QoS 1 sends again) is ignored."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    text(
+                        "INSERT INTO telemetry_windows (device_id, ended_at, received_at, model, figures) "
+                        "VALUES (:d, :e, :r, :m, :w)"
+                    ),
+                    {
+                        "d": device_id,
+                        "e": window.get("ended_at") or received_at,
+                        "r": received_at,
+                        "m": window.get("model"),
+                        "w": json.dumps(window, sort_keys=True),
+                    },
+                )
+        except IntegrityError:
+            return False
+        return True
+
+    def windows(self, devices: list[str], since: str) -> dict[str, list[dict[str, Any]]]:
+        """Each device's windows received at or after ``since`` (the server's clock, added to each
+        window as ``received_at``), oldest first."""
+        found: dict[str, list[dict[str, Any]]] = {d: [] for d in devices}
+        if not devices:
+            return found
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT device_id, figures, received_at FROM telemetry_windows "
+                    "WHERE received_at >= :since ORDER BY received_at"
+                ),
+                {"since": since},
+            ).all()
+        for device_id, figures, received_at in rows:
+            if device_id in found:
+                found[device_id].append({**json.loads(figures), "received_at": received_at})
+        return found
+
+    def prune_windows(self, before: str) -> int:
+        with self.engine.begin() as conn:
+            result = conn.execute(text("DELETE FROM telemetry_windows WHERE received_at < :t"), {"t": before})
+        return int(result.rowcount or 0)

@@ -418,40 +418,49 @@ class Rollouts:
                 self._set_member(rollout_id, member["device_id"], detail=f"rollback failed: {e}")
 
     # -- figures ----------------------------------------------------------------------------------
-    def _cohorts(self, rollout_id: str) -> tuple[list[dict[str, Any]], list[Device], list[Device]]:
+    def _cohorts(self, rollout_id: str) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+        """The members the rollout has reached, and the canary and control cohorts' figures.
+
+        The figures come from every telemetry window a device sent during the current judgement
+        period, not its last one: a canary's windows since it installed the release, a control
+        device's since the current wave began (sub-millisecond p95s of single windows swing
+        several-fold on a busy device)."""
         row = self._rollout_row(rollout_id)
+        release = RolloutSpec.model_validate_json(row["spec"]).release
         members = self._members(rollout_id)
-        devices = {d.id: d for d in self.registry.devices()}
         wave = int(row["wave"])
         started = [m for m in members if m["wave"] is not None and m["wave"] <= wave]
-        canary = [
-            devices[m["device_id"]]
-            for m in started
-            if m["state"] == "installed" and m["device_id"] in devices
-        ]
-        control = [
-            devices[m["device_id"]] for m in members if m["state"] == "waiting" and m["device_id"] in devices
-        ]
-        return started, canary, control
+        canary = {m["device_id"]: m["finished_at"] for m in started if m["state"] == "installed"}
+        current = [m["assigned_at"] for m in started if m["wave"] == wave and m["assigned_at"]]
+        wave_start = min(current) if current else _iso(self.clock())
+        control = [m["device_id"] for m in members if m["state"] == "waiting"]
+        since = min([wave_start, *(t for t in canary.values() if t)])
+        history = self.registry.windows([*canary, *control], since)
+        canary_windows = {
+            d: [w for w in history[d] if w.get("model") == release and w["received_at"] >= (t or "")]
+            for d, t in canary.items()
+        }
+        control_windows = {d: [w for w in history[d] if w.get("model") != release] for d in control}
+        return started, self._figures(canary_windows), self._figures(control_windows)
 
     @staticmethod
-    def _figures(devices: list[Device], release: str | None, exclude: str | None = None) -> dict[str, Any]:
-        """The cohort's latest windows for ``release`` (NAME:VERSION; None: any but ``exclude``)."""
-        windows = [
-            d.telemetry
-            for d in devices
-            if d.telemetry
-            and (release is None or d.telemetry.get("model") == release)
-            and (exclude is None or d.telemetry.get("model") != exclude)
-        ]
-        figures: dict[str, Any] = {"devices": len(windows)}
+    def _figures(windows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+        """A cohort's figures: latency per device the median of its windows, then the median
+        over devices; error rate over every request; drift the verdict most windows gave."""
+        reporting = {d: ws for d, ws in windows.items() if ws}
+        every = [w for ws in reporting.values() for w in ws]
+        figures: dict[str, Any] = {"devices": len(reporting), "windows": len(every)}
         for key in ("p50_ms", "p95_ms", "p99_ms"):
-            values = [w[key] for w in windows if isinstance(w.get(key), (int, float))]
-            figures[key] = round(statistics.median(values), 3) if values else None
-        requests = sum(int(w.get("requests", 0)) for w in windows)
-        errors = sum(int(w.get("errors", 0)) for w in windows)
+            per_device = [
+                statistics.median(values)
+                for ws in reporting.values()
+                if (values := [w[key] for w in ws if isinstance(w.get(key), (int, float))])
+            ]
+            figures[key] = round(statistics.median(per_device), 3) if per_device else None
+        requests = sum(int(w.get("requests", 0)) for w in every)
+        errors = sum(int(w.get("errors", 0)) for w in every)
         figures["error_rate"] = round(errors / requests, 5) if requests else None
-        verdicts = Counter(w["drift"] for w in windows if w.get("drift"))
+        verdicts = Counter(w["drift"] for w in every if w.get("drift"))
         order = {"drift": 2, "warn": 1, "ok": 0}
         figures["drift"] = max(verdicts, key=lambda v: (verdicts[v], order.get(v, 0))) if verdicts else None
         return figures
@@ -460,12 +469,10 @@ class Rollouts:
         """Each abort rule with the canary and control figures behind it."""
         row = self._rollout_row(rollout_id)
         spec = RolloutSpec.model_validate_json(row["spec"])
-        started, canary, control = self._cohorts(rollout_id)
+        started, canary_figures, control_figures = self._cohorts(rollout_id)
         settled = [m for m in started if m["state"] in ("installed", *FAILED)]
         failures = [m for m in settled if m["state"] in FAILED]
-        canary_figures = self._figures(canary, spec.release)
         canary_figures["install_failure_rate"] = round(len(failures) / len(settled), 4) if settled else None
-        control_figures = self._figures(control, None, exclude=spec.release)
         results = []
         for text_rule in spec.abort_if:
             rule = parse_rule(text_rule)
@@ -510,8 +517,9 @@ class Rollouts:
             "spec": json.loads(row["spec"]),
             # live figures while it runs; once it ended, those it was judged on
             "rules": self.judge(rollout_id) if row["state"] in ("running", "paused") else judged,
-            "canary": self._figures(canary, spec.release),
-            "control": self._figures(control, None, exclude=spec.release),
+            "last_judgement": judged,  # the rules as judged at the end of the last bake
+            "canary": canary,
+            "control": control,
             "devices": [
                 {
                     "device": m["device_id"],

@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -108,9 +109,14 @@ class OtaServer:
         return {r.profile for r in self.repository.releases() if (r.name, r.version) == (name, version)}
 
     def _schedule(self) -> None:
+        pruned = 0.0
         while not self._stopping.wait(self.config.rollout_tick_s):
             if self.issuer is not None:
                 self.rollouts.tick()
+            if time.monotonic() - pruned > 600:  # telemetry history: a day is plenty to judge on
+                day_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
+                self.registry.prune_windows(day_ago.isoformat(timespec="milliseconds"))
+                pruned = time.monotonic()
         self.http_port = 0
 
     def assign(
@@ -160,7 +166,7 @@ class OtaServer:
             return self._drop(message.topic, f"{len(message.payload)} bytes")
         try:
             data = json.loads(message.payload)
-            now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
             if kind == "state":
                 state = DeviceState.model_validate(data)
                 self.registry.update(
@@ -168,6 +174,7 @@ class OtaServer:
                 )
             elif kind == "telemetry":
                 window = Telemetry.model_validate(data)
+                self.registry.add_window(device, window.figures(), now)  # the history rollouts judge
                 if self._is_newer(device, window):
                     self.registry.update(device, last_seen=now, telemetry=window.figures())
             else:

@@ -28,32 +28,42 @@ class Clock:
 
 
 class Devices:
-    """Answers director documents: installs (or not), then reports telemetry per version."""
+    """Answers director documents as agents do (install, or stay silent), and every device that
+    serves reports a telemetry window for its release whenever ``report`` is called."""
 
-    def __init__(self, registry: Registry, p95_ms: dict[str, float], silent: set[str] = frozenset()) -> None:
+    def __init__(
+        self, registry: Registry, clock: Clock, p95_ms: dict[str, float], silent: set[str] = frozenset()
+    ) -> None:
         self.registry = registry
+        self.clock = clock
         self.p95_ms = p95_ms
         self.silent = set(silent)
-        self.quiet = False
+        self.quiet: set[str] = set()  # releases that serve no traffic (no telemetry)
         self.documents: list[tuple[str, str, Action, str]] = []
 
     def assign(self, device: str, release: str, action: Action, rollout: str) -> None:
         self.documents.append((device, release, action, rollout))
         self.registry.update(device, desired_release=release)
-        if device in self.silent:
-            return
-        version = release.partition(":")[2]
-        if self.quiet:  # installs, but reports no telemetry (no traffic yet)
-            self.registry.update(device, installed_release=release, status="serving", telemetry=None)
-            return
-        window = {
-            "model": release,
-            "requests": 100,
-            "errors": 0,
-            "p95_ms": self.p95_ms[version],
-            "drift": "ok",
-        }
-        self.registry.update(device, installed_release=release, status="serving", telemetry=window)
+        if device not in self.silent:
+            self.registry.update(device, installed_release=release, status="serving")
+
+    def report(self) -> None:
+        now = self.clock().isoformat(timespec="milliseconds")
+        for device in self.registry.devices(group="field"):
+            release = device.installed_release
+            if release is None or release in self.quiet or device.profile != "raspberry-pi-4":
+                continue
+            p95 = self.p95_ms[release.partition(":")[2]]
+            window = {
+                "model": release,
+                "requests": 100,
+                "errors": 0,
+                "p95_ms": p95,
+                "drift": "ok",
+                "ended_at": now,
+            }
+            self.registry.add_window(device.id, window, now)
+            self.registry.update(device.id, telemetry=window)
 
     def sent(self, action: Action) -> list[str]:
         return [d for d, _, a, _ in self.documents if a is action]
@@ -64,8 +74,7 @@ def fleet(db_url):
     registry = Registry.open(db_url)
     for n in range(50):
         registry.add_device(f"pi-{n:02d}", "lab", "field", "raspberry-pi-4")
-        window = {"model": "digits:1.0.0", "requests": 100, "errors": 0, "p95_ms": 10.0, "drift": "ok"}
-        registry.update(f"pi-{n:02d}", installed_release="digits:1.0.0", telemetry=window)
+        registry.update(f"pi-{n:02d}", installed_release="digits:1.0.0")
     registry.add_device("mac-01", "lab", "field", "apple-silicon-mac")  # no bundle for it
     yield registry
     registry.engine.dispose()
@@ -86,8 +95,11 @@ def _spec(**changes) -> RolloutSpec:
     return RolloutSpec.model_validate({**base, **changes})
 
 
-def _run(rollouts: Rollouts, clock: Clock, rollout_id: str, steps: int = 20, step_s: float = 300) -> str:
+def _run(
+    rollouts: Rollouts, devices: Devices, clock: Clock, rollout_id: str, steps: int = 20, step_s: float = 300
+) -> str:
     for _ in range(steps):
+        devices.report()
         rollouts.tick()
         state = rollouts.status(rollout_id)["state"]
         if state not in ("pending", "running"):
@@ -97,7 +109,8 @@ def _run(rollouts: Rollouts, clock: Clock, rollout_id: str, steps: int = 20, ste
 
 
 def test_a_good_release_goes_through_every_wave(fleet):
-    clock, devices = Clock(), Devices(fleet, {"1.0.0": 10.0, "2.0.0": 10.5})
+    clock = Clock()
+    devices = Devices(fleet, clock, {"1.0.0": 10.0, "2.0.0": 10.5})
     rollouts = _rollouts(fleet, devices, clock)
     started = rollouts.start(_spec(), "op")
     assert [w["devices"] for w in started["waves"]] == [5, 20, 25]  # 10%, 50%, 100% of 50
@@ -109,7 +122,7 @@ def test_a_good_release_goes_through_every_wave(fleet):
     rollouts.tick()  # everyone installed: the bake starts now
     rollouts.tick()
     assert len(devices.sent(Action.INSTALL)) == 5, "no second wave before the bake is over"
-    assert _run(rollouts, clock, started["id"]) == "completed"
+    assert _run(rollouts, devices, clock, started["id"]) == "completed"
     assert len(devices.sent(Action.INSTALL)) == 50
     assert not devices.sent(Action.ROLLBACK)
     assert all(
@@ -118,10 +131,11 @@ def test_a_good_release_goes_through_every_wave(fleet):
 
 
 def test_a_release_that_doubles_p95_aborts_after_the_first_wave_and_rolls_the_canaries_back(fleet):
-    clock, devices = Clock(), Devices(fleet, {"1.0.0": 10.0, "2.0.0": 20.0})
+    clock = Clock()
+    devices = Devices(fleet, clock, {"1.0.0": 10.0, "2.0.0": 20.0})
     rollouts = _rollouts(fleet, devices, clock)
     rollout_id = rollouts.start(_spec(), "op")["id"]
-    assert _run(rollouts, clock, rollout_id) == "aborted"
+    assert _run(rollouts, devices, clock, rollout_id) == "aborted"
     status = rollouts.status(rollout_id)
     canaries = [d["device"] for d in status["devices"] if d["wave"] == 1]
     assert sorted(devices.sent(Action.INSTALL)) == sorted(canaries)  # no wave 2
@@ -138,7 +152,8 @@ def test_a_release_that_doubles_p95_aborts_after_the_first_wave_and_rolls_the_ca
 
 
 def test_pause_holds_the_next_wave_and_resume_carries_on(fleet):
-    clock, devices = Clock(), Devices(fleet, {"1.0.0": 10.0, "2.0.0": 10.0})
+    clock = Clock()
+    devices = Devices(fleet, clock, {"1.0.0": 10.0, "2.0.0": 10.0})
     rollouts = _rollouts(fleet, devices, clock)
     rollout_id = rollouts.start(_spec(), "op")["id"]
     rollouts.tick()
@@ -151,11 +166,12 @@ def test_pause_holds_the_next_wave_and_resume_carries_on(fleet):
     with pytest.raises(UserInputError, match="it is paused"):
         rollouts.pause(rollout_id)
     rollouts.resume(rollout_id)
-    assert _run(rollouts, clock, rollout_id) == "completed"
+    assert _run(rollouts, devices, clock, rollout_id) == "completed"
 
 
 def test_a_restarted_server_resumes_the_rollout_where_it_stood(fleet, db_url):
-    clock, devices = Clock(), Devices(fleet, {"1.0.0": 10.0, "2.0.0": 10.0})
+    clock = Clock()
+    devices = Devices(fleet, clock, {"1.0.0": 10.0, "2.0.0": 10.0})
     first = _rollouts(fleet, devices, clock)
     rollout_id = first.start(_spec(), "op")["id"]
     first.tick()
@@ -165,7 +181,7 @@ def test_a_restarted_server_resumes_the_rollout_where_it_stood(fleet, db_url):
     try:
         restarted = _rollouts(registry, devices, clock)
         assert restarted.status(rollout_id)["wave"] == 1
-        assert _run(restarted, clock, rollout_id) == "completed"
+        assert _run(restarted, devices, clock, rollout_id) == "completed"
         assert len(devices.sent(Action.INSTALL)) == 50  # nobody was assigned twice
         assert len(set(devices.sent(Action.INSTALL))) == 50
     finally:
@@ -174,20 +190,20 @@ def test_a_restarted_server_resumes_the_rollout_where_it_stood(fleet, db_url):
 
 def test_silent_devices_time_out_as_failures_without_holding_the_wave(fleet):
     clock = Clock()
-    devices = Devices(fleet, {"1.0.0": 10.0, "2.0.0": 10.0})
+    devices = Devices(fleet, clock, {"1.0.0": 10.0, "2.0.0": 10.0})
     rollouts = _rollouts(fleet, devices, clock)
     spec = _spec(device_timeout_s=900, waves=["20", "100%"], abort_if=["install_failure_rate>0.2"])
     rollout_id = rollouts.start(spec, "op")["id"]
     wave1 = [d["device"] for d in rollouts.status(rollout_id)["devices"] if d["wave"] == 1]
     devices.silent = set(wave1[:3])  # 3 of 20 never answer: 15% < 20%
-    assert _run(rollouts, clock, rollout_id) == "completed"
+    assert _run(rollouts, devices, clock, rollout_id) == "completed"
     timed_out = [d["device"] for d in rollouts.status(rollout_id)["devices"] if d["state"] == "timed-out"]
     assert sorted(timed_out) == sorted(wave1[:3])
 
 
 def test_refusals_reported_by_devices_count_as_install_failures(fleet):
     clock = Clock()
-    devices = Devices(fleet, {"1.0.0": 10.0, "2.0.0": 10.0})
+    devices = Devices(fleet, clock, {"1.0.0": 10.0, "2.0.0": 10.0})
     rollouts = _rollouts(fleet, devices, clock)
     rollout_id = rollouts.start(_spec(), "op")["id"]
     wave1 = [d["device"] for d in rollouts.status(rollout_id)["devices"] if d["wave"] == 1]
@@ -198,7 +214,7 @@ def test_refusals_reported_by_devices_count_as_install_failures(fleet):
         rollouts.on_event(device, event)
     for device in wave1[2:]:
         fleet.update(device, installed_release="digits:2.0.0")
-    assert _run(rollouts, clock, rollout_id) == "aborted"
+    assert _run(rollouts, devices, clock, rollout_id) == "aborted"
     status = rollouts.status(rollout_id)
     rule = status["rules"][0]
     assert (rule["rule"], rule["canary"], rule["verdict"]) == ("install_failure_rate>0.05", 0.4, "abort")
@@ -208,10 +224,11 @@ def test_refusals_reported_by_devices_count_as_install_failures(fleet):
 
 
 def test_an_operator_rollback_sends_everyone_back(fleet):
-    clock, devices = Clock(), Devices(fleet, {"1.0.0": 10.0, "2.0.0": 10.0})
+    clock = Clock()
+    devices = Devices(fleet, clock, {"1.0.0": 10.0, "2.0.0": 10.0})
     rollouts = _rollouts(fleet, devices, clock)
     rollout_id = rollouts.start(_spec(waves=["100%"]), "op")["id"]
-    assert _run(rollouts, clock, rollout_id) == "completed"
+    assert _run(rollouts, devices, clock, rollout_id) == "completed"
     rollouts.rollback(rollout_id)
     assert len(devices.sent(Action.ROLLBACK)) == 50
     assert {d.installed_release for d in fleet.devices() if d.profile == "raspberry-pi-4"} == {"digits:1.0.0"}
@@ -235,8 +252,9 @@ def test_rules_waves_and_durations_are_checked_up_front():
 
 
 def test_a_wave_waits_for_the_canary_figures_its_rules_need_then_goes_on_with_a_note(fleet):
-    clock, devices = Clock(), Devices(fleet, {"1.0.0": 10.0, "2.0.0": 10.0})
-    devices.quiet = True
+    clock = Clock()
+    devices = Devices(fleet, clock, {"1.0.0": 10.0, "2.0.0": 10.0})
+    devices.quiet = {"digits:2.0.0"}
     rollouts = _rollouts(fleet, devices, clock)
     rollout_id = rollouts.start(_spec(waves=["10%", "100%"], bake_s=60), "op")["id"]
     rollouts.tick()
@@ -252,3 +270,27 @@ def test_a_wave_waits_for_the_canary_figures_its_rules_need_then_goes_on_with_a_
     clock.advance(31)  # a minute past the bake: it goes on, and says what it went without
     rollouts.tick()
     assert rollouts.status(rollout_id)["wave"] == 2
+
+
+def test_one_slow_window_per_canary_does_not_abort_a_good_release(fleet):
+    clock = Clock()
+    devices = Devices(fleet, clock, {"1.0.0": 10.0, "2.0.0": 10.0})
+    rollouts = _rollouts(fleet, devices, clock)
+    rollout_id = rollouts.start(_spec(waves=["10%", "100%"], bake_s=600), "op")["id"]
+    rollouts.tick()  # wave 1 goes out and installs
+    rollouts.tick()  # the bake starts
+    for _ in range(6):  # every device reports through the bake
+        clock.advance(100)
+        devices.report()
+    canaries = [d["device"] for d in rollouts.status(rollout_id)["devices"] if d["wave"] == 1]
+    clock.advance(1)
+    now = clock().isoformat(timespec="milliseconds")
+    for device in canaries:  # then a burst: every canary's LAST window is 10x slower
+        window = {"model": "digits:2.0.0", "requests": 100, "p95_ms": 100.0, "ended_at": now}
+        fleet.add_window(device, window, now)
+        fleet.update(device, telemetry=window)
+    rollouts.tick()  # the bake is over: judged on the whole bake, not the last window
+    status = rollouts.status(rollout_id)
+    assert (status["state"], status["wave"]) == ("running", 2)
+    rule = next(r for r in status["last_judgement"] if r["rule"] == "p95_ms>1.5*control")
+    assert (rule["canary"], rule["control"], rule["verdict"]) == (10.0, 10.0, "ok")
