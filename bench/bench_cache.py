@@ -11,6 +11,7 @@ Reports the median wall time of each and the speed-up; writes bench/results/cach
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import statistics
 import subprocess
@@ -76,6 +77,7 @@ def main() -> None:
             cold.append(_build(cache, out))
             warm.append(_build(cache, out))
     result = {
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cold_s": [round(t, 2) for t in cold],
         "cached_s": [round(t, 2) for t in warm],
         "cold_median_s": round(statistics.median(cold), 2),

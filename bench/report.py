@@ -87,7 +87,8 @@ def markdown(name: str) -> Callable[[dict[str, Any]], str]:
     def render(_data: dict[str, Any]) -> str:
         path = RESULTS / f"{name}.md"
         text = path.read_text() if path.exists() else ""
-        body = "\n".join(line for line in text.splitlines() if not line.startswith("# "))
+        # its own title and image links (relative to results/) give way to the report's
+        body = "\n".join(line for line in text.splitlines() if not line.startswith(("# ", "![")))
         return body.strip() + _image(name)
 
     return render
