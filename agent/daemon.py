@@ -13,8 +13,6 @@ publishes its retained state, install events and telemetry windows. Threads:
 
 from __future__ import annotations
 
-import collections
-import datetime as dt
 import json
 import logging
 import threading
@@ -31,6 +29,7 @@ from agent.config import AgentConfig
 from agent.director import DirectorState
 from agent.install import Installer, ProbationMonitor
 from agent.mqtt_fetch import SCHEME, ChunkClient, ChunkSource, HttpChunks, MqttFetcher, Throttled
+from agent.report import MqttReporter
 from agent.runtime import golden_samples, load_bundle, self_test
 from agent.serving import InferenceServer
 from agent.slot import LoadedModel, ModelSlot
@@ -54,51 +53,6 @@ def _director_key(text: str) -> SSlibKey:
     return SSlibKey.from_dict(keyid, data)
 
 
-class _Reporter:
-    """State (retained) and events, published on the device's own topics. Events raised while
-    the broker is away wait (bounded) and go out in order when it is back."""
-
-    MAX_WAITING = 1000
-
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        self.last_state: bytes | None = None
-        self._waiting: collections.deque[str] = collections.deque(maxlen=self.MAX_WAITING)
-        self._lock = threading.Lock()
-
-    def event(self, kind: str, release: str | None, detail: str | None = None, **figures: Any) -> None:
-        body = {"event": kind, "release": release, "detail": detail, "at": _now(), **figures}
-        logger.info("event %s %s %s", kind, release or "", detail or "")
-        with self._lock:
-            self._waiting.append(json.dumps(body))
-            if self.agent.client.is_connected():
-                self._send_waiting()
-
-    def connected(self) -> None:
-        with self._lock:
-            self._send_waiting()
-            if self.last_state is not None:  # the will replaced it while we were away
-                self.agent.client.publish(self.agent.topics["state"], self.last_state, qos=1, retain=True)
-
-    def _send_waiting(self) -> None:
-        while self._waiting:
-            info = self.agent.client.publish(self.agent.topics["events"], self._waiting[0], qos=1)
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                return
-            self._waiting.popleft()
-
-    def state(self, status: str, installed: str | None, detail: str | None = None) -> None:
-        body = {"status": status, "installed": installed}
-        if detail:
-            body["detail"] = detail
-        self.last_state = json.dumps(body).encode()
-        self.agent.client.publish(self.agent.topics["state"], self.last_state, qos=1, retain=True)
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
-
-
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         assert config.trust is not None  # load_config insists
@@ -109,7 +63,7 @@ class Agent:
         if not (config.state_dir / "metadata" / "root.json").exists():
             TrustedRepository.provision(config.state_dir, config.trust.root.encode())
         self.client = self._mqtt_client()
-        self.reporter = _Reporter(self)
+        self.reporter = MqttReporter(self.client, self.topics)
         chunks: ChunkSource
         if config.install.transport == "http":
             from tuf.ngclient import Urllib3Fetcher

@@ -76,6 +76,7 @@ from agent.config import InstallSettings, TrustSettings
 from agent.director import DirectorState
 from agent.install import Installer, ProbationMonitor
 from agent.mqtt_fetch import SCHEME, ChunkClient, MqttFetcher
+from agent.report import MqttReporter
 from agent.slot import ModelSlot
 from agent.store import StateStore
 from agent.telemetry import DriftConfig
@@ -497,51 +498,20 @@ class SimSettings(BaseModel):
     seed: int | None = None  # telemetry noise
 
 
-class _SimReporter:
-    """The real agent's reports (``agent.daemon._Reporter``): the same state and event JSON on
-    the device's topics, events held (bounded) while the broker is away; and the fleet's tally."""
-
-    MAX_WAITING = 100
+class _SimReporter(MqttReporter):
+    """The real agent's reports, and the fleet's tally of them."""
 
     def __init__(self, device: SimulatedDevice) -> None:
+        super().__init__(device.client, device.topics, max_waiting=100)
         self.device = device
-        self.last_state: bytes | None = None
-        self._waiting: collections.deque[str] = collections.deque(maxlen=self.MAX_WAITING)
-        self._lock = threading.Lock()
 
     def event(self, kind: str, release: str | None, detail: str | None = None, **figures: Any) -> None:
-        body = {"event": kind, "release": release, "detail": detail, "at": _now(), **figures}
-        logger.debug("%s: event %s %s %s", self.device.id, kind, release or "", detail or "")
         self.device.tally.event(self.device, kind)
-        with self._lock:
-            self._waiting.append(json.dumps(body))
-            if self.device.client.is_connected():
-                self._send_waiting()
-
-    def connected(self) -> None:
-        with self._lock:
-            self._send_waiting()
-            if self.last_state is not None:  # the will replaced it while we were away
-                self.device.client.publish(self.device.topics["state"], self.last_state, qos=1, retain=True)
-
-    def _send_waiting(self) -> None:
-        while self._waiting:
-            info = self.device.client.publish(self.device.topics["events"], self._waiting[0], qos=1)
-            if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                return
-            self._waiting.popleft()
+        super().event(kind, release, detail, **figures)
 
     def state(self, status: str, installed: str | None, detail: str | None = None) -> None:
-        body = {"status": status, "installed": installed}
-        if detail:
-            body["detail"] = detail
-        self.last_state = json.dumps(body).encode()
         self.device.tally.state(self.device, status, installed)
-        self.device.client.publish(self.device.topics["state"], self.last_state, qos=1, retain=True)
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+        super().state(status, installed, detail)
 
 
 def _iso(seconds: float) -> str:
