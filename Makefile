@@ -69,7 +69,7 @@ samples: $(STAMP)
 mobilenet: $(STAMP)
 	$(PY) samples/mobilenet/make_mobilenetv2.py
 
-# Every benchmark, side by side with its baseline, then bench/REPORT.md (about 15 minutes on
+# Every benchmark, side by side with its baseline, then bench/REPORT.md (about 17 minutes on
 # 2 cores; the serving benchmark makes MLServer's own venv under build/ the first time).
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[bench]"
