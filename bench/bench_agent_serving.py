@@ -60,8 +60,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as dist_version
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +69,7 @@ from pydantic import BaseModel
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from bench._common import library_versions  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 DIGITS = ROOT / "samples" / "digits"
@@ -606,13 +605,7 @@ def direct_latency(bundle: Path, sample: np.ndarray, name: str, calls: int) -> d
 
 
 def versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {}
-    for name in LIBRARIES:
-        try:
-            found[name] = dist_version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
+    return library_versions(LIBRARIES)
 
 
 def machine() -> dict[str, Any]:

@@ -46,8 +46,6 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as dist_version
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +55,7 @@ BENCH = Path(__file__).resolve().parent
 if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
+from _common import library_versions  # noqa: E402  (a sibling module, found through BENCH)
 from bench_onnx_precision import (  # noqa: E402  (a sibling script, found through BENCH)
     CALIB,
     EVAL,
@@ -104,13 +103,7 @@ class Row(Entry):
 
 
 def versions() -> dict[str, str | None]:
-    found: dict[str, str | None] = {}
-    for name in LIBRARIES:
-        try:
-            found[name] = dist_version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
+    return library_versions(LIBRARIES)
 
 
 # --------------------------------------------------------------------------- build
