@@ -15,7 +15,7 @@ STAMP := $(VENV)/.edgec-installed
 DEMO_OUT ?= build/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo build-sample test check pytest install system-deps samples mobilenet bench clean
+.PHONY: demo build-sample test check pytest install system-deps samples mobilenet bench fuzz clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -59,6 +59,11 @@ pytest: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test: system-deps check pytest
+
+# The property-based fuzz tests (tests/security/test_fuzz_*.py) at 10,000 generated inputs each
+# (make test runs them with a bounded count).
+fuzz: $(STAMP) system-deps
+	EDGEC_FUZZ_PROFILE=fuzz $(PY) -m pytest tests/security -k fuzz -q
 
 # Regenerate the digits sample (trains a CNN; needs the samples extra: torch, scikit-learn).
 samples: $(STAMP)
