@@ -86,6 +86,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_hot_swap.py
 	$(PY) bench/bench_delivery.py
 	$(PY) bench/bench_fleet.py
+	$(PY) bench/bench_kdf.py
 	$(PY) bench/report.py
 
 clean:

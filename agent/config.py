@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgec.errors import OptionError
 
-__all__ = ["AgentConfig", "load_config"]
+__all__ = ["AgentConfig", "ServingLimits", "load_config"]
 
 
 class _Model(BaseModel):
@@ -29,12 +29,29 @@ class MqttSettings(_Model):
 
 class TrustSettings(_Model):
     root: str  # the image repository's root.json the device is provisioned with
-    director_key: str  # the director's public key (JSON, as in the repository's keys/director.pub.json)
+    director_key: str  # the director's public key (JSON, as in the repository's director.pub.json)
+
+
+class ServingLimits(_Model):
+    """Bounds on what the local inference API accepts (``[http.limits]``; the defaults and
+    what each answers are in ``agent.serving``'s docstring)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_head_bytes: Annotated[int, Field(ge=1024)] = 64 << 10
+    max_body_bytes: Annotated[int, Field(ge=0)] = 64 << 20
+    max_json_bytes: Annotated[int, Field(ge=0)] = 8 << 20
+    max_buffered_body_bytes: Annotated[int, Field(ge=0)] = 256 << 20
+    max_connections: Annotated[int, Field(ge=1)] | None = None  # None: from RLIMIT_NOFILE
+    idle_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 30.0
+    header_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 10.0
+    body_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 60.0
 
 
 class HttpSettings(_Model):
     host: str = "127.0.0.1"  # loopback: the local inference API is for this device's programs
     port: int = 8000
+    limits: ServingLimits = ServingLimits()
 
 
 class InstallSettings(_Model):

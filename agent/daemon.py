@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from pydantic import ValidationError
 from securesystemslib.signer import SSlibKey
 
 from agent.config import AgentConfig
@@ -37,14 +36,13 @@ from agent.store import StateStore
 from agent.telemetry import TelemetryBuffer, WindowRecorder
 from agent.trust import TrustedRepository
 from edgec._service import run_until_signalled
-from edgec.director import SignedDirectorDocument
+from edgec.director import SignedDirectorDocument, parse_signed_document
 from edgec.errors import TrustError
 from edgec.topics import device_topics
 
 __all__ = ["Agent"]
 
 logger = logging.getLogger(__name__)
-MAX_DOCUMENT_BYTES = 1 << 20
 
 
 def _director_key(text: str) -> SSlibKey:
@@ -115,7 +113,11 @@ class Agent:
         self.buffer = TelemetryBuffer(self.store.telemetry, config.telemetry.buffer_max_windows)
         self.recorder = WindowRecorder(window_s=config.telemetry.window_s, first_seq=self.buffer.next_seq)
         self.server = InferenceServer(
-            self.slot, config.http.host, config.http.port, on_request=self._on_request
+            self.slot,
+            config.http.host,
+            config.http.port,
+            on_request=self._on_request,
+            limits=config.http.limits,
         )
         self.http_port = 0
         self._desired: SignedDirectorDocument | None = None
@@ -165,13 +167,10 @@ class Agent:
         if not message.payload:
             return  # a cleared retained message
         try:
-            if len(message.payload) > MAX_DOCUMENT_BYTES:
-                raise ValueError(f"{len(message.payload)} bytes")
-            envelope = SignedDirectorDocument.model_validate_json(message.payload)
-        except (ValueError, ValidationError) as e:
-            detail = (str(e).splitlines() or ["?"])[0]
-            logger.warning("dropped a malformed director document: %s", detail)
-            self.reporter.event("refused", None, f"malformed director document: {detail}", step="accept")
+            envelope = parse_signed_document(message.payload)  # bounded, every name checked
+        except TrustError as e:
+            logger.warning("dropped a director document: %s", e)
+            self.reporter.event("refused", None, str(e), step="accept")
             return
         with self._work:
             self._desired = envelope  # the newest wins

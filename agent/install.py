@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import logging
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -35,8 +34,9 @@ from agent.slot import LoadedModel, ModelSlot
 from agent.store import ActivePointer, InstallJournal, StateStore
 from agent.trust import TrustedRepository
 from edgec.director import DirectorDocument, SignedDirectorDocument
-from edgec.errors import BundleError, FetchError, TrustError
+from edgec.errors import BundleError, FetchError, InvalidNameError, PathOutsideRootError, TrustError
 from edgec.manifest import check_files, read_manifest, sha256_file
+from edgec.names import check_relative_path, parse_release, resolve_inside
 
 __all__ = ["InstallSettingsView", "Installer", "ProbationMonitor", "Reporter", "Step"]
 
@@ -114,6 +114,16 @@ class ProbationMonitor:
             return n, self._errors, p95
 
 
+def _check_names(doc: DirectorDocument) -> None:
+    """The release and file paths the install makes paths of, checked before any path is made.
+
+    ``DirectorDocument`` checks them when a document is parsed; this keeps a document built
+    any other way from getting further. Raises ``InvalidNameError``."""
+    parse_release(doc.release, "director document release")
+    for file in doc.files:
+        check_relative_path(file.path, "director document file path")
+
+
 def _release_of(model: LoadedModel) -> str:
     return f"{model.manifest.name}:{model.manifest.version}"
 
@@ -161,7 +171,7 @@ class Installer:
             self.reporter.state("idle", None, "no model installed yet")
             return
         try:
-            model = self.loader(self.store.models / pointer.folder)
+            model = self.loader(self.store.model_path(pointer.folder))
         except Exception as e:  # damaged on disk: keep running, wait for the operator
             logger.exception("cannot load the committed model %s", pointer.release)
             self.reporter.event("load-failed", pointer.release, str(e))
@@ -174,32 +184,52 @@ class Installer:
     def resume(self) -> None:
         """Carry on with an install a restart interrupted (its document was accepted before)."""
         journal = self.store.journal()
-        stored = self.store.document()
-        if journal is None or stored is None:
+        envelope = self._stored_envelope()
+        if journal is None or envelope is None:
             return
-        envelope = SignedDirectorDocument.model_validate(stored)
         if envelope.signed.version != journal.document_version:
             self.store.set_journal(None)
             return
         logger.info("resuming the install of %s after step %s", journal.release, Step(journal.step).name)
         self._run(envelope.signed, journal)
 
+    def _stored_envelope(self) -> SignedDirectorDocument | None:
+        """The document accepted last (``document.json``), or None if there is none or an older
+        agent stored one this one refuses."""
+        stored = self.store.document()
+        if stored is None:
+            return None
+        try:
+            return SignedDirectorDocument.model_validate(stored)
+        except ValueError as e:  # pydantic's ValidationError
+            logger.error("the stored director document is invalid, ignoring it: %s", str(e).splitlines()[0])
+            return None
+
     # -- entry point ------------------------------------------------------------------------
     def handle(self, envelope: SignedDirectorDocument) -> None:
         """Act on a director document from the desired topic."""
         doc = envelope.signed
+        try:
+            _check_names(doc)
+        except InvalidNameError as e:
+            logger.warning("director document refused: %s", e)
+            self.reporter.event("refused", None, f"director document: {e}", step="accept")
+            return
         if self.director is None:
             detail = "the trusted director state is unreadable; re-provision the device to install again"
             self.reporter.event("refused", doc.release, detail, step="accept")
             return
-        stored = self.store.document()
-        if (
-            stored is not None
-            and doc.version == self.director.version
-            and SignedDirectorDocument.model_validate(stored) == envelope
-        ):
+        if doc.version == self.director.version and self._stored_envelope() == envelope:
             # the retained copy of the document already accepted (a reconnect or a restart)
             journal = self.store.journal()
+            if journal is None and self.store.outcome(doc.version) is None:
+                # killed between accepting the document and writing its journal: start it again
+                journal = InstallJournal(doc.version, doc.release, int(Step.ACCEPTED))
+                try:
+                    self.store.set_journal(journal)
+                except OSError as e:
+                    self._stopped(doc, e)
+                    return
             if journal is not None and journal.document_version == doc.version:
                 self._run(doc, journal)
             return
@@ -240,7 +270,11 @@ class Installer:
         try:
             journal = self._deliver(doc, journal)
             assert journal.folder is not None
-            self._activate(doc, journal, self.store.models / journal.folder)
+            try:
+                folder = self.store.model_path(journal.folder)
+            except PathOutsideRootError as e:
+                raise Refused("load", str(e)) from e
+            self._activate(doc, journal, folder)
         except Refused as e:
             self._refuse(doc, e)
         except OSError as e:
@@ -279,6 +313,8 @@ class Installer:
                 raise Refused(Step(journal.step + 1).name.lower(), str(e)) from e
             except BundleError as e:
                 raise Refused("stage", str(e)) from e
+            except (PathOutsideRootError, InvalidNameError) as e:  # a path that would leave the state folder
+                raise Refused(Step(journal.step + 1).name.lower(), str(e)) from e
             except FetchError as e:
                 attempts += 1
                 journal = replace(journal, attempts=attempts)
@@ -319,7 +355,7 @@ class Installer:
         prefix = f"{name}/{version}/{doc.profile}/"
         if not path.startswith(prefix):
             raise TrustError(f"{path} is not a file of bundle {prefix}", "director")
-        return path.removeprefix(prefix)
+        return check_relative_path(path.removeprefix(prefix), "bundle file path")
 
     def _already_installed(self, doc: DirectorDocument) -> bool:
         folder = self.store.model_folder(doc.release)
@@ -341,7 +377,7 @@ class Installer:
         staging = self.store.staging_folder(doc.release)
         for index, file in enumerate(doc.files, 1):
             relative = self._bundle_path(doc, file.path)
-            dest = staging / relative
+            dest = resolve_inside(staging, relative)
             dest.parent.mkdir(parents=True, exist_ok=True)
             if dest.is_file() and dest.stat().st_size == file.length:
                 continue  # fetched before a restart (checked when it was assembled)
@@ -378,11 +414,7 @@ class Installer:
         broken = {path: problem for path, problem in check_files(staging, manifest).items() if problem}
         if broken:
             raise BundleError(f"the staged bundle does not match its manifest: {broken}")
-        target = self.store.model_folder(doc.release)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-        return target.name
+        return self.store.move_to_models(doc.release).name
 
     def _activate(self, doc: DirectorDocument, journal: InstallJournal, folder: Path) -> None:
         """load → self-test → warm up → swap → probation → commit (or roll back)."""
@@ -476,13 +508,13 @@ class Installer:
         if pointer is None:
             self.slot.clear()
             return
-        self.slot.swap(self.loader(self.store.models / pointer.folder))
+        self.slot.swap(self.loader(self.store.model_path(pointer.folder)))
 
     def _refuse(self, doc: DirectorDocument, error: Refused) -> None:
         logger.warning("install of %s refused at %s: %s", doc.release, error.step, error.reason)
         self.store.set_outcome(doc.version, f"refused at {error.step}: {error.reason}")
         self.store.set_journal(None)
-        shutil.rmtree(self.store.staging_folder(doc.release), ignore_errors=True)
+        self.store.discard("staging", self.store.folder_name(doc.release))
         active = self.store.active()
         keep = {p for p in (active.folder, active.previous_folder) if p} if active else set()
         self.store.prune(keep=keep)

@@ -19,9 +19,31 @@ when the request asks (per output ``parameters.binary_data``, or for all of them
 ``parameters.binary_data_output``).
 
 Client mistakes are 4xx with ``{"error": "..."}`` saying what is wrong (never a 500); no model
-installed is 503; a runtime failure is 500. The HTTP layer is a small asyncio protocol
-(keep-alive, pipelining, ``Content-Length`` bodies, ``Expect: 100-continue``; no chunked
-request bodies) running its own event loop in its own thread.
+installed is 503; a runtime failure is 500. HTTP/1.1 is parsed by llhttp (httptools) in an
+asyncio protocol (``agent._http``: keep-alive, pipelining, ``Content-Length`` bodies,
+``Expect: 100-continue``, HTTP/1.0, ``HEAD``; a chunked body is answered 411) running its own
+event loop in its own thread.
+
+Everything a client sends is bounded on what arrives (``ServingLimits`` in ``agent.config``:
+``[http.limits]`` in agent.toml, ``--limit NAME=VALUE`` on ``edgec agent serve``), and every
+refusal is an answer, after which the connection closes. The defaults:
+
+- ``max_head_bytes`` 64 KiB: a longer head is a 431, counted as it arrives;
+- ``max_body_bytes`` 64 MiB: a longer ``Content-Length`` is a 413, before the body is read;
+- ``max_json_bytes`` 8 MiB: a longer JSON part (the whole body, or the binary extension's
+  JSON header) is a 413, from the head: parsed JSON takes about ten times its size;
+- ``max_buffered_body_bytes`` 256 MiB: the declared bodies held across all connections until
+  their answers are written; a body that would pass it is a 503;
+- ``max_connections``: the soft RLIMIT_NOFILE less an eighth of it (at least 64 kept for the
+  model's own files), at most 4,096 (896 under the common 1,024); a new connection past it
+  is answered 503;
+- ``header_timeout_s`` 10, ``body_timeout_s`` 60: a head or a body not complete in time is a
+  408; ``idle_timeout_s`` 30: a connection with no request in progress, or whose client does
+  not read its answers, is closed.
+
+JSON nested deeper than the parser's recursion limit (about 1,000) is a 400, as is any other
+malformed request. Out of file descriptors, accepting pauses briefly and one warning per 10 s
+is logged (``agent._http``).
 
 ``workers`` picks where inference runs. ``0`` (the default) runs it inline in the event loop;
 ``workers=N`` in a pool of N threads. On the digits model on 2 cores, inline gave more
@@ -48,28 +70,31 @@ import concurrent.futures
 import json
 import logging
 import math
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
 import numpy as np
 
+from agent._http import HttpCore, HttpError, Listener, Request, Response, error_response
+from agent.config import ServingLimits
 from agent.runtime import InputError, convert_dtype
 from agent.slot import LoadedModel, ModelSlot, NoModelError
 from edgec import __version__
 from edgec.errors import UserInputError
 from edgec.manifest import TensorSpec
 
-__all__ = ["DATATYPES", "InferenceServer", "ListenError", "OnRequest"]
+__all__ = ["DATATYPES", "InferenceServer", "ListenError", "OnRequest", "ServingLimits"]
 
 logger = logging.getLogger(__name__)
 
-MAX_HEAD_BYTES = 64 * 1024
-MAX_BODY_BYTES = 64 * 1024 * 1024
 SERVER_NAME = "edgec-agent"
+MAX_DIMS = 32  # of a request's tensor
+MAX_DIM = (1 << 31) - 1
+MAX_ID_CHARS = 1024
 
 # KServe v2 datatypes and their numpy dtypes (BYTES and BF16 are not supported)
 DATATYPES: dict[str, np.dtype[Any]] = {
@@ -106,57 +131,8 @@ class ListenError(UserInputError):
     """The server cannot listen on the host and port asked for."""
 
 
-class _HttpError(Exception):
-    """A request that gets a 4xx/5xx JSON error."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-_REASONS = {
-    100: "Continue",
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    411: "Length Required",
-    413: "Content Too Large",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
-
-
-@dataclass
-class _Response:
-    status: int
-    body: bytes
-    content_type: str = "application/json"
-    headers: tuple[tuple[str, str], ...] = ()
-    report: tuple[str, float, bool, Any, Any] | None = None  # on_request's arguments
-
-    def encode(self, keep_alive: bool, announce: bool = False) -> bytes:
-        """The response on the wire; ``announce``: say keep-alive (to HTTP/1.0 clients)."""
-        head = [
-            f"HTTP/1.1 {self.status} {_REASONS.get(self.status, 'Error')}",
-            f"Content-Type: {self.content_type}",
-            f"Content-Length: {len(self.body)}",
-        ]
-        head += [f"{k}: {v}" for k, v in self.headers]
-        if not keep_alive:
-            head.append("Connection: close")
-        elif announce:
-            head.append("Connection: keep-alive")
-        return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + self.body
-
-
-def _json(status: int, document: Any) -> _Response:
-    return _Response(status, _ENCODER.encode(document).encode())
-
-
-def _error(status: int, message: str) -> _Response:
-    return _json(status, {"error": message})
+def _json(status: int, document: Any) -> Response:
+    return Response(status, _ENCODER.encode(document).encode())
 
 
 # --------------------------------------------------------------------------- the v2 API
@@ -186,14 +162,18 @@ def _model_metadata(model: LoadedModel) -> dict[str, Any]:
 
 def _shape(name: str, value: Any) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(type(d) is int and d >= 0 for d in value):
-        raise _HttpError(400, f"input {name!r}: 'shape' must be a list of non-negative integers")
+        raise HttpError(400, f"input {name!r}: 'shape' must be a list of non-negative integers")
+    if len(value) > MAX_DIMS or max(value, default=0) > MAX_DIM:
+        raise HttpError(
+            400, f"input {name!r}: 'shape' may have at most {MAX_DIMS} dimensions of at most {MAX_DIM}"
+        )
     return tuple(value)
 
 
 def _datatype(name: str, value: Any) -> np.dtype[Any]:
     dtype = DATATYPES.get(value) if isinstance(value, str) else None
     if dtype is None:
-        raise _HttpError(
+        raise HttpError(
             400, f"input {name!r}: unsupported datatype {value!r} (supported: {', '.join(DATATYPES)})"
         )
     return dtype
@@ -206,29 +186,35 @@ def _json_tensor(name: str, data: Any, shape: tuple[int, ...], dtype: np.dtype[A
     except (ValueError, TypeError, OverflowError):
         array = None
     if array is None or array.dtype.kind not in "biuf":
-        raise _HttpError(400, f"input {name!r}: 'data' is not a regular array of {datatype} values")
+        raise HttpError(400, f"input {name!r}: 'data' is not a regular array of {datatype} values")
     count = math.prod(shape)
     if array.size != count:
-        raise _HttpError(
+        raise HttpError(
             400, f"input {name!r}: 'data' holds {array.size} values, its shape {list(shape)} needs {count}"
         )
-    return convert_dtype(name, array, dtype, wanted="its datatype is").reshape(shape)
+    return _reshaped(name, convert_dtype(name, array, dtype, wanted="its datatype is"), shape)
+
+
+def _reshaped(name: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    try:
+        return array.reshape(shape)
+    except ValueError:  # numpy's own bound: an empty array whose other dimensions overflow
+        raise HttpError(400, f"input {name!r}: shape {list(shape)} is too large an array") from None
 
 
 class _Request:
     """A parsed infer request: its inputs as arrays, and the outputs asked for."""
 
-    def __init__(self, body: bytes, headers: Mapping[str, str]) -> None:
-        header_length = headers.get("inference-header-content-length")
-        if header_length is None:
+    def __init__(self, body: bytes | bytearray, headers: Mapping[bytes, bytes]) -> None:
+        header = headers.get(b"inference-header-content-length")
+        self._binary: bytes | bytearray
+        if header is None:
             json_part, self._binary, self._offset = body, b"", 0
         else:
-            try:
-                length = int(header_length)
-            except ValueError:
-                length = -1
+            header_length = header.decode("latin-1")
+            length = int(header) if header.isdigit() else -1
             if not 0 <= length <= len(body):
-                raise _HttpError(
+                raise HttpError(
                     400,
                     f"Inference-Header-Content-Length {header_length!r} is not a length within "
                     f"the {len(body)}-byte body",
@@ -237,10 +223,14 @@ class _Request:
         try:
             document = json.loads(json_part)
         except (ValueError, UnicodeDecodeError) as e:
-            raise _HttpError(400, f"request body is not valid JSON: {e}") from None
+            raise HttpError(400, f"request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise HttpError(400, "request body is JSON nested too deeply to parse") from None
         if not isinstance(document, dict):
-            raise _HttpError(400, "request body must be a JSON object with 'inputs'")
+            raise HttpError(400, "request body must be a JSON object with 'inputs'")
         self.id = document.get("id")
+        if self.id is not None and not (isinstance(self.id, str) and len(self.id) <= MAX_ID_CHARS):
+            raise HttpError(400, f"'id' must be a string of at most {MAX_ID_CHARS} characters")
         parameters = self._parameters(document, "request")
         self.binary_default = bool(parameters.get("binary_data_output", False))
         self.inputs = self._inputs(document.get("inputs"))
@@ -250,19 +240,19 @@ class _Request:
     def _parameters(obj: Mapping[str, Any], where: str) -> Mapping[str, Any]:
         parameters = obj.get("parameters", {})
         if not isinstance(parameters, dict):
-            raise _HttpError(400, f"{where}: 'parameters' must be an object")
+            raise HttpError(400, f"{where}: 'parameters' must be an object")
         return parameters
 
     def _inputs(self, inputs: Any) -> dict[str, np.ndarray]:
         if not isinstance(inputs, list) or not inputs:
-            raise _HttpError(400, "'inputs' must be a non-empty list of tensors")
+            raise HttpError(400, "'inputs' must be a non-empty list of tensors")
         arrays: dict[str, np.ndarray] = {}
         for tensor in inputs:
             if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
-                raise _HttpError(400, "each input must be an object with a 'name'")
+                raise HttpError(400, "each input must be an object with a 'name'")
             name = tensor["name"]
             if name in arrays:
-                raise _HttpError(400, f"input {name!r} is given twice")
+                raise HttpError(400, f"input {name!r} is given twice")
             shape = _shape(name, tensor.get("shape"))
             dtype = _datatype(name, tensor.get("datatype"))
             size = self._parameters(tensor, f"input {name!r}").get("binary_data_size")
@@ -271,32 +261,32 @@ class _Request:
             elif "data" in tensor:
                 arrays[name] = _json_tensor(name, tensor["data"], shape, dtype)
             else:
-                raise _HttpError(400, f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+                raise HttpError(400, f"input {name!r} has neither 'data' nor parameters.binary_data_size")
         extra = len(self._binary) - self._offset
         if extra:
-            raise _HttpError(400, f"{extra} bytes of binary data follow the inputs that declare them")
+            raise HttpError(400, f"{extra} bytes of binary data follow the inputs that declare them")
         return arrays
 
     def _binary_tensor(
         self, name: str, size: Any, shape: tuple[int, ...], dtype: np.dtype[Any]
     ) -> np.ndarray:
         if not self._binary:
-            raise _HttpError(
+            raise HttpError(
                 400,
                 f"input {name!r} declares binary data but the request has no Inference-Header-Content-Length",
             )
         if type(size) is not int or size < 0:
-            raise _HttpError(400, f"input {name!r}: binary_data_size must be a non-negative integer")
+            raise HttpError(400, f"input {name!r}: binary_data_size must be a non-negative integer")
         expected = math.prod(shape) * dtype.itemsize
         if size != expected:
-            raise _HttpError(
+            raise HttpError(
                 400,
                 f"input {name!r}: binary_data_size {size} does not match its shape {list(shape)} "
                 f"of {_KSERVE_NAMES[dtype]} ({expected} bytes)",
             )
         end = self._offset + size
         if end > len(self._binary):
-            raise _HttpError(
+            raise HttpError(
                 400,
                 f"input {name!r}: binary data ends after {len(self._binary) - self._offset} of {size} bytes",
             )
@@ -304,24 +294,24 @@ class _Request:
             self._binary, dtype=dtype.newbyteorder("<"), count=math.prod(shape), offset=self._offset
         )
         self._offset = end
-        return array.astype(dtype).reshape(shape)  # a native-order, aligned copy
+        return _reshaped(name, array.astype(dtype), shape)  # a native-order, aligned copy
 
     def _outputs(self, outputs: Any) -> dict[str, bool] | None:
         """Output name -> binary, or None for every output in the default form."""
         if outputs is None:
             return None
         if not isinstance(outputs, list):
-            raise _HttpError(400, "'outputs' must be a list of {'name': ...} objects")
+            raise HttpError(400, "'outputs' must be a list of {'name': ...} objects")
         wanted: dict[str, bool] = {}
         for tensor in outputs:
             if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
-                raise _HttpError(400, "each requested output must be an object with a 'name'")
+                raise HttpError(400, "each requested output must be an object with a 'name'")
             parameters = self._parameters(tensor, f"output {tensor['name']!r}")
             wanted[tensor["name"]] = bool(parameters.get("binary_data", self.binary_default))
         return wanted
 
 
-def _infer_response(model: LoadedModel, request: _Request, outputs: dict[str, np.ndarray]) -> _Response:
+def _infer_response(model: LoadedModel, request: _Request, outputs: dict[str, np.ndarray]) -> Response:
     m = model.manifest
     names = [s.name for s in m.outputs]
     wanted = request.outputs if request.outputs is not None else dict.fromkeys(names, request.binary_default)
@@ -331,7 +321,7 @@ def _infer_response(model: LoadedModel, request: _Request, outputs: dict[str, np
         array = np.asarray(outputs[name])
         datatype = _KSERVE_NAMES.get(array.dtype)
         if datatype is None:
-            raise _HttpError(500, f"output {name!r} has dtype {array.dtype}, which v2 cannot carry")
+            raise HttpError(500, f"output {name!r} has dtype {array.dtype}, which v2 cannot carry")
         tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if binary:
             blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
@@ -346,8 +336,8 @@ def _infer_response(model: LoadedModel, request: _Request, outputs: dict[str, np
     document["outputs"] = tensors
     head = _ENCODER.encode(document).encode()
     if not blobs:
-        return _Response(200, head)
-    return _Response(
+        return Response(200, head)
+    return Response(
         200,
         b"".join([head, *blobs]),
         content_type="application/octet-stream",
@@ -360,15 +350,14 @@ class _Api:
 
     def __init__(self, slot: ModelSlot) -> None:
         self.slot = slot
+        self.on_request: OnRequest | None = None
 
     def route(self, method: str, target: str) -> tuple[str, Any]:
-        """(endpoint, arguments); raises ``_HttpError`` for an unknown path or method."""
+        """(endpoint, arguments); raises ``HttpError`` for an unknown path or method."""
         path = target.split("?", 1)[0]
         parts = [unquote(p) for p in path.strip("/").split("/")]
         if parts[:1] != ["v2"]:
-            raise _HttpError(
-                404, f"no such endpoint {path!r}; this server speaks the KServe v2 API under /v2"
-            )
+            raise HttpError(404, f"no such endpoint {path!r}; this server speaks the KServe v2 API under /v2")
         rest = parts[1:]
         endpoint: str | None = None
         arguments: tuple[str, str | None] | None = None
@@ -385,13 +374,13 @@ class _Api:
             if action in ("metadata", "ready", "infer"):
                 endpoint, arguments = action, (name, version)
         if endpoint is None:
-            raise _HttpError(404, f"no such endpoint {path!r}")
+            raise HttpError(404, f"no such endpoint {path!r}")
         allowed = "POST" if endpoint == "infer" else "GET"
-        if method != allowed:
-            raise _HttpError(405, f"{path} takes {allowed}, not {method}")
+        if method != allowed and not (method == "HEAD" and allowed == "GET"):
+            raise HttpError(405, f"{path} takes {allowed}, not {method}")
         return endpoint, arguments
 
-    def get(self, endpoint: str, arguments: Any) -> _Response:
+    def get(self, endpoint: str, arguments: Any) -> Response:
         if endpoint == "health_live":
             return _json(200, {"live": True})
         if endpoint == "health_ready":
@@ -411,226 +400,81 @@ class _Api:
     def _check_model(model: LoadedModel, name: str, version: str | None) -> None:
         m = model.manifest
         if name != m.name:
-            raise _HttpError(404, f"unknown model {name!r}; this agent serves {m.name!r}")
+            raise HttpError(404, f"unknown model {name!r}; this agent serves {m.name!r}")
         if version is not None and version != m.version:
-            raise _HttpError(
+            raise HttpError(
                 404, f"model {name!r} version {version!r} is not being served (serving {m.version})"
             )
 
-    def infer(self, arguments: Any, headers: Mapping[str, str], body: bytes) -> _Response:
+    def infer(self, arguments: Any, headers: Mapping[bytes, bytes], body: bytes | bytearray) -> Response:
         started = time.perf_counter()
         with self.slot.lease() as model:
             self._check_model(model, *arguments)
             request = _Request(body, headers)
-            names = {s.name for s in model.manifest.outputs}
+            names = {s.name for s in model.manifest.outputs} if request.outputs else ()
             for name in request.outputs or ():
                 if name not in names:
-                    raise _HttpError(
+                    raise HttpError(
                         400, f"unknown output {name!r}: the model gives {', '.join(map(repr, sorted(names)))}"
                     )
             try:
                 outputs = model.infer(request.inputs)
             except InputError as e:
-                raise _HttpError(400, str(e)) from None
+                raise HttpError(400, str(e)) from None
             except Exception as e:  # the runtime's own failure: the server's fault, not the client's
                 logger.exception("inference failed on %s %s", model.manifest.name, model.manifest.version)
                 text = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
-                response = _error(500, f"inference failed: {text}")
-                response.report = (
-                    model.manifest.version,
-                    time.perf_counter() - started,
-                    False,
-                    request.inputs,
-                    None,
-                )
+                response = error_response(500, f"inference failed: {text}")
+                self._report(response, model, started, ok=False, inputs=request.inputs, outputs=None)
                 return response
             response = _infer_response(model, request, outputs)
-            response.report = (
-                model.manifest.version,
-                time.perf_counter() - started,
-                True,
-                request.inputs,
-                outputs,
-            )
+            self._report(response, model, started, ok=True, inputs=request.inputs, outputs=outputs)
             return response
 
+    def _report(
+        self,
+        response: Response,
+        model: LoadedModel,
+        started: float,
+        *,
+        ok: bool,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Mapping[str, np.ndarray] | None,
+    ) -> None:
+        """Call ``on_request`` once ``response`` is written."""
+        on_request = self.on_request
+        if on_request is None:
+            return
+        arguments = (model.manifest.version, time.perf_counter() - started, ok, inputs, outputs)
 
-def _handle(api: _Api, endpoint: str, arguments: Any, headers: Mapping[str, str], body: bytes) -> _Response:
+        def report() -> None:
+            try:
+                on_request(*arguments)
+            except Exception:  # telemetry must never break serving
+                logger.exception("on_request callback failed")
+
+        response.after_write = report
+
+
+def _handle(
+    api: _Api, endpoint: str, arguments: Any, headers: Mapping[bytes, bytes], body: bytes | bytearray
+) -> Response:
     try:
         if endpoint == "infer":
             return api.infer(arguments, headers, body)
         return api.get(endpoint, arguments)
-    except _HttpError as e:
-        return _error(e.status, str(e))
+    except HttpError as e:
+        return error_response(e.status, str(e))
     except InputError as e:
-        return _error(400, str(e))
+        return error_response(400, str(e))
     except NoModelError as e:
-        return _error(503, str(e))
+        return error_response(503, str(e))
+    except Exception as e:  # a bug: answered, and logged once per request
+        logger.exception("request handler failed on %s", endpoint)
+        return error_response(500, f"internal error: {type(e).__name__}")
 
 
-# --------------------------------------------------------------------------- HTTP/1.1
-
-
-class _Connection(asyncio.Protocol):
-    """One keep-alive connection: parses requests from the buffer and answers them in order.
-
-    Reading pauses while the client does not read its answers (the transport's write buffer
-    is full) and while a worker thread holds a request and more than one request's worth of
-    bytes waits, so a client cannot make the server buffer without bound.
-    """
-
-    def __init__(self, server: InferenceServer) -> None:
-        self._server = server
-        self._buffer = bytearray()
-        self._transport: asyncio.Transport | None = None
-        self._busy = False  # a request is in a worker thread; later ones wait in the buffer
-        self._blocked = False  # the client is not reading: answer nothing more until it does
-        self._reading_paused = False
-        self._continued = False  # "100 Continue" sent for the request being received
-        self._http10 = False  # the request being answered is HTTP/1.0 (keep-alive is announced)
-        self._max_buffer = MAX_HEAD_BYTES + server.max_body_bytes
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        self._server._connections.add(self)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._server._connections.discard(self)
-        self._transport = None
-        self._buffer.clear()
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
-
-    def pause_writing(self) -> None:
-        self._blocked = True
-        self._pause_reading()
-
-    def resume_writing(self) -> None:
-        self._blocked = False
-        self._resume_reading()
-
-    def _pause_reading(self) -> None:
-        if self._transport is not None and not self._reading_paused:
-            self._reading_paused = True
-            self._transport.pause_reading()
-
-    def _resume_reading(self) -> None:
-        if self._busy or self._blocked:
-            return
-        if self._reading_paused and self._transport is not None:
-            self._reading_paused = False
-            self._transport.resume_reading()
-        if self._buffer:
-            self._process()
-
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        if not self._busy and not self._blocked:
-            self._process()
-        elif len(self._buffer) > self._max_buffer:
-            self._pause_reading()
-
-    def _refuse(self, status: int, message: str) -> None:
-        """An error after which the request's framing cannot be trusted: answer and close."""
-        if self._transport is not None:
-            self._transport.write(_error(status, message).encode(keep_alive=False))
-        self.close()
-
-    def _process(self) -> None:
-        while self._transport is not None and not self._busy and not self._blocked:
-            buffer = self._buffer
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buffer) > MAX_HEAD_BYTES:
-                    self._refuse(431, f"request head is over {MAX_HEAD_BYTES} bytes")
-                return
-            lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
-            request_line = lines[0].split(" ")
-            if len(request_line) != 3 or not request_line[2].startswith("HTTP/1."):
-                self._refuse(400, f"malformed request line {lines[0][:100]!r}")
-                return
-            method, target, version = request_line
-            headers: dict[str, str] = {}
-            for line in lines[1:]:
-                key, sep, value = line.partition(":")
-                if not sep:
-                    self._refuse(400, f"malformed header line {line[:100]!r}")
-                    return
-                headers[key.strip().lower()] = value.strip()
-            if "transfer-encoding" in headers:
-                self._refuse(411, "chunked request bodies are not supported: send a Content-Length")
-                return
-            try:
-                length = int(headers.get("content-length", "0"))
-                if length < 0:
-                    raise ValueError
-            except ValueError:
-                self._refuse(400, f"bad Content-Length {headers.get('content-length')!r}")
-                return
-            if length > self._server.max_body_bytes:
-                self._refuse(
-                    413, f"request body of {length} bytes is over the {self._server.max_body_bytes} limit"
-                )
-                return
-            start = end + 4
-            if len(buffer) < start + length:
-                if not self._continued and headers.get("expect", "").lower() == "100-continue":
-                    self._continued = True
-                    self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                return
-            body = bytes(buffer[start : start + length])
-            del buffer[: start + length]
-            self._continued = False
-            connection = headers.get("connection", "").lower()
-            self._http10 = version == "HTTP/1.0"
-            keep_alive = connection == "keep-alive" if self._http10 else connection != "close"
-            self._dispatch(method, target, headers, body, keep_alive)
-
-    def _dispatch(
-        self, method: str, target: str, headers: dict[str, str], body: bytes, keep_alive: bool
-    ) -> None:
-        server = self._server
-        try:
-            endpoint, arguments = server._api.route(method, target)
-        except _HttpError as e:
-            self._respond(_error(e.status, str(e)), keep_alive)
-            return
-        if endpoint != "infer" or server._executor is None:
-            self._respond(_handle(server._api, endpoint, arguments, headers, body), keep_alive)
-            return
-        self._busy = True
-        future = asyncio.get_running_loop().run_in_executor(
-            server._executor, _handle, server._api, endpoint, arguments, headers, body
-        )
-        future.add_done_callback(lambda f: self._finished(f, keep_alive))
-
-    def _finished(self, future: asyncio.Future[_Response], keep_alive: bool) -> None:
-        self._busy = False
-        if future.cancelled():
-            return
-        error = future.exception()
-        if error is not None:  # _handle turns every request's failure into a response
-            logger.error("request handler failed", exc_info=error)
-            self._respond(_error(500, f"internal error: {type(error).__name__}"), keep_alive=False)
-            return
-        self._respond(future.result(), keep_alive)
-        self._resume_reading()
-
-    def _respond(self, response: _Response, keep_alive: bool) -> None:
-        if self._transport is None:
-            return
-        self._transport.write(response.encode(keep_alive, announce=self._http10))
-        if not keep_alive:
-            self.close()
-        if response.report is not None and self._server.on_request is not None:
-            try:
-                self._server.on_request(*response.report)
-            except Exception:  # telemetry must never break serving
-                logger.exception("on_request callback failed")
+# --------------------------------------------------------------------------- the server
 
 
 class InferenceServer:
@@ -638,7 +482,8 @@ class InferenceServer:
 
     ``start()`` returns the port once the server listens; ``stop()`` closes it and every
     connection. ``workers``: 0 runs inference inline on the event loop, N in N threads (see
-    the module docstring). ``on_request``: see ``OnRequest``.
+    the module docstring). ``on_request``: see ``OnRequest``. ``limits``: see the module
+    docstring (None: the defaults).
     """
 
     def __init__(
@@ -649,67 +494,96 @@ class InferenceServer:
         on_request: OnRequest | None = None,
         *,
         workers: int = 0,
-        max_body_bytes: int = MAX_BODY_BYTES,
+        limits: ServingLimits | None = None,
     ) -> None:
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.slot = slot
         self.host = host
         self.port = port
-        self.on_request = on_request
         self.workers = workers
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits or ServingLimits()
         self._api = _Api(slot)
+        self.on_request = on_request
+        self._core = HttpCore(self._dispatch, self.limits)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._connections: set[_Connection] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.Server | None = None
+        self._listener: Listener | None = None
         self._thread: threading.Thread | None = None
+
+    @property
+    def on_request(self) -> OnRequest | None:
+        return self._api.on_request
+
+    @on_request.setter
+    def on_request(self, callback: OnRequest | None) -> None:
+        self._api.on_request = callback
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    @property
+    def max_connections(self) -> int:
+        """The connection cap in force (``limits.max_connections``, or derived from RLIMIT_NOFILE)."""
+        return self._core.max_connections
+
+    @property
+    def buffered_body_bytes(self) -> int:
+        """Bytes of request bodies held now (declared lengths, read or still arriving)."""
+        return self._core.buffered_body_bytes
+
+    @property
+    def _connections(self) -> set[Any]:
+        return self._core.connections
+
+    def _dispatch(self, request: Request) -> Response | asyncio.Future[Response]:
+        endpoint, arguments = self._api.route(request.method, request.target)
+        if endpoint != "infer" or self._executor is None:
+            return _handle(self._api, endpoint, arguments, request.headers, request.body)
+        return asyncio.get_running_loop().run_in_executor(
+            self._executor, _handle, self._api, endpoint, arguments, request.headers, request.body
+        )
+
     def start(self) -> int:
         if self._thread is not None:
             raise RuntimeError("the server is already started")
+        try:
+            sock = _listen(self.host, self.port)
+        except OSError as e:
+            raise ListenError(f"cannot listen on {self.host}:{self.port}: {e.strerror or e}") from e
+        self.port = int(sock.getsockname()[1])
         if self.workers:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 self.workers, thread_name_prefix="edgec-infer"
             )
-        ready: concurrent.futures.Future[int] = concurrent.futures.Future()
-        self._thread = threading.Thread(target=self._serve, args=(ready,), name="edgec-v2-http", daemon=True)
+        ready = threading.Event()
+        self._thread = threading.Thread(
+            target=self._serve, args=(sock, ready), name="edgec-v2-http", daemon=True
+        )
         self._thread.start()
-        try:
-            self.port = ready.result()
-        except OSError as e:
-            self._thread.join()
-            self._thread = None
-            raise ListenError(f"cannot listen on {self.host}:{self.port}: {e.strerror or e}") from e
-        logger.info("serving the v2 inference API on %s", self.url)
+        ready.wait()
+        logger.info(
+            "serving the v2 inference API on %s (at most %d connections)", self.url, self.max_connections
+        )
         return self.port
 
-    def _serve(self, ready: concurrent.futures.Future[int]) -> None:
+    def _serve(self, sock: socket.socket, ready: threading.Event) -> None:
         loop = asyncio.new_event_loop()
         self._loop = loop
+        loop.set_exception_handler(self._core.loop_exception)
         try:
-            try:
-                self._server = loop.run_until_complete(
-                    loop.create_server(
-                        lambda: _Connection(self), self.host, self.port, reuse_address=True, backlog=1024
-                    )
-                )
-            except OSError as e:
-                ready.set_exception(e)
-                return
-            ready.set_result(int(self._server.sockets[0].getsockname()[1]))
+            self._listener = Listener(loop, sock, self._core)
+            self._listener.start()
+            self._core.start_sweeping(loop)
+            ready.set()
             loop.run_forever()
-            self._server.close()
-            for connection in list(self._connections):
-                connection.close()
-            loop.run_until_complete(self._server.wait_closed())
+            self._listener.close()
+            self._core.close()
+            loop.run_until_complete(asyncio.sleep(0))  # let the closed transports finish
         finally:
+            ready.set()
             loop.close()
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -723,7 +597,7 @@ class InferenceServer:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
-        self._thread = self._loop = self._server = None
+        self._thread = self._loop = self._listener = None
 
     def __enter__(self) -> InferenceServer:
         self.start()
@@ -731,3 +605,20 @@ class InferenceServer:
 
     def __exit__(self, *_exc: object) -> None:
         self.stop()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket on the first address ``host`` resolves to."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock

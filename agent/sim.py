@@ -81,7 +81,7 @@ from agent.slot import ModelSlot
 from agent.store import StateStore
 from agent.telemetry import DriftConfig
 from agent.trust import TrustedRepository
-from edgec.director import SignedDirectorDocument
+from edgec.director import SignedDirectorDocument, parse_signed_document
 from edgec.errors import OptionError, TrustError
 from edgec.manifest import Manifest, read_manifest
 from edgec.reports import DriftVerdict, Telemetry
@@ -99,7 +99,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-MAX_DOCUMENT_BYTES = 1 << 20
 _Z95, _Z99 = 1.6449, 2.3263  # standard normal quantiles
 _TYPICAL_PSI = {DriftVerdict.OK: 0.02, DriftVerdict.WARN: 0.17, DriftVerdict.DRIFT: 0.5}
 
@@ -616,12 +615,9 @@ class SimulatedDevice:
         if not message.payload:
             return
         try:
-            if len(message.payload) > MAX_DOCUMENT_BYTES:
-                raise ValueError(f"{len(message.payload)} bytes")
-            envelope = SignedDirectorDocument.model_validate_json(message.payload)
-        except (ValueError, ValidationError) as e:
-            detail = (str(e).splitlines() or ["?"])[0]
-            self.reporter.event("refused", None, f"malformed director document: {detail}", step="accept")
+            envelope = parse_signed_document(message.payload)  # bounded, every name checked
+        except TrustError as e:
+            self.reporter.event("refused", None, str(e), step="accept")
             return
         with self._lock:
             self._desired = envelope  # the newest wins

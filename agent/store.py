@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from agent._atomic import atomic_write
+from edgec.errors import PathOutsideRootError
+from edgec.names import parse_release, remove_inside, resolve_inside
 
 __all__ = ["ActivePointer", "InstallJournal", "StateStore"]
 
@@ -116,24 +117,69 @@ class StateStore:
         self._write("outcomes.json", recent)
 
     # -- folders ----------------------------------------------------------------------------
+    # Folder names come from director documents (remote input): a release is a checked name,
+    # and every path is resolved inside its area of the state folder (``models``, ``staging``,
+    # themselves inside the state folder) before anything is written, renamed or deleted.
     @staticmethod
     def folder_name(release: str) -> str:
-        name, _, version = release.partition(":")
+        """``NAME-VERSION`` for ``NAME:VERSION``; ``InvalidNameError`` for an unsafe release."""
+        name, version = parse_release(release)
         return f"{name}-{version}"
 
+    def _area(self, area: str, folder: str) -> Path:
+        """``area`` (``models`` or ``staging``) resolved inside the state folder, for ``folder``,
+        which must be one path component; else ``PathOutsideRootError``."""
+        if "/" in folder or folder in ("", ".", ".."):
+            raise PathOutsideRootError(f"{folder!r} is not a folder name under {area}/")
+        return resolve_inside(self.root, area)
+
+    def _inside(self, area: str, folder: str) -> Path:
+        """``area/folder`` resolved (symlinks followed), inside ``area`` inside the state folder."""
+        return resolve_inside(self._area(area, folder), folder)
+
     def staging_folder(self, release: str) -> Path:
-        return self.staging / self.folder_name(release)
+        """``staging/NAME-VERSION``, resolved inside the state folder."""
+        return self._inside("staging", self.folder_name(release))
 
     def model_folder(self, release: str) -> Path:
-        return self.models / self.folder_name(release)
+        """``models/NAME-VERSION``, resolved inside the state folder."""
+        return self._inside("models", self.folder_name(release))
+
+    def model_path(self, folder: str) -> Path:
+        """``models/FOLDER`` for a folder name the state recorded (``active.json``, ``install.json``)."""
+        return self._inside("models", folder)
+
+    def move_to_models(self, release: str) -> Path:
+        """Move the staged bundle of ``release`` to ``models/NAME-VERSION``, replacing what is
+        there (a symlink there is removed, never followed)."""
+        folder = self.folder_name(release)
+        staging = self._inside("staging", folder)
+        models = self._area("models", folder)
+        remove_inside(models, folder)
+        staging.rename(models / folder)
+        return models / folder
+
+    def discard(self, area: str, folder: str) -> None:
+        """Delete ``area/folder`` (``models`` or ``staging``), best effort: never anything
+        outside the state folder, never through a symlink (a link is removed itself); a path
+        that would leave the state folder is logged and left alone."""
+        try:
+            remove_inside(self._area(area, folder), folder)
+        except PathOutsideRootError as e:
+            logger.error("not deleting %s/%r: %s", area, folder, e)
+        except OSError as e:
+            logger.warning("cannot delete %s/%s: %s", area, folder, e)
 
     def prune(self, keep: set[str]) -> None:
         """Remove installed models not in ``keep`` (folder names) and stale staging folders."""
         for folder in self.models.iterdir():
             if folder.name not in keep:
-                shutil.rmtree(folder, ignore_errors=True)
+                self.discard("models", folder.name)
         journal = self.journal()
-        current = self.folder_name(journal.release) if journal else None
+        try:
+            current = self.folder_name(journal.release) if journal else None
+        except ValueError:  # InvalidNameError: a journal an older agent wrote for a bad name
+            current = None
         for folder in self.staging.iterdir():
             if folder.name != current:
-                shutil.rmtree(folder, ignore_errors=True)
+                self.discard("staging", folder.name)

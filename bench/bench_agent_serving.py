@@ -4,6 +4,16 @@ Run:  .venv/bin/python bench/bench_agent_serving.py [--repeats 5] [--seconds 2]
           [--mlserver-venv PATH | --no-mlserver]
       (needs the bench extra: pip install -c constraints.txt -e '.[bench]'; the plot needs
       matplotlib, in the dev extra)
+      .venv/bin/python bench/bench_agent_serving.py --baseline REF [--repeats 7]
+      (the agent of this tree against the agent at git REF only; no extra needed)
+
+``--baseline REF`` measures whether a change to the agent's HTTP layer kept its speed: the
+agent's code at ``REF`` is checked out once as a git worktree under ``build/bench/`` and
+served from there, with this venv and the same bundle, beside the agent of this tree (both
+inline, ``workers=0``). For JSON and binary requests at concurrency 1, 4 and 16, each round
+measures the two back to back, which one goes first alternating, ``--repeats`` rounds; the
+table gives the medians, their ratios, and the median of the per-round ratios. Writes
+``bench/results/agent_serving_baseline.json`` and ``.md``. About 30 s per round.
 
 What it measures, for the digits sample's x86-64-cpu bundle (onnx fp32, built here with
 ``edgec build`` into ``build/bench/agent_serving/``), on one eval sample:
@@ -151,6 +161,7 @@ def session_for(bundle: Path) -> Any:
 
 
 def serve_agent(bundle: Path, workers: int) -> None:
+    import agent.serving
     from agent.runtime import load_bundle
     from agent.serving import InferenceServer
     from agent.slot import ModelSlot
@@ -158,7 +169,7 @@ def serve_agent(bundle: Path, workers: int) -> None:
     slot = ModelSlot()
     slot.swap(load_bundle(bundle, threads=1))
     server = InferenceServer(slot, workers=workers)
-    print(f"PORT {server.start()}", flush=True)
+    print(f"PORT {server.start()} {agent.serving.__file__}", flush=True)
     sys.stdin.read()  # until the benchmark closes our stdin
     server.stop()
 
@@ -226,13 +237,15 @@ def serve_fastapi(bundle: Path) -> None:
 
 
 class ServerProcess:
-    def __init__(self, label: str, bundle: Path) -> None:
+    """``--serve SERVER`` in a process of its own (``serve``: its arguments, else ``SERVERS[label]``)."""
+
+    def __init__(self, label: str, bundle: Path, serve: list[str] | None = None) -> None:
         self.label = label
         command = [
             sys.executable,
             str(Path(__file__).resolve()),
             "--serve",
-            *SERVERS[label],
+            *(serve or SERVERS[label]),
             "--bundle",
             str(bundle),
         ]
@@ -243,6 +256,7 @@ class ServerProcess:
             self.process.kill()
             raise SystemExit(f"{label} server did not start: {line!r}")
         self.port = int(line.split()[1])
+        self.served_from = line.split(maxsplit=2)[2].strip() if len(line.split()) > 2 else None
 
     def memory(self) -> dict[str, float]:
         status = Path(f"/proc/{self.process.pid}/status").read_text()
@@ -703,6 +717,216 @@ def plot(table: dict[str, dict[int, dict[str, Any]]], path: Path, repeats: int) 
     return True
 
 
+def build_bundle(out: Path) -> tuple[Path, Any, np.ndarray]:
+    """The digits x86-64-cpu bundle (built with ``edgec build``), its manifest, one eval sample."""
+    build = subprocess.run(
+        [sys.executable, "-m", "edgec", "build", str(DIGITS / "model.onnx"), "--name", "digits",
+         "--version", "1.0.0", "--target", "x86-64-cpu", "--eval", str(DIGITS / "eval.npz"),
+         "--out", str(out), "--force", "--json"],
+        capture_output=True, text=True, cwd=ROOT, check=False,
+    )  # fmt: skip
+    if build.returncode != 0:
+        raise SystemExit(f"edgec build failed:\n{build.stderr}")
+    bundle = Path(json.loads(build.stdout)["bundles"][0]["path"])
+    from edgec.manifest import read_manifest
+
+    manifest = read_manifest(bundle)
+    name = manifest.inputs[0].name
+    with np.load(DIGITS / "eval.npz") as data:
+        sample = np.ascontiguousarray(data[name][:1], dtype=np.float32).reshape(manifest.inputs[0].shape)
+    shown = bundle.relative_to(ROOT) if bundle.is_relative_to(ROOT) else bundle
+    print(f"bundle: {shown}, input {list(sample.shape)}")
+    return bundle, manifest, sample
+
+
+# --------------------------------------------------------------------------- against a baseline
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def baseline_tree(ref: str) -> tuple[Path, str]:
+    """A git worktree of ``ref`` under build/bench/ (made the first time), and its commit."""
+    try:
+        commit = git("rev-parse", "--verify", f"{ref}^{{commit}}")
+    except subprocess.CalledProcessError as e:
+        raise SystemExit(f"--baseline {ref}: not a commit here: {e.stderr.strip()}") from None
+    tree = ROOT / "build" / "bench" / f"baseline-{commit[:10]}"
+    if not (tree / "agent" / "serving.py").exists():
+        git("worktree", "prune")
+        git("worktree", "add", "--detach", "--force", str(tree), commit)
+        print(f"checked out {commit[:10]} as {tree.relative_to(ROOT)}")
+    return tree, commit
+
+
+def compare_with_baseline(args: argparse.Namespace) -> int:
+    """The agent of this tree against the agent at ``args.baseline``, JSON and binary."""
+    started = time.perf_counter()
+    info = machine()
+    tree, commit = baseline_tree(args.baseline)
+    head = git("rev-parse", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "agent", "edgec"))
+    print(f"machine: {info['cpu']}, {info['usable_cores']} usable cores, python {info['python']}")
+    changes = " + uncommitted changes" if dirty else ""
+    print(f"baseline {commit[:10]} from {tree.relative_to(ROOT)}; this tree {head[:10]}{changes}")
+    bundle, manifest, sample = build_bundle(args.bundles)
+    name = manifest.inputs[0].name
+    path = f"/v2/models/{manifest.name}/infer"
+    requests = {"json": json_request(name, sample, path), "binary": binary_request(name, sample, path)}
+    expected = session_for(bundle).run(None, {name: sample})[0].ravel()
+    sides = ("baseline", "this tree")
+    servers = {
+        "baseline": ServerProcess("baseline", bundle, ["agent", "--code-root", str(tree)]),
+        "this tree": ServerProcess("this tree", bundle, ["agent"]),
+    }
+    served = {side: server.served_from for side, server in servers.items()}
+    if not str(served["baseline"]).startswith(str(tree)) or str(served["this tree"]).startswith(str(tree)):
+        for server in servers.values():
+            server.stop()
+        raise SystemExit(f"the two sides do not serve the code they should: {served}")
+    rounds: dict[str, dict[str, dict[int, list[dict[str, Any]]]]] = {
+        side: {kind: {c: [] for c in CONCURRENCY} for kind in requests} for side in sides
+    }
+    worst_diff = 0.0
+    try:
+        for index in range(args.repeats):
+            for cell, (kind, clients) in enumerate((k, c) for k in requests for c in CONCURRENCY):
+                order = sides if (index + cell) % 2 == 0 else sides[::-1]
+                for side in order:
+                    server = servers[side]
+                    result = measure(server.port, server.process.pid, requests[kind], clients, args.seconds)
+                    diff = float(np.abs(decode_logits(result.pop("first_body")) - expected).max())
+                    worst_diff = max(worst_diff, diff)
+                    rounds[side][kind][clients].append(result)
+                    print(
+                        f"round {index + 1}/{args.repeats} {side:9s} {kind:6s} c={clients:2d}: "
+                        f"{result['requests_per_s']:8,.0f} req/s  p50 {result['p50_ms']:.3f} ms  "
+                        f"p99 {result['p99_ms']:.3f} ms  server CPU "
+                        f"{result['server_cpu_us_per_request']:.0f} us/req  errors {result['errors']}",
+                        flush=True,
+                    )
+        memory = {side: server.memory() for side, server in servers.items()}
+    finally:
+        for server in servers.values():
+            server.stop()
+    info["loadavg_end"] = loadavg()
+    table = compare_table(rounds)
+    text = render_comparison(table, memory)
+    print()
+    print(text)
+    print(f"\nmax abs difference of any answer from session.run: {worst_diff:.1e}")
+    elapsed = round(time.perf_counter() - started, 1)
+    report = {
+        "benchmark": "agent_serving_baseline",
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": info,
+        "bundle": manifest.name + " " + manifest.version + " " + manifest.profile.id,
+        "baseline": {"ref": args.baseline, "commit": commit, "served_from": served["baseline"]},
+        "this_tree": {"commit": head, "uncommitted_changes": dirty, "served_from": served["this tree"]},
+        "settings": {
+            "repeats": args.repeats,
+            "seconds_per_run": args.seconds,
+            "warmup_s": WARMUP_S,
+            "concurrency": list(CONCURRENCY),
+            "workers": 0,
+            "order": "per round and cell, the two sides back to back, the first alternating",
+        },
+        "comparison": table,
+        "memory": memory,
+        "answer_max_abs_diff": worst_diff,
+        "elapsed_s": elapsed,
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    json_path = args.results / "agent_serving_baseline.json"
+    md_path = args.results / "agent_serving_baseline.md"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    md_path.write_text(
+        "# Agent serving: this tree against the agent at a baseline commit (digits, onnx fp32)\n\n"
+        f"{info['cpu']}, {info['usable_cores']} cores, python {info['python']}; "
+        + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)
+        + f"; {report['created_at']}.\n\n"
+        f"Baseline: `{commit[:10]}` ({args.baseline}), served from a git worktree with this venv; "
+        f"this tree: `{head[:10]}`{' with uncommitted changes' if dirty else ''}. Both inline "
+        f"(`workers=0`), one process each, the same bundle and load generator. Median of {args.repeats} "
+        f"rounds of {args.seconds:g} s per side, request kind and concurrency; in each round the two "
+        "sides run back to back, which goes first alternating. Load average "
+        f"{info['loadavg_start']} at the start, {info['loadavg_end']} at the end.\n\n"
+        + text
+        + "\n\n"
+        + BASELINE_NOTES
+    )
+    print(f"\nwrote {json_path}\nwrote {md_path}\n({elapsed} s)")
+    return 0
+
+
+BASELINE_NOTES = """\
+- ratio: this tree's median over the baseline's median; paired: the median over rounds of the
+  ratio of the two back-to-back runs of that round (less sensitive to the machine's load
+  drifting between rounds). requests/s higher is better, p50 lower is better.
+- within 5%: requests/s ratio >= 0.95 and p50 ratio <= 1.05 (both the ratio of medians).
+- server CPU: the server process's user + system CPU time per answered request (warm-up
+  included).
+"""
+
+
+def compare_table(
+    rounds: dict[str, dict[str, dict[int, list[dict[str, Any]]]]],
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per request kind and concurrency: both sides' medians, the ratios, the paired ratios."""
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for kind, per in rounds["this tree"].items():
+        table[kind] = {}
+        for clients, runs in per.items():
+            base_runs = rounds["baseline"][kind][clients]
+            base, this = median_of(base_runs), median_of(runs)
+            paired_rps = [
+                t["requests_per_s"] / b["requests_per_s"] for t, b in zip(runs, base_runs, strict=True)
+            ]
+            paired_p50 = [t["p50_ms"] / b["p50_ms"] for t, b in zip(runs, base_runs, strict=True)]
+            rps_ratio = this["requests_per_s"] / base["requests_per_s"]
+            p50_ratio = this["p50_ms"] / base["p50_ms"]
+            table[kind][str(clients)] = {
+                "baseline": base,
+                "this_tree": this,
+                "requests_per_s_ratio": rps_ratio,
+                "p50_ratio": p50_ratio,
+                "paired_requests_per_s_ratio": float(np.median(paired_rps)),
+                "paired_p50_ratio": float(np.median(paired_p50)),
+                "within_5_percent": rps_ratio >= 0.95 and p50_ratio <= 1.05,
+            }
+    return table
+
+
+def render_comparison(
+    table: dict[str, dict[str, dict[str, Any]]], memory: dict[str, dict[str, float]]
+) -> str:
+    lines = [
+        "| request | concurrency | req/s baseline | req/s this tree | ratio (paired) | p50 ms baseline "
+        "| p50 ms this tree | ratio (paired) | p99 ms baseline / this | server CPU us/req baseline / this "
+        "| within 5% |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
+    for kind, per in table.items():
+        for clients, row in per.items():
+            base, this = row["baseline"], row["this_tree"]
+            lines.append(
+                f"| {kind} | {clients} | {base['requests_per_s']:,.0f} | {this['requests_per_s']:,.0f} | "
+                f"{row['requests_per_s_ratio']:.3f} ({row['paired_requests_per_s_ratio']:.3f}) | "
+                f"{base['p50_ms']:.3f} | {this['p50_ms']:.3f} | "
+                f"{row['p50_ratio']:.3f} ({row['paired_p50_ratio']:.3f}) | "
+                f"{base['p99_ms']:.3f} / {this['p99_ms']:.3f} | "
+                f"{base['server_cpu_us_per_request']:.0f} / {this['server_cpu_us_per_request']:.0f} | "
+                f"{'yes' if row['within_5_percent'] else 'NO'} |"
+            )
+    lines.append("")
+    lines.append(
+        "RSS after the load: "
+        + ", ".join(f"{side} {figures['rss_mib']:.0f} MiB" for side, figures in memory.items())
+    )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (default 5)")
@@ -717,16 +941,26 @@ def main(argv: list[str] | None = None) -> int:
         help="venv with mlserver and onnxruntime, created when missing (default build/bench/mlserver-venv)",
     )
     parser.add_argument("--no-mlserver", action="store_true", help="leave the MLServer side out")
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="compare only the agent of this tree with the agent at git REF (e.g. 1a6018d)",
+    )
     parser.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)  # internal: run one server
     parser.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--code-root", type=Path, help=argparse.SUPPRESS)  # serve the agent from here
     args = parser.parse_args(argv)
     if args.serve:
+        if args.code_root:
+            sys.path.insert(0, str(args.code_root))
         if args.serve[0] == "agent":
             serve_agent(args.bundle, args.workers)
         else:
             serve_fastapi(args.bundle)
         return 0
+    if args.baseline:
+        return compare_with_baseline(args)
 
     try:
         import fastapi  # noqa: F401
@@ -748,23 +982,8 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{k} {v or '-'}" for k, v in info["mlserver_venv_versions"].items())
         )
 
-    build = subprocess.run(
-        [sys.executable, "-m", "edgec", "build", str(DIGITS / "model.onnx"), "--name", "digits",
-         "--version", "1.0.0", "--target", "x86-64-cpu", "--eval", str(DIGITS / "eval.npz"),
-         "--out", str(args.bundles), "--force", "--json"],
-        capture_output=True, text=True, cwd=ROOT, check=False,
-    )  # fmt: skip
-    if build.returncode != 0:
-        raise SystemExit(f"edgec build failed:\n{build.stderr}")
-    bundle = Path(json.loads(build.stdout)["bundles"][0]["path"])
-    from edgec.manifest import read_manifest
-
-    manifest = read_manifest(bundle)
+    bundle, manifest, sample = build_bundle(args.bundles)
     name = manifest.inputs[0].name
-    with np.load(DIGITS / "eval.npz") as data:
-        sample = np.ascontiguousarray(data[name][:1], dtype=np.float32).reshape(manifest.inputs[0].shape)
-    shown = bundle.relative_to(ROOT) if bundle.is_relative_to(ROOT) else bundle
-    print(f"bundle: {shown}, input {list(sample.shape)}")
 
     direct = direct_latency(bundle, sample, name, args.calls)
     expected = session_for(bundle).run(None, {name: sample})[0].ravel()

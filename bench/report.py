@@ -167,10 +167,13 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict[str, Any]], str]]] = [
     ("onnx_precision", "ONNX precisions (MobileNetV2-sized)", "bench_onnx_precision.py", onnx_precision),
     ("formats", "Every profile's default format (MobileNetV2-sized)", "bench_formats.py", formats),
     ("agent_serving", "Serving", "bench_agent_serving.py", markdown("agent_serving")),
+    ("agent_serving_baseline", "Serving: the agent against its HTTP layer before llhttp",
+     "bench_agent_serving.py --baseline 1a6018d", markdown("agent_serving_baseline")),
     ("hot_swap", "Hot swap under load", "bench_hot_swap.py", hot_swap),
     ("delivery", "Delivery: MQTT vs HTTP", "bench_delivery.py", delivery),
     ("fleet", "Fleet rollouts with simulated devices", "bench_fleet.py", fleet),
     ("cache", "Build cache", "bench_cache.py", cache),
+    ("kdf", "Key files: passphrase guesses per second", "bench_kdf.py", markdown("kdf")),
 ]  # fmt: skip
 
 

@@ -29,6 +29,14 @@ import edgec
 from compiler.backends import BACKENDS, Artifact, get_backend
 from compiler.bundle import bundle_dir_name, write_bundle
 from compiler.cache import BuildCache, default_cache_dir
+from compiler.limits import (
+    DEFAULT_MAX_SAMPLES,
+    MemoryBudget,
+    describe_tensors,
+    format_size,
+    memory_budget,
+    sample_bytes,
+)
 from compiler.prepare import PreparedModel, prepare
 from compiler.report import BuildResult, TargetResult
 from compiler.runtime import first_line
@@ -38,7 +46,14 @@ from compiler.stats import tensor_stats
 from compiler.tensors import SampleSet, generate_samples, load_samples
 from compiler.verify import Outputs, run_samples
 from device_profiles import DeviceProfile, load_profile
-from edgec.errors import BuildError, OptionError, OutputDirError, UserInputError
+from edgec.errors import (
+    BuildError,
+    ConversionError,
+    OptionError,
+    OutputDirError,
+    ResourceLimitError,
+    UserInputError,
+)
 from edgec.manifest import (
     SCHEMA_VERSION,
     BundleStatus,
@@ -58,7 +73,7 @@ __all__ = ["BuildRequest", "build"]
 
 logger = logging.getLogger(__name__)
 
-GENERATED_SAMPLES = 32
+GENERATED_SAMPLES = 32  # when the user gives no data (fewer if --max-samples is lower)
 GOLDEN_SAMPLES = 8
 CONVERTERS = (
     "numpy",
@@ -94,6 +109,8 @@ class BuildRequest:
     force: bool = False
     ignore_gates: bool = False
     cache: Path | None = field(default_factory=default_cache_dir)  # None: no build cache
+    memory_budget_bytes: int | None = None  # None: EDGEC_MEMORY_BUDGET, else half the memory available
+    max_samples: int = DEFAULT_MAX_SAMPLES  # of calibration and eval data each; the first ones are used
 
 
 @dataclass(frozen=True)
@@ -193,17 +210,49 @@ def _reference_stats(samples: SampleSet, outputs: Outputs, output_names: Sequenc
     return [s for s in stats if s is not None]
 
 
-def _prepare_shared(request: BuildRequest, ref: SourceRef, workdir: Path, progress: Progress) -> _Shared:
+_SHAPE_FIX = "set a smaller --input-shape (or export the model with smaller inputs)"
+
+
+def _samples(
+    request: BuildRequest, prepared: PreparedModel, budget: MemoryBudget
+) -> tuple[SampleSet | None, SampleSet]:
+    """Calibration data and the verification set, each checked against the budget from the
+    declared shapes (and data file headers) before it is allocated."""
+    inputs = describe_tensors(prepared.inputs)
+    per_input, per_output = sample_bytes(prepared.inputs), sample_bytes(prepared.outputs)
+    one = per_input + per_output
+    budget.check(one, f"one sample of {inputs} needs {format_size(one)} with the model's outputs", _SHAPE_FIX)
+    limit = request.max_samples
+    calibration = (
+        load_samples(request.calibration, prepared.inputs, "calibration", budget, limit)
+        if request.calibration
+        else None
+    )
+    evaluation = load_samples(request.eval, prepared.inputs, "eval", budget, limit) if request.eval else None
+    verify_set = evaluation or calibration
+    if verify_set is None:
+        count = min(GENERATED_SAMPLES, limit)
+        need = count * per_input
+        head = f"{count} generated samples of {inputs} need {format_size(need)}"
+        budget.reserve(need, head, f"{_SHAPE_FIX}, use fewer samples (--max-samples N)")
+        verify_set = generate_samples(prepared.inputs, count)
+    apart = calibration is not None and calibration is not verify_set  # run again for its statistics
+    runs = len(verify_set) + (len(calibration) if calibration is not None and apart else 0)
+    need = runs * per_output
+    head = f"the model's outputs for {runs} samples need {format_size(need)}"
+    budget.reserve(need, head, f"{_SHAPE_FIX}, use fewer samples (--max-samples N)")
+    return calibration, verify_set
+
+
+def _prepare_shared(
+    request: BuildRequest, ref: SourceRef, workdir: Path, progress: Progress, budget: MemoryBudget
+) -> _Shared:
     if ref.format != "onnx":
         progress(f"importing {request.model.name} ({ref.format}) to ONNX")
-    source = import_source(request.model, ref, request.input_shapes, workdir)
+    source = import_source(request.model, ref, request.input_shapes, workdir, budget)
     progress(f"preparing {source.path.name}")
     prepared = prepare(source.onnx_path, request.input_shapes, workdir, source.imported)
-    calibration = (
-        load_samples(request.calibration, prepared.inputs, "calibration") if request.calibration else None
-    )
-    evaluation = load_samples(request.eval, prepared.inputs, "eval") if request.eval else None
-    verify_set = evaluation or calibration or generate_samples(prepared.inputs, GENERATED_SAMPLES)
+    calibration, verify_set = _samples(request, prepared, budget)
     progress(f"running the source model on {len(verify_set)} {verify_set.origin} samples")
     runner = source.runner()
     reference = run_samples(runner, verify_set)
@@ -346,7 +395,12 @@ def _build_timed(plan: _Plan, shared: _Shared, progress: Progress, timings: dict
             result = _write(plan, shared, chosen, result.model_copy(update={"timings_s": timings}))
             timings["bundle"] = time.perf_counter() - started
     except (BuildError, OutputDirError) as e:
-        return result.model_copy(update={"error": str(e), "size_bytes": None})
+        if isinstance(e.__cause__, MemoryError):  # a converter ran out of memory: see below
+            raise e.__cause__ from e
+        log = e.log if isinstance(e, ConversionError) else None  # the converter's whole output
+        return result.model_copy(update={"error": str(e), "size_bytes": None, "converter_log": log})
+    except MemoryError:
+        raise  # the machine, not the target: build() stops with exit 2
     except Exception as e:  # a converter's own failure must not stop the other targets
         logger.exception("unexpected failure building %s", label)
         return result.model_copy(update={"error": f"internal error: {type(e).__name__}: {first_line(e)}"})
@@ -427,20 +481,35 @@ def _name(request: BuildRequest) -> str:
     return request.name or request.model.stem
 
 
+def _out_of_memory(error: MemoryError, budget: MemoryBudget) -> ResourceLimitError:
+    return ResourceLimitError(
+        f"the build ran out of memory ({first_line(error)}) within its memory budget of "
+        f"{format_size(budget.limit_bytes)} ({budget.origin}); set a smaller --input-shape, use fewer "
+        "samples (--max-samples N), or set --memory-budget to what this machine can give"
+    )
+
+
 def build(request: BuildRequest, progress: Progress | None = None) -> BuildResult:
-    """Build one bundle per target. Raises ``UserInputError`` before any work on bad input."""
+    """Build one bundle per target. Raises ``UserInputError`` before any work on bad input,
+    ``ResourceLimitError`` for input over the memory budget or when memory runs out."""
     say = progress or (lambda _message: None)
     if not request.targets:
         raise OptionError("no target: pass --target PROFILE (see edgec profiles list)")
+    if request.max_samples < 1:
+        raise OptionError(f"--max-samples must be at least 1, got {request.max_samples}")
+    budget = memory_budget(request.memory_budget_bytes)
     profiles = [load_profile(t) for t in request.targets]
     plans = _plan(request, profiles, _name(request))
     ref = identify(request.model)
     created = not request.out.exists()
     _check_out_dir(request.out, plans, request.force)
     try:
-        with tempfile.TemporaryDirectory(prefix="edgec-build-") as tmp:
-            shared = _prepare_shared(request, ref, Path(tmp), say)
-            results = [_build_target(plan, shared, say) for plan in plans]
+        try:
+            with tempfile.TemporaryDirectory(prefix="edgec-build-") as tmp:
+                shared = _prepare_shared(request, ref, Path(tmp), say, budget)
+                results = [_build_target(plan, shared, say) for plan in plans]
+        except MemoryError as e:  # bundles are written to a temp folder and renamed: none is half-written
+            raise _out_of_memory(e, budget) from e
     except UserInputError:
         if created:
             with contextlib.suppress(OSError):

@@ -18,6 +18,7 @@ import numpy as np
 
 from edgec.errors import OutputDirError
 from edgec.manifest import MANIFEST_NAME, FileEntry, Manifest, file_entry
+from edgec.names import check_name, check_version, resolve_inside
 
 __all__ = ["GOLDEN_NAME", "REPORT_NAME", "bundle_dir_name", "write_bundle"]
 
@@ -29,7 +30,16 @@ _TMP_PREFIX = ".edgec-tmp-"
 
 
 def bundle_dir_name(name: str, version: str, profile_id: str, suffix: str = "") -> str:
-    return f"{name}-{version}-{profile_id}" + (f"-{suffix}" if suffix else "")
+    """``NAME-VERSION-PROFILE[-SUFFIX]``: each part a checked name (``InvalidNameError``, exit 2,
+    before anything is written), so the folder is one path component under ``--out``."""
+    parts = [
+        check_name(name, "bundle name (--name, or the model file's name)"),
+        check_version(version, "bundle version (--version)"),
+        check_name(profile_id, "profile id"),
+    ]
+    if suffix:
+        parts.append(check_name(suffix, "bundle folder suffix"))
+    return "-".join(parts)
 
 
 def _fsync(path: Path) -> None:
@@ -66,6 +76,7 @@ def write_bundle(
     the manifest itself.
     """
     parent = destination.parent
+    resolve_inside(parent, destination.name)  # one folder under --out: never '..', never a link out of it
     if destination.exists() and not replace:
         raise OutputDirError(
             f"bundle {destination} already exists; pass --force to replace it or set --version"

@@ -28,6 +28,7 @@ class TargetResult(BaseModel):
     search: list[dict[str, object]] = []  # every configuration tried, when more than one
     layer_errors: list[dict[str, object]] = []  # int8: the worst quantized tensors, for explain
     cached: bool = False  # the artifact and its figures came from the build cache
+    converter_log: str | None = None  # everything a converter printed, when it failed
     timings_s: dict[str, float] = {}
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compiler.importers import Imported
+from compiler.limits import MemoryBudget
 from compiler.runtime import OnnxRuntimeRunner, Runner
 from edgec.errors import ConversionError, ModelLoadError
 from edgec.manifest import SourceRef, sha256_file
@@ -70,8 +71,16 @@ def identify(path: Path) -> SourceRef:
     return SourceRef(filename=path.name, format=fmt, sha256=digest)
 
 
-def import_source(path: Path, ref: SourceRef, shapes: Mapping[str, list[int]], workdir: Path) -> SourceModel:
-    """Convert the source to ONNX in ``workdir`` (ONNX sources are used as they are)."""
+def import_source(
+    path: Path,
+    ref: SourceRef,
+    shapes: Mapping[str, list[int]],
+    workdir: Path,
+    budget: MemoryBudget | None = None,
+) -> SourceModel:
+    """Convert the source to ONNX in ``workdir`` (ONNX sources are used as they are).
+
+    ``budget`` bounds the example inputs an importer allocates (PyTorch traces with them)."""
     if ref.format == "onnx":
         imported = Imported(onnx_path=path, runner=lambda: OnnxRuntimeRunner(path))
     elif ref.format == "keras":
@@ -89,5 +98,5 @@ def import_source(path: Path, ref: SourceRef, shapes: Mapping[str, list[int]], w
     else:
         from compiler.importers.pytorch import import_pytorch
 
-        imported = import_pytorch(path, shapes, workdir)
+        imported = import_pytorch(path, shapes, workdir, budget)
     return SourceModel(path=path, ref=ref, imported=imported)

@@ -28,10 +28,15 @@ __all__ = [
     "EdgecError",
     "FetchError",
     "GateError",
+    "InvalidNameError",
     "ModelLoadError",
+    "NotFoundError",
     "OptionError",
     "OutputDirError",
+    "PathOutsideRootError",
     "ProfileError",
+    "ProtocolError",
+    "ResourceLimitError",
     "ServerError",
     "ShapeSpecError",
     "TrustError",
@@ -58,6 +63,10 @@ class UserInputError(EdgecError):
     exit_code = EXIT_BAD_INPUT
 
 
+class NotFoundError(UserInputError):
+    """The thing asked for (a device, a rollout) is not there; the message says where to look."""
+
+
 class ModelLoadError(UserInputError):
     """The source model cannot be read or is not a valid model."""
 
@@ -82,8 +91,36 @@ class OptionError(UserInputError):
     """An impossible combination of options (say, int8 without calibration data)."""
 
 
+class ResourceLimitError(UserInputError):
+    """The input would need more memory (or samples) than the build may take: a huge shape,
+    a data file that unpacks past the memory budget, or the machine running out of memory."""
+
+
 class BundleError(UserInputError):
     """A bundle folder is missing, unreadable or its manifest is invalid."""
+
+
+class InvalidNameError(UserInputError, ValueError):
+    """A name, version, id or relative path is outside its allowed pattern (``edgec.names``).
+
+    Also a ``ValueError``, so a pydantic model that checks a field with it reports a
+    validation error. ``field`` names what was checked, ``value`` is what was given."""
+
+    def __init__(self, message: str, field: str, value: object) -> None:
+        super().__init__(message)
+        self.field = field
+        self.value = value
+
+
+class PathOutsideRootError(UserInputError):
+    """A path built from outside input resolves outside the folder it must stay in."""
+
+
+class ProtocolError(EdgecError, ValueError):
+    """A wire message (an MQTT topic, a fetch request or response) breaks the protocol: it is
+    dropped and logged, never retried as it is."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 class BuildError(EdgecError):
@@ -97,14 +134,18 @@ class BackendUnavailableError(BuildError):
 
 
 class ConversionError(BuildError):
-    """A converter failed on the model."""
+    """A converter failed on the model; ``log`` keeps everything it printed, if anything."""
+
+    def __init__(self, message: str, log: str | None = None) -> None:
+        super().__init__(message)
+        self.log = log
 
 
 class UnsupportedOperatorError(ConversionError):
     """The model has operators the target cannot run; ``nodes`` names them."""
 
-    def __init__(self, message: str, nodes: list[str]) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, nodes: list[str], log: str | None = None) -> None:
+        super().__init__(message, log)
         self.nodes = nodes
 
 

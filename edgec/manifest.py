@@ -17,8 +17,11 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from edgec.names import Name, RelativePath, Version
+
 __all__ = [
     "MANIFEST_NAME",
+    "MAX_MANIFEST_BYTES",
     "SCHEMA_VERSION",
     "BundleStatus",
     "FileEntry",
@@ -34,12 +37,14 @@ __all__ = [
     "Verification",
     "check_files",
     "file_entry",
+    "parse_manifest",
     "read_manifest",
     "sha256_file",
 ]
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest is tens of KB; anything near this is not one
 _CHUNK = 1 << 20
 
 
@@ -105,13 +110,13 @@ class TensorSpec(_Model):
 
 
 class FileEntry(_Model):
-    path: str
+    path: RelativePath  # relative to the bundle folder: no '..', never absolute
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     length: Annotated[int, Field(ge=0)]
 
 
 class ProfileRef(_Model):
-    id: str
+    id: Name
     sha256: str
 
 
@@ -161,14 +166,14 @@ class TensorStats(_Model):
 
 class Manifest(_Model):
     schema_version: int = SCHEMA_VERSION
-    name: str
-    version: str
+    name: Name
+    version: Version
     profile: ProfileRef
     format: TargetFormat
     precision: Precision
     created_at: str
     files: list[FileEntry]
-    model_file: str
+    model_file: RelativePath
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     preprocessing: dict[str, str] = {}
@@ -203,22 +208,37 @@ def file_entry(root: Path, path: Path) -> FileEntry:
     )
 
 
+def parse_manifest(data: bytes | bytearray | str, source: str = MANIFEST_NAME) -> Manifest:
+    """A manifest from its JSON text. Raises ``BundleError`` (one line: ``source`` and the
+    first problems) for anything that is not a valid manifest; never another exception."""
+    from edgec.errors import BundleError
+
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{source} is {len(data)} bytes, over the limit of {MAX_MANIFEST_BYTES}")
+    try:
+        raw = json.loads(data)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise BundleError(f"cannot read {source}: {type(e).__name__}: {str(e)[:200]}") from e
+    try:
+        return Manifest.model_validate(raw)
+    except ValueError as e:  # pydantic's ValidationError
+        first = str(e).splitlines()
+        raise BundleError(f"{source} is not a valid edgec manifest: {' '.join(first[:3])}") from e
+
+
 def read_manifest(bundle: Path) -> Manifest:
     """Load and validate ``bundle/manifest.json``. Raises ``BundleError``."""
     from edgec.errors import BundleError
 
     path = bundle / MANIFEST_NAME
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)  # parse_manifest refuses one byte more
     except FileNotFoundError:
         raise BundleError(f"{bundle} is not a bundle: it has no {MANIFEST_NAME}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:
         raise BundleError(f"cannot read {path}: {e}") from e
-    try:
-        return Manifest.model_validate(raw)
-    except ValueError as e:
-        first = str(e).splitlines()
-        raise BundleError(f"{path} is not a valid edgec manifest: {' '.join(first[:3])}") from e
+    return parse_manifest(data, str(path))
 
 
 def check_files(bundle: Path, manifest: Manifest) -> dict[str, str | None]:

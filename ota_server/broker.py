@@ -1,5 +1,14 @@
 """Mosquitto configuration from the registry: no anonymous access, a password per device, an
-ACL that confines every device to its own topics, and a TLS listener with a generated CA."""
+ACL that confines every device to its own topics, client ids bound to usernames, and a TLS
+listener with a generated CA.
+
+Binding the client id to the username (``use_username_as_clientid``) is what stops one login
+from taking over another's connection: MQTT lets a new connection with a client id already
+connected replace the old one, and a clean session with it discards the old persistent session
+and everything queued for it. With the binding, each login's connection and session are its
+own. ACL patterns (``%c``, ``%u``) cannot do this: they guard topics, and the takeover happens
+at CONNECT, before any topic is touched. On EMQX the same binding is ``mqtt.use_username_as_clientid
+= true``; its ACL placeholders are ``${username}`` and ``${clientid}``."""
 
 from __future__ import annotations
 
@@ -15,12 +24,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from edgec.errors import UserInputError
 from edgec.topics import PREFIX, device_topics, fetch_request, fetch_response
-from ota_server.registry import Registry, hash_password
+from ota_server.registry import SERVER_USER, Device, Registry, hash_password
 
 __all__ = ["SERVER_USER", "BrokerFiles", "write_broker_config"]
-
-SERVER_USER = "edgec-server"
 
 
 @dataclass(frozen=True)
@@ -37,9 +45,9 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
     os.chmod(path, mode)
 
 
-def _acl(registry: Registry) -> str:
+def _acl(devices: list[Device]) -> str:
     lines = [f"user {SERVER_USER}", f"topic readwrite {PREFIX}/#", ""]
-    for device in registry.devices():
+    for device in devices:
         topics = device_topics(device.fleet, device.id)
         lines += [
             f"user {device.id}",
@@ -116,14 +124,19 @@ def write_broker_config(
     The secrets are 0600: Mosquitto started as root drops to ``run_as``, which must own them
     (``chown -R mosquitto DIR``), or ``run_as`` is the user that runs it.
     """
+    devices = registry.devices()
+    if any(d.id == SERVER_USER for d in devices):  # its login, client id and session: the server's
+        raise UserInputError(
+            f"device id {SERVER_USER!r} is the server's login; re-add that device under another id"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "data").mkdir(exist_ok=True)
     server_password = secrets.token_urlsafe(24)
     passwords = [f"{SERVER_USER}:{hash_password(server_password)}"]
-    passwords += [f"{d.id}:{registry.password_hash(d.id)}" for d in registry.devices()]
+    passwords += [f"{d.id}:{registry.password_hash(d.id)}" for d in devices]
     _write(folder / "passwords", "\n".join(passwords) + "\n", 0o600)
     _write(folder / "server.secret", server_password + "\n", 0o600)
-    _write(folder / "acl", _acl(registry), 0o600)
+    _write(folder / "acl", _acl(devices), 0o600)
     ca = _tls(folder, hosts or [bind, "localhost"])
     config = "\n".join(
         [
@@ -140,8 +153,12 @@ def write_broker_config(
             # the server's one session takes every device's reports: Mosquitto's default queue
             # of 1,000 messages per client drops reports when a thousand devices answer a wave
             "max_queued_messages 200000",
+            # a connection's client id is its username: no login takes over another's
+            # connection or persistent session (the server's is "edgec-server")
             f"listener {port} {bind}",
+            "use_username_as_clientid true",
             f"listener {tls_port} {bind}",
+            "use_username_as_clientid true",
             f"cafile {ca}",
             f"certfile {folder / 'server.crt'}",
             f"keyfile {folder / 'server.key'}",

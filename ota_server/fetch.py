@@ -15,7 +15,6 @@ device's next chunk by at most one chunk per busy device.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -24,14 +23,15 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from edgec.fetch_protocol import encode_response
-from edgec.topics import PREFIX, fetch_response
+from edgec.errors import ProtocolError
+from edgec.fetch_protocol import decode_request, encode_response
+from edgec.topics import PREFIX, fetch_response, parse_topic
+from ota_server.served import served_file
 
 __all__ = ["FetchServer"]
 
 logger = logging.getLogger(__name__)
 REQUEST_FILTER = f"{PREFIX}/+/fetch/+/request"
-MAX_REQUEST_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,8 @@ class _Request:
 
 
 class FetchServer:
-    """Answers fetch requests from ``folder`` (the image repository: metadata/, targets/)."""
+    """Answers fetch requests from ``folder`` (the image repository), for the files
+    ``ota_server.served`` allows: TUF metadata and targets, nothing else."""
 
     def __init__(
         self,
@@ -86,20 +87,14 @@ class FetchServer:
             thread.join(timeout=5)
 
     def _on_request(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        parts = message.topic.split("/")
-        fleet, device = parts[2], parts[4]
         try:
-            if len(message.payload) > MAX_REQUEST_BYTES:
-                raise ValueError(f"request of {len(message.payload)} bytes")
-            raw = json.loads(message.payload)
-            request = _Request(fleet, device, str(raw["id"]), str(raw["path"]), int(raw["offset"]))
-            if request.offset < 0:
-                raise ValueError("negative offset")
-        except (ValueError, KeyError, TypeError, RecursionError) as e:
+            topic = parse_topic(message.topic)
+            raw = decode_request(message.payload)  # bounded: fetch_protocol.MAX_REQUEST_BYTES
+        except ProtocolError as e:
             self.dropped += 1
-            logger.warning("dropped a malformed fetch request from %s/%s: %s", fleet, device, e)
+            logger.warning("dropped a malformed fetch request on %s: %s", message.topic[:200], e)
             return
-        self._enqueue(request)
+        self._enqueue(_Request(topic.fleet, topic.device, raw.id, raw.path, raw.offset))
 
     def _enqueue(self, request: _Request) -> None:
         key = (request.fleet, request.device)
@@ -137,9 +132,9 @@ class FetchServer:
                 logger.exception("failed to answer %s for %s", request.path, request.device)
 
     def _answer(self, request: _Request) -> None:
-        target = (self.folder / request.path).resolve()
+        target = served_file(self.folder, request.path)  # the allowlist HTTP uses too
         topic = fetch_response(request.fleet, request.device)
-        if not target.is_relative_to(self.folder) or not target.is_file():
+        if target is None:
             header = {"id": request.id, "path": request.path, "status": 404}
             self.client.publish(topic, encode_response(header), qos=1)
             return

@@ -2,8 +2,14 @@
 
 ``/v1/repo/<path>`` serves the image repository (metadata/, targets/) to anyone: everything
 in it is signed. The operator API needs a bearer token; each token has a role: a viewer
-reads, an operator also starts rollouts, an admin does everything. Errors are JSON
-``{"error": ...}`` with a 4xx status; malformed input never produces a 500.
+reads, an operator also starts rollouts, an admin does everything.
+
+A request is resolved and its token checked from the head alone; a body is read only
+after that, for the routes that take one (``ota_server._http_server`` enforces the
+transport limits). Bodies are JSON bounded in size and depth, numbers finite, and checked
+against typed models. Every refusal is a 4xx with a one-line JSON ``{"error": ...}``;
+errors are mapped by type (``NotFoundError`` is a 404); a bug of ours is a 500 that names
+only an error id the server's log has.
 """
 
 from __future__ import annotations
@@ -13,26 +19,31 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import re
-import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from http.server import ThreadingHTTPServer
+from typing import Annotated, Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from edgec._bounded_json import JsonInputError, loads
 from edgec.director import Action, SignedDirectorDocument
-from edgec.errors import UserInputError
+from edgec.errors import NotFoundError, UserInputError
+from ota_server import _http_server
+from ota_server._http_server import ApiLimits, HttpError, Response
 from ota_server.registry import Registry
 from ota_server.repository import ImageRepository
 from ota_server.rollouts import Rollouts, RolloutSpec
+from ota_server.served import served_file
 
-__all__ = ["HttpApi", "Role", "openapi"]
+__all__ = ["ApiLimits", "AssignRequest", "HttpApi", "Role", "openapi"]
 
 logger = logging.getLogger(__name__)
-MAX_BODY_BYTES = 64 * 1024
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+ApiError = HttpError  # a 4xx answer with a one-line message
 
 
 class Role(enum.IntEnum):
@@ -41,10 +52,21 @@ class Role(enum.IntEnum):
     ADMIN = 3
 
 
-class ApiError(Exception):
-    def __init__(self, status: HTTPStatus, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+class AssignRequest(BaseModel):
+    """``POST /v1/devices/{id}/assign``: run this release."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    release: Annotated[str, Field(min_length=1, max_length=256)]  # NAME:VERSION
+    action: Action = Action.INSTALL
+
+    @field_validator("action", mode="before")
+    @classmethod
+    def _action(cls, value: Any) -> Any:
+        if not isinstance(value, str) or value not in {a.value for a in Action}:
+            shown = repr(value) if isinstance(value, str) else f"a JSON {type(value).__name__}"
+            raise ValueError(f"action must be install or rollback, not {shown[:40]}")
+        return value
 
 
 def openapi() -> dict[str, Any]:
@@ -56,6 +78,7 @@ def openapi() -> dict[str, Any]:
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RolloutRequest"}}}
     }
     ok = {"200": {"description": "ok"}, "401": error, "403": error}
+    body_errors = {"400": error, "411": error, "413": error}
     return {
         "openapi": "3.1.0",
         "info": {"title": "edgec OTA server", "version": "1"},
@@ -67,14 +90,7 @@ def openapi() -> dict[str, Any]:
                     "properties": {"error": {"type": "string"}},
                     "required": ["error"],
                 },
-                "AssignRequest": {
-                    "type": "object",
-                    "properties": {
-                        "release": {"type": "string"},
-                        "action": {"type": "string", "enum": ["install", "rollback"]},
-                    },
-                    "required": ["release"],
-                },
+                "AssignRequest": AssignRequest.model_json_schema(),
                 "RolloutRequest": RolloutSpec.model_json_schema(),
             },
         },
@@ -112,7 +128,7 @@ def openapi() -> dict[str, Any]:
                             "application/json": {"schema": {"$ref": "#/components/schemas/AssignRequest"}}
                         }
                     },
-                    "responses": {**ok, "400": error, "404": error},
+                    "responses": {**ok, **body_errors, "404": error},
                 }
             },
             "/v1/releases": {
@@ -133,7 +149,7 @@ def openapi() -> dict[str, Any]:
                 "post": {
                     "security": bearer,
                     "summary": "pause, resume, abort or rollback (operator)",
-                    "responses": {**ok, "404": error, "409": error},
+                    "responses": {**ok, "404": error, "409": error, "411": error},
                 }
             },
             "/v1/rollouts": {
@@ -142,11 +158,37 @@ def openapi() -> dict[str, Any]:
                     "security": bearer,
                     "summary": "start a rollout (operator)",
                     "requestBody": rollout_body,
-                    "responses": {**ok, "201": {"description": "created"}, "400": error},
+                    "responses": {**ok, **body_errors, "201": {"description": "created"}},
                 },
             },
         },
     }
+
+
+Params = dict[str, str]
+Call = Callable[[Params, dict[str, str], bytes, str], Response]  # params, headers, body, who
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    role: Role | None  # None: no token needed
+    call: Call
+    wants_body: bool = False
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    endpoint: _Endpoint
+    params: Params
+    headers: dict[str, str]
+    who: str
+
+    @property
+    def wants_body(self) -> bool:
+        return self.endpoint.wants_body
+
+    def run(self, body: bytes) -> Response:
+        return self.endpoint.call(self.params, self.headers, body, self.who)
 
 
 class HttpApi:
@@ -159,15 +201,44 @@ class HttpApi:
         *,
         assign: Callable[..., SignedDirectorDocument] | None = None,
         rollouts: Rollouts | None = None,
+        limits: ApiLimits | None = None,
     ) -> None:
         self.repository = repository
         self.registry = registry
         self._assign = assign  # the server's: sign and publish a director document
         self._rollouts = rollouts
+        self.limits = limits or ApiLimits()
         # tokens are kept as sha256 digests (a config file holds only those), compared in constant time
         self._tokens = {hashlib.sha256(t.encode()).hexdigest(): role for t, role in tokens.items()}
         self._tokens.update(token_digests or {})
         self._server: ThreadingHTTPServer | None = None
+        self._routes: list[tuple[re.Pattern[str], dict[str, _Endpoint]]] = [
+            (re.compile(r"/openapi\.json"), {"GET": _Endpoint(None, self._openapi)}),
+            (
+                re.compile(r"/v1/repo/(?P<path>.+)"),
+                {"GET": _Endpoint(None, self._repo), "HEAD": _Endpoint(None, self._repo)},
+            ),
+            (re.compile(r"/v1/devices"), {"GET": _Endpoint(Role.VIEWER, self._devices)}),
+            (re.compile(r"/v1/devices/(?P<id>[^/]+)"), {"GET": _Endpoint(Role.VIEWER, self._device)}),
+            (
+                re.compile(r"/v1/devices/(?P<id>[^/]+)/assign"),
+                {"POST": _Endpoint(Role.OPERATOR, self._assign_release, wants_body=True)},
+            ),
+            (re.compile(r"/v1/releases"), {"GET": _Endpoint(Role.VIEWER, self._releases)}),
+            (
+                re.compile(r"/v1/rollouts"),
+                {
+                    "GET": _Endpoint(Role.VIEWER, self._list_rollouts),
+                    "POST": _Endpoint(Role.OPERATOR, self._start_rollout, wants_body=True),
+                },
+            ),
+            (re.compile(r"/v1/rollouts/(?P<id>[^/]+)"), {"GET": _Endpoint(Role.VIEWER, self._rollout)}),
+            (
+                re.compile(r"/v1/rollouts/(?P<id>[^/]+)/(?P<action>pause|resume|abort|rollback)"),
+                # a body, if any, is read (Content-Length needed) and ignored
+                {"POST": _Endpoint(Role.OPERATOR, self._steer_rollout, wants_body=True)},
+            ),
+        ]
 
     # -- auth -----------------------------------------------------------------------------
     def _who(self, header: str | None, needed: Role) -> tuple[str, Role]:
@@ -182,65 +253,71 @@ class HttpApi:
             raise ApiError(HTTPStatus.FORBIDDEN, message)
         return digest[:12], role
 
-    # -- routes ---------------------------------------------------------------------------
-    def route(
-        self, method: str, path: str, headers: Mapping[str, str], body: bytes
-    ) -> tuple[int, dict[str, str], bytes]:
-        """``headers`` with lower-case names."""
-        if method == "GET" and path == "/openapi.json":
-            return self._json(HTTPStatus.OK, openapi())
-        if method in ("GET", "HEAD") and path.startswith("/v1/repo/"):
-            return self._repo_file(path.removeprefix("/v1/repo/"), headers.get("range"))
-        routes: dict[tuple[str, str], tuple[Role, Callable[..., Any]]] = {
-            ("GET", "/v1/devices"): (Role.VIEWER, lambda: [d.as_dict() for d in self.registry.devices()]),
-            ("GET", "/v1/releases"): (Role.VIEWER, lambda: [r.__dict__ for r in self.repository.releases()]),
-            ("GET", "/v1/rollouts"): (Role.VIEWER, lambda: self._scheduler().list()),
-        }
-        auth = headers.get("authorization")
-        if (method, path) in routes:
-            needed, handler = routes[(method, path)]
-            self._who(auth, needed)
-            return self._json(HTTPStatus.OK, handler())
-        if method == "GET" and path.startswith("/v1/devices/"):
-            self._who(auth, Role.VIEWER)
-            try:
-                device = self.registry.get(path.removeprefix("/v1/devices/"))
-                return self._json(HTTPStatus.OK, device.as_dict())
-            except UserInputError as e:
-                raise ApiError(HTTPStatus.NOT_FOUND, str(e)) from e
-        if method == "POST" and path.startswith("/v1/devices/") and path.endswith("/assign"):
-            self._who(auth, Role.OPERATOR)
-            return self._assign_release(path.removeprefix("/v1/devices/").removesuffix("/assign"), body)
-        if method == "POST" and path == "/v1/rollouts":
-            who, _ = self._who(auth, Role.OPERATOR)
-            return self._start_rollout(body, who)
-        if path.startswith("/v1/rollouts/"):
-            return self._steer_rollout(method, path.removeprefix("/v1/rollouts/").split("/"), auth)
-        raise ApiError(HTTPStatus.NOT_FOUND, f"no route {method} {path}")
+    # -- routing --------------------------------------------------------------------------
+    def prepare(self, method: str, path: str, headers: dict[str, str]) -> _Prepared:
+        """The endpoint for ``method path``, its token checked; nothing of the body is read.
+        ``headers`` with lower-case names. Raises ``ApiError`` (404, 405, 401, 403)."""
+        for pattern, methods in self._routes:
+            match = pattern.fullmatch(path)
+            if match is None:
+                continue
+            endpoint = methods.get(method)
+            if endpoint is None:
+                error = ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method[:20]} is not allowed here")
+                error.headers["Allow"] = ", ".join(methods)
+                raise error
+            who = "anonymous"
+            if endpoint.role is not None:
+                who, _ = self._who(headers.get("authorization"), endpoint.role)
+            return _Prepared(endpoint, match.groupdict(), headers, who)
+        raise ApiError(HTTPStatus.NOT_FOUND, f"no route {method[:20]} {path[:200]}")
 
-    @staticmethod
-    def _body(body: bytes) -> Any:
+    def _json_body(self, body: bytes) -> Any:
         try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {e}") from e
+            return loads(body, max_bytes=self.limits.max_body_bytes, max_depth=self.limits.max_json_depth)
+        except JsonInputError as e:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"body is {e}") from None
 
-    def _assign_release(self, device_id: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
-        request = self._body(body)
-        action = request.get("action", "install") if isinstance(request, dict) else None
-        if not isinstance(request, dict) or not isinstance(request.get("release"), str):
-            raise ApiError(
-                HTTPStatus.BAD_REQUEST, 'expected {"release": "NAME:VERSION", "action": "install"}'
-            )
-        if action not in {a.value for a in Action}:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"action must be install or rollback, not {action!r}")
+    def _model(self, model: type[BaseModel], body: bytes, shape: str) -> Any:
+        try:
+            return model.model_validate(self._json_body(body))
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"{where}: {first['msg']} (expected {shape})") from None
+
+    # -- endpoints ------------------------------------------------------------------------
+    def _openapi(self, _p: Params, _h: dict[str, str], _b: bytes, _who: str) -> Response:
+        return self._json(HTTPStatus.OK, openapi())
+
+    def _repo(self, params: Params, headers: dict[str, str], _b: bytes, _who: str) -> Response:
+        try:
+            return self._repo_file(params["path"], headers.get("range"))
+        except ValueError as e:  # a Range or path the filesystem cannot take
+            raise ApiError(HTTPStatus.BAD_REQUEST, "bad repository request") from e
+
+    def _devices(self, _p: Params, _h: dict[str, str], _b: bytes, _who: str) -> Response:
+        return self._json(HTTPStatus.OK, [d.as_dict() for d in self.registry.devices()])
+
+    def _device(self, params: Params, _h: dict[str, str], _b: bytes, _who: str) -> Response:
+        try:
+            return self._json(HTTPStatus.OK, self.registry.get(params["id"]).as_dict())
+        except NotFoundError as e:
+            raise ApiError(HTTPStatus.NOT_FOUND, str(e)) from None
+
+    def _releases(self, _p: Params, _h: dict[str, str], _b: bytes, _who: str) -> Response:
+        return self._json(HTTPStatus.OK, [r.__dict__ for r in self.repository.releases()])
+
+    def _assign_release(self, params: Params, _h: dict[str, str], body: bytes, _who: str) -> Response:
+        request = self._model(AssignRequest, body, '{"release": "NAME:VERSION", "action": "install"}')
         if self._assign is None:
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "this server cannot sign director documents")
         try:
-            document = self._assign(device_id, request["release"], Action(action))
+            document = self._assign(params["id"], request.release, request.action)
+        except NotFoundError as e:
+            raise ApiError(HTTPStatus.NOT_FOUND, str(e)) from None
         except UserInputError as e:
-            status = HTTPStatus.NOT_FOUND if "no device" in str(e) else HTTPStatus.BAD_REQUEST
-            raise ApiError(status, str(e)) from e
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(e)) from None
         return self._json(HTTPStatus.OK, document.model_dump(mode="json"))
 
     def _scheduler(self) -> Rollouts:
@@ -248,48 +325,43 @@ class HttpApi:
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "this server does not run rollouts")
         return self._rollouts
 
-    def _start_rollout(self, body: bytes, who: str) -> tuple[int, dict[str, str], bytes]:
-        request = self._body(body)
-        try:
-            spec = RolloutSpec.model_validate(request)
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "body"
-            shape = '{"release": "NAME:VERSION", "group": "GROUP", "waves": ["5%", "100%"], ...}'
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"{where}: {first['msg']} (expected {shape})") from e
+    def _list_rollouts(self, _p: Params, _h: dict[str, str], _b: bytes, _who: str) -> Response:
+        return self._json(HTTPStatus.OK, self._scheduler().list())
+
+    def _start_rollout(self, _p: Params, _h: dict[str, str], body: bytes, who: str) -> Response:
+        shape = '{"release": "NAME:VERSION", "group": "GROUP", "waves": ["5%", "100%"], ...}'
+        spec = self._model(RolloutSpec, body, shape)
         try:
             created = self._scheduler().start(spec, who)
         except UserInputError as e:
-            raise ApiError(HTTPStatus.BAD_REQUEST, str(e)) from e
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(e)) from None
         return self._json(HTTPStatus.CREATED, created)
 
-    def _steer_rollout(
-        self, method: str, parts: list[str], auth: str | None
-    ) -> tuple[int, dict[str, str], bytes]:
+    def _rollout(self, params: Params, _h: dict[str, str], _b: bytes, _who: str) -> Response:
+        try:
+            return self._json(HTTPStatus.OK, self._scheduler().status(params["id"]))
+        except NotFoundError as e:
+            raise ApiError(HTTPStatus.NOT_FOUND, str(e)) from None
+
+    def _steer_rollout(self, params: Params, _h: dict[str, str], _b: bytes, _who: str) -> Response:
         rollouts = self._scheduler()
-        actions = {
+        steer = {
             "pause": rollouts.pause,
             "resume": rollouts.resume,
             "abort": rollouts.abort,
             "rollback": rollouts.rollback,
-        }
+        }[params["action"]]
         try:
-            if method == "GET" and len(parts) == 1:
-                self._who(auth, Role.VIEWER)
-                return self._json(HTTPStatus.OK, rollouts.status(parts[0]))
-            if method == "POST" and len(parts) == 2 and parts[1] in actions:
-                self._who(auth, Role.OPERATOR)
-                return self._json(HTTPStatus.OK, actions[parts[1]](parts[0]))
-        except UserInputError as e:
-            status = HTTPStatus.NOT_FOUND if str(e).startswith("no rollout") else HTTPStatus.CONFLICT
-            raise ApiError(status, str(e)) from e
-        raise ApiError(HTTPStatus.NOT_FOUND, f"no route {method} /v1/rollouts/{'/'.join(parts)}")
+            return self._json(HTTPStatus.OK, steer(params["id"]))
+        except NotFoundError as e:
+            raise ApiError(HTTPStatus.NOT_FOUND, str(e)) from None
+        except UserInputError as e:  # not in a state that allows it
+            raise ApiError(HTTPStatus.CONFLICT, str(e)) from None
 
     def _repo_file(self, relative: str, range_header: str | None) -> tuple[int, dict[str, str], bytes]:
-        root = self.repository.folder.resolve()
-        path = (root / relative).resolve()
-        if not path.is_relative_to(root) or not path.is_file() or root / "keys" in path.parents:
-            raise ApiError(HTTPStatus.NOT_FOUND, f"no such file {relative}")
+        path = served_file(self.repository.folder, relative)  # the allowlist MQTT fetch uses too
+        if path is None:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"no such file {relative[:200]!r}")
         size = path.stat().st_size
         start, end = 0, size - 1
         status = HTTPStatus.OK
@@ -314,55 +386,36 @@ class HttpApi:
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         return status, headers, data
 
+    # -- answers --------------------------------------------------------------------------
     @staticmethod
-    def _json(status: HTTPStatus, value: Any) -> tuple[int, dict[str, str], bytes]:
-        return status, {"Content-Type": "application/json"}, json.dumps(value, indent=2).encode()
+    def _json(status: HTTPStatus, value: Any) -> Response:
+        try:
+            data = json.dumps(value, indent=2, allow_nan=False)
+        except ValueError:  # a NaN or infinity an older version stored: shown as null
+            data = json.dumps(_finite(value), indent=2, allow_nan=False)
+        return status, {"Content-Type": "application/json"}, data.encode()
+
+    def error(self, status: HTTPStatus, message: str, headers: dict[str, str] | None = None) -> Response:
+        code, answer_headers, data = self._json(status, {"error": message})
+        return code, {**answer_headers, **(headers or {})}, data
 
     # -- serving --------------------------------------------------------------------------
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Start serving in a background thread; returns the port."""
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                logger.debug(format, *args)
-
-            def _handle(self) -> None:
-                try:
-                    length = int(self.headers.get("Content-Length") or 0)
-                    if length > MAX_BODY_BYTES:
-                        too_big = f"body over {MAX_BODY_BYTES} bytes"
-                        raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, too_big)
-                    body = self.rfile.read(length) if length else b""
-                    path = self.path.split("?")[0]
-                    status, headers, data = api.route(
-                        self.command, path, {k.lower(): v for k, v in self.headers.items()}, body
-                    )
-                except ApiError as e:
-                    status, headers, data = api._json(e.status, {"error": str(e)})
-                except ValueError as e:
-                    status, headers, data = api._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
-                except Exception as e:  # a bug of ours: say so, keep serving
-                    logger.exception("%s %s failed", self.command, self.path)
-                    error = {"error": f"internal error: {type(e).__name__}: {e}"}
-                    status, headers, data = api._json(HTTPStatus.INTERNAL_SERVER_ERROR, error)
-                self.send_response(status)
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = _handle
-
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._server = _http_server.serve(self, self.limits, host, port)
         return int(self._server.server_address[1])
 
     def close(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

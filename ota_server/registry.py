@@ -14,19 +14,26 @@ import hmac
 import json
 import logging
 import secrets
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
-from edgec.errors import UserInputError
+from edgec.errors import NotFoundError, UserInputError
+from edgec.names import check_name
 
-__all__ = ["Device", "DeviceExistsError", "Registry", "hash_password", "verify_password"]
+__all__ = ["SERVER_USER", "Device", "DeviceExistsError", "Registry", "hash_password", "verify_password"]
+
+SERVER_USER = "edgec-server"  # the server's broker login (and, bound to it, its client id)
 
 logger = logging.getLogger(__name__)
 
 PBKDF2_ITERATIONS = 101  # Mosquitto's default for its $7$ (PBKDF2-SHA512) password hashes
+ISSUING_LOCKS = 64  # one device's director documents are issued one at a time (striped locks)
 
 MIGRATIONS: list[tuple[int, list[str]]] = [
     (
@@ -100,6 +107,19 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE INDEX telemetry_windows_by_time ON telemetry_windows (received_at)",
         ],
     ),
+    (
+        5,
+        [
+            # the last director document version issued to each device (was a JSON file beside
+            # the repository): the next one is taken and committed in one statement
+            """CREATE TABLE director_versions (
+                fleet VARCHAR(128) NOT NULL,
+                device_id VARCHAR(128) NOT NULL,
+                version BIGINT NOT NULL,
+                PRIMARY KEY (fleet, device_id)
+            )""",
+        ],
+    ),
 ]
 
 
@@ -156,6 +176,7 @@ def _sqlite_settings(connection: Any, _record: Any) -> None:
 class Registry:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._issuing = [threading.Lock() for _ in range(ISSUING_LOCKS)]
 
     @classmethod
     def open(cls, url: str) -> Registry:
@@ -203,7 +224,15 @@ class Registry:
         return self.schema_version()
 
     def add_device(self, device_id: str, fleet: str, group: str, profile: str) -> tuple[Device, str]:
-        """Create the device and its MQTT password; the password is returned once, stored hashed."""
+        """Create the device and its MQTT password; the password is returned once, stored hashed.
+        Every id is a checked name (``InvalidNameError``): they become topic levels, broker
+        password and ACL lines, and file names."""
+        check_name(device_id, "device id")
+        check_name(fleet, "fleet")
+        check_name(group, "group")
+        check_name(profile, "profile")
+        if device_id == SERVER_USER:
+            raise UserInputError(f"device id {SERVER_USER!r} is the server's broker login; choose another id")
         password = secrets.token_urlsafe(24)
         try:
             with self.engine.begin() as conn:
@@ -243,7 +272,7 @@ class Registry:
         with self.engine.connect() as conn:
             row = conn.execute(text("SELECT * FROM devices WHERE id = :id"), {"id": device_id}).first()
         if row is None:
-            raise UserInputError(f"no device {device_id!r} in the registry (see edgec fleet ls)")
+            raise NotFoundError(f"no device {device_id!r} in the registry (see edgec fleet ls)")
         return self._row(row)
 
     def password_hash(self, device_id: str) -> str:
@@ -252,7 +281,7 @@ class Registry:
                 text("SELECT password_hash FROM devices WHERE id = :id"), {"id": device_id}
             ).scalar()
         if value is None:
-            raise UserInputError(f"no device {device_id!r} in the registry")
+            raise NotFoundError(f"no device {device_id!r} in the registry")
         return str(value)
 
     def devices(self, fleet: str | None = None, group: str | None = None) -> list[Device]:
@@ -326,3 +355,76 @@ class Registry:
         with self.engine.begin() as conn:
             result = conn.execute(text("DELETE FROM telemetry_windows WHERE received_at < :t"), {"t": before})
         return int(result.rowcount or 0)
+
+    # -- director document versions ------------------------------------------------------------
+    def director_version(self, fleet: str, device_id: str) -> int:
+        """The last director document version issued to the device (0: none yet)."""
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                text("SELECT version FROM director_versions WHERE fleet = :f AND device_id = :d"),
+                {"f": fleet, "d": device_id},
+            ).scalar()
+        return int(value or 0)
+
+    @contextmanager
+    def next_director_version(self, fleet: str, device_id: str, release: str) -> Iterator[int]:
+        """Take the device's next director document version, recording ``release`` as its
+        desired release in the same transaction, and hold the device's issuing lock until the
+        block ends: sign and publish the document inside it.
+
+        The version is committed before it is yielded, so a document never leaves with a version
+        the registry could hand out again (a crash wastes a version, never repeats one). The lock
+        keeps one device's documents in version order on their way to the broker: a lock per
+        device in this process and, on PostgreSQL, an advisory lock across server replicas."""
+        key = f"{fleet}/{device_id}"
+        with self._issuing[hash(key) % ISSUING_LOCKS], self.engine.connect() as conn:
+            advisory = self.engine.dialect.name == "postgresql"
+            digest = hashlib.sha256(f"edgec director {key}".encode()).digest()
+            lock = {"k": int.from_bytes(digest[:8], "big", signed=True)}  # PostgreSQL's lock ids are int8
+            if advisory:
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), lock)
+                conn.commit()  # the lock is the session's: it outlives this transaction
+            try:
+                version = conn.execute(
+                    text(
+                        "INSERT INTO director_versions (fleet, device_id, version) VALUES (:f, :d, 1) "
+                        "ON CONFLICT (fleet, device_id) "
+                        "DO UPDATE SET version = director_versions.version + 1 RETURNING version"
+                    ),
+                    {"f": fleet, "d": device_id},
+                ).scalar_one()
+                conn.execute(
+                    text("UPDATE devices SET desired_release = :r WHERE id = :d"),
+                    {"r": release, "d": device_id},
+                )
+                conn.commit()
+                yield int(version)
+            finally:
+                if advisory:
+                    self._advisory_unlock(conn, lock)
+
+    @staticmethod
+    def _advisory_unlock(conn: Connection, lock: dict[str, int]) -> None:
+        try:
+            conn.rollback()
+            conn.execute(text("SELECT pg_advisory_unlock(:k)"), lock)
+            conn.commit()
+        except Exception:  # the session is broken: closing it for good releases its locks
+            logger.warning("could not release a director issuing lock; dropping the connection")
+            conn.invalidate()
+
+    def import_director_versions(self, versions: Mapping[tuple[str, str], int]) -> None:
+        """Raise each ``(fleet, device)`` counter to at least the given version, never lower
+        it: importing the same counters twice changes nothing."""
+        if not versions:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO director_versions (fleet, device_id, version) VALUES (:f, :d, :v) "
+                    "ON CONFLICT (fleet, device_id) DO UPDATE SET version = CASE "
+                    "WHEN director_versions.version >= excluded.version THEN director_versions.version "
+                    "ELSE excluded.version END"
+                ),
+                [{"f": fleet, "d": device, "v": v} for (fleet, device), v in sorted(versions.items())],
+            )

@@ -30,11 +30,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy import text
 
 from edgec.director import Action
-from edgec.errors import OptionError, UserInputError
+from edgec.errors import NotFoundError, OptionError, UserInputError
+from edgec.names import Name, Release
 from ota_server.registry import Device, Registry
 
 __all__ = ["AbortRule", "RolloutSpec", "Rollouts", "parse_duration", "parse_rule"]
@@ -46,6 +47,13 @@ _RULE = re.compile(r"^\s*([a-z0-9_]+)\s*(>=|<=|>|<|=)\s*(.+?)\s*$")
 _CONTROL = re.compile(r"^(?:([0-9.]+)\s*\*\s*)?control$")
 ACTIVE = ("pending", "running", "paused")
 FAILED = ("failed", "timed-out")
+# bounds of a rollout spec: far beyond any real rollout, well inside what datetime arithmetic,
+# the database and a status page can hold
+MAX_DURATION_S = 30 * 24 * 3600.0  # bake_s and device_timeout_s: 30 days
+MAX_WAVES = 100
+MAX_RULES = 32
+MAX_RULE_CHARS = 128
+MAX_DEVICES = 1_000_000
 
 
 def parse_duration(value: str) -> float:
@@ -101,25 +109,30 @@ def parse_rule(rule: str) -> AbortRule:
             raise OptionError(f"bad abort rule {rule!r}: drift rules read drift=warn or drift=drift")
         return AbortRule(rule, metric, op, raw)
     control = _CONTROL.match(raw)
-    if control:
-        return AbortRule(rule, metric, op, float(control[1] or 1.0), of_control=True)
     try:
-        return AbortRule(rule, metric, op, float(raw))
+        value = float(control[1] or 1.0) if control else float(raw)
     except ValueError:
-        raise OptionError(f"bad abort rule {rule!r}: {raw!r} is not a number or N*control") from None
+        value = math.nan
+    if not math.isfinite(value):  # "inf", "nan", "1e999", "1.2.3*control"
+        raise OptionError(f"bad abort rule {rule!r}: {raw!r} is not a finite number or N*control")
+    return AbortRule(rule, metric, op, value, of_control=bool(control))
 
 
 class RolloutSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    release: Annotated[str, Field(pattern=r"^[^:\s]+:[^:\s]+$")]  # NAME:VERSION
-    group: str
-    fleet: str | None = None
-    waves: Annotated[list[str], Field(min_length=1)] = ["5%", "25%", "100%"]
-    bake_s: Annotated[float, Field(ge=0)] = 600.0
-    abort_if: list[str] = ["install_failure_rate>0.05"]
-    min_devices: Annotated[int, Field(ge=1)] = 1
-    device_timeout_s: Annotated[float, Field(gt=0)] = 1800.0
+    release: Release  # NAME:VERSION, both parts checked names
+    group: Name
+    fleet: Annotated[str, Field(max_length=128)] | None = None
+    waves: Annotated[
+        list[Annotated[str, Field(max_length=16)]], Field(min_length=1, max_length=MAX_WAVES)
+    ] = ["5%", "25%", "100%"]
+    bake_s: Annotated[float, Field(ge=0, le=MAX_DURATION_S, allow_inf_nan=False)] = 600.0
+    abort_if: Annotated[
+        list[Annotated[str, Field(max_length=MAX_RULE_CHARS)]], Field(max_length=MAX_RULES)
+    ] = ["install_failure_rate>0.05"]
+    min_devices: Annotated[int, Field(ge=1, le=MAX_DEVICES)] = 1
+    device_timeout_s: Annotated[float, Field(gt=0, le=MAX_DURATION_S, allow_inf_nan=False)] = 1800.0
 
     @field_validator("abort_if")
     @classmethod
@@ -137,6 +150,10 @@ class RolloutSpec(BaseModel):
         for wave in waves:
             if not re.fullmatch(r"(\d+(\.\d+)?%|\d+)", wave):
                 raise ValueError(f"wave {wave!r} is neither a percentage (25%) nor a device count (10)")
+            if wave.endswith("%") and float(wave[:-1]) > 100:
+                raise ValueError(f"wave {wave!r} is over 100%")
+            if not wave.endswith("%") and int(wave) > MAX_DEVICES:
+                raise ValueError(f"wave {wave!r} is over {MAX_DEVICES:,} devices")
         return waves
 
     def wave_sizes(self, devices: int) -> list[int]:
@@ -152,6 +169,19 @@ class RolloutSpec(BaseModel):
 
 def _iso(moment: dt.datetime) -> str:
     return moment.isoformat(timespec="milliseconds")
+
+
+def _stored_spec(row: dict[str, Any]) -> tuple[RolloutSpec | None, str | None]:
+    """The spec a rollout row holds, or None and why: a row an older version stored may hold
+    values this one refuses (``bake_s`` stored as null from Infinity)."""
+    try:
+        return RolloutSpec.model_validate_json(row["spec"]), None
+    except ValueError as e:  # pydantic's ValidationError is one
+        errors = e.errors() if isinstance(e, ValidationError) else []
+        if errors:
+            where = ".".join(str(p) for p in errors[0]["loc"]) or "spec"
+            return None, f"{where}: {errors[0]['msg']}"
+        return None, (str(e).splitlines() or ["unreadable"])[0]
 
 
 class Rollouts:
@@ -170,13 +200,14 @@ class Rollouts:
         self.assign = assign
         self.bundle_profiles = bundle_profiles
         self.clock = clock
+        self._troubles: dict[str, str] = {}  # rollout id -> the error its last tick met
 
     # -- persistence ------------------------------------------------------------------------
     def _rollout_row(self, rollout_id: str) -> dict[str, Any]:
         with self.registry.engine.connect() as conn:
             row = conn.execute(text("SELECT * FROM rollouts WHERE id = :id"), {"id": rollout_id}).first()
         if row is None:
-            raise UserInputError(f"no rollout {rollout_id!r} (see edgec rollout ls)")
+            raise NotFoundError(f"no rollout {rollout_id!r} (see edgec rollout ls)")
         return dict(row._mapping)
 
     def _set(self, rollout_id: str, **fields: Any) -> None:
@@ -296,12 +327,22 @@ class Rollouts:
         for rollout_id in ids:
             try:
                 self._advance(rollout_id)
-            except Exception:  # one rollout's trouble must not stop the others
-                logger.exception("rollout %s could not advance", rollout_id)
+                self._troubles.pop(rollout_id, None)
+            except Exception as e:  # one rollout's trouble must not stop the others
+                trouble = f"{type(e).__name__}: {e}"
+                if self._troubles.get(rollout_id) == trouble:  # the same again: once is enough
+                    logger.debug("rollout %s still cannot advance: %s", rollout_id, trouble)
+                else:
+                    logger.exception("rollout %s could not advance", rollout_id)
+                self._troubles[rollout_id] = trouble
+        self._troubles = {r: t for r, t in self._troubles.items() if r in ids}
 
     def _advance(self, rollout_id: str) -> None:
         row = self._rollout_row(rollout_id)
-        spec = RolloutSpec.model_validate_json(row["spec"])
+        spec, problem = _stored_spec(row)
+        if spec is None:
+            self._abort(rollout_id, f"its stored spec is invalid ({problem}); start a new rollout")
+            return
         now = self.clock()
         if row["state"] == "pending":
             self._set(rollout_id, state="running")
@@ -426,7 +467,7 @@ class Rollouts:
         device's since the current wave began (sub-millisecond p95s of single windows swing
         several-fold on a busy device)."""
         row = self._rollout_row(rollout_id)
-        release = RolloutSpec.model_validate_json(row["spec"]).release
+        release = row["release"]
         members = self._members(rollout_id)
         wave = int(row["wave"])
         started = [m for m in members if m["wave"] is not None and m["wave"] <= wave]
@@ -468,13 +509,13 @@ class Rollouts:
     def judge(self, rollout_id: str) -> list[dict[str, Any]]:
         """Each abort rule with the canary and control figures behind it."""
         row = self._rollout_row(rollout_id)
-        spec = RolloutSpec.model_validate_json(row["spec"])
+        spec, _ = _stored_spec(row)
         started, canary_figures, control_figures = self._cohorts(rollout_id)
         settled = [m for m in started if m["state"] in ("installed", *FAILED)]
         failures = [m for m in settled if m["state"] in FAILED]
         canary_figures["install_failure_rate"] = round(len(failures) / len(settled), 4) if settled else None
         results = []
-        for text_rule in spec.abort_if:
+        for text_rule in spec.abort_if if spec is not None else []:
             rule = parse_rule(text_rule)
             canary_value, control_value = canary_figures.get(rule.metric), control_figures.get(rule.metric)
             fired, threshold = rule.fires(canary_value, control_value)
@@ -493,15 +534,19 @@ class Rollouts:
     # -- views --------------------------------------------------------------------------------------
     def status(self, rollout_id: str) -> dict[str, Any]:
         row = self._rollout_row(rollout_id)
-        spec = RolloutSpec.model_validate_json(row["spec"])
+        spec, problem = _stored_spec(row)
         members = self._members(rollout_id)
+        labels: list[str | None] = list(spec.waves) if spec is not None else []
+        if spec is None:  # still show the waves it drew
+            labels = [None] * (1 + max((m["wave"] for m in members if m["wave"] is not None), default=-1))
         waves = []
-        for index, label in enumerate(spec.waves):
+        for index, label in enumerate(labels):
             in_wave = [m for m in members if m["wave"] == index]
             counts = Counter(m["state"] for m in in_wave)
             waves.append({"wave": index + 1, "size": label, "devices": len(in_wave), **dict(counts)})
         _, canary, control = self._cohorts(rollout_id)
         judged = json.loads(row["judgement"]) if row["judgement"] else []
+        extra = {} if problem is None else {"spec_error": problem}
         return {
             "id": row["id"],
             "release": row["release"],
@@ -514,7 +559,8 @@ class Rollouts:
             "created_by": row["created_by"],
             "created_at": row["created_at"],
             "updated_at": row["updated_at"],
-            "spec": json.loads(row["spec"]),
+            "spec": None if spec is None else spec.model_dump(mode="json"),
+            **extra,
             # live figures while it runs; once it ended, those it was judged on
             "rules": self.judge(rollout_id) if row["state"] in ("running", "paused") else judged,
             "last_judgement": judged,  # the rules as judged at the end of the last bake
@@ -537,14 +583,14 @@ class Rollouts:
             rows = conn.execute(text("SELECT * FROM rollouts ORDER BY created_at, id")).all()
         result = []
         for r in rows:
-            spec = json.loads(r.spec)
+            spec, _ = _stored_spec(dict(r._mapping))
             result.append(
                 {
                     "id": r.id,
                     "release": r.release,
                     "group": r.group_name,
                     "state": r.state,
-                    "wave": f"{int(r.wave) + 1}/{len(spec.get('waves', []))}",
+                    "wave": f"{int(r.wave) + 1}/{len(spec.waves) if spec is not None else '?'}",
                     "created_at": r.created_at,
                     "reason": r.reason,
                 }

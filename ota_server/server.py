@@ -8,24 +8,27 @@ state and telemetry in the registry. Malformed reports are logged and dropped.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
+import socket
 import threading
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import paho.mqtt.client as mqtt
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from edgec._service import run_until_signalled
 from edgec.director import Action, SignedDirectorDocument
-from edgec.errors import UserInputError
+from edgec.errors import NotFoundError, ProtocolError, UserInputError
 from edgec.reports import DeviceState, Telemetry
-from edgec.topics import PREFIX, device_topics
-from ota_server.director import DirectorIssuer, release_files
+from edgec.topics import PREFIX, device_topics, parse_topic
+from ota_server.director import DirectorIssuer, import_versions_file, release_files
 from ota_server.fetch import FetchServer
-from ota_server.http_api import HttpApi, Role
+from ota_server.http_api import ApiLimits, HttpApi, Role
+from ota_server.ingest import KINDS as REPORT_KINDS
+from ota_server.ingest import ReportLimits, ReportRefused, WindowRateLimiter, parse_report
 from ota_server.registry import Registry
 from ota_server.repository import ImageRepository
 from ota_server.rollouts import Rollouts
@@ -34,7 +37,15 @@ __all__ = ["OtaServer", "ServerConfig"]
 
 logger = logging.getLogger(__name__)
 REPORTS = f"{PREFIX}/+/devices/+/+"
-MAX_REPORT_BYTES = 64 * 1024
+DROP_LOG_EVERY_S = 60.0  # a flood of bad reports logs one line a minute per reason, and counts
+PUBLISH_WAIT_S = 5.0  # how long an assign waits for the broker to take a director document
+
+
+def _no_delay(_client: Any, _userdata: Any, sock: Any) -> None:
+    """TCP_NODELAY on the server's broker connection: an assign waits for the broker to take its
+    director document, and with Nagle's algorithm that took a delayed ACK (about 40 ms) each
+    time the broker also sent the document back (the server subscribes to device topics)."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class _Model(BaseModel):
@@ -46,6 +57,8 @@ class MqttSettings(_Model):
     port: int = 1883
     username: str = "edgec-server"
     password_file: Path
+    # a broker that binds client ids to usernames (the config ``edgec broker config`` writes)
+    # replaces it with the username: the persistent session is then the username's
     client_id: str = "edgec-server-1"
     ca_file: Path | None = None
 
@@ -54,10 +67,15 @@ class HttpSettings(_Model):
     host: str = "127.0.0.1"
     port: int = 8080
     tokens: dict[str, Literal["viewer", "operator", "admin"]] = {}  # sha256 of a token -> its role
+    # a client must send a request's head within this (also the keep-alive idle time)
+    head_timeout_s: Annotated[float, Field(gt=0, le=3600)] = ApiLimits.head_timeout_s
+    max_connections: Annotated[int, Field(ge=1, le=10_000)] = ApiLimits.max_connections  # then 503
 
 
 class ServerConfig(_Model):
-    repo: Path
+    repo: Path  # the served folder: metadata/ and targets/, nothing secret
+    # the online keys (snapshot, timestamp, director), outside repo; default: <repo>-online-keys
+    online_keys: Path | None = None
     db: str
     # the passphrase of the repository's online keys (the director's signs device documents);
     # without it the server serves and records but cannot assign releases
@@ -71,8 +89,17 @@ class OtaServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.registry = Registry.open(config.db)
-        self.repository = ImageRepository(config.repo)
+        self.repository = ImageRepository(config.repo, online_keys=config.online_keys)
+        self.repository.check_server_side()  # no private key served, no offline key held
         self.dropped = 0
+        self.drops: Counter[str] = Counter()  # dropped reports by reason
+        self._drop_logged: dict[str, float] = {}
+        self.report_limits = ReportLimits()
+        self._window_limiter = WindowRateLimiter(
+            self.report_limits.windows_per_s,
+            self.report_limits.window_burst,
+            self.report_limits.max_tracked_devices,
+        )
         self.client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=config.mqtt.client_id,
@@ -84,13 +111,15 @@ class OtaServer:
         if config.mqtt.ca_file:
             self.client.tls_set(ca_certs=str(config.mqtt.ca_file))
         self.client.on_connect = self._on_connect
+        self.client.on_socket_open = _no_delay
         self.client.message_callback_add(REPORTS, self._on_report)
         self.fetch = FetchServer(config.repo, self.client)
+        import_versions_file(self.registry, config.repo)  # an older server's counters, once
         self.issuer: DirectorIssuer | None = None
         if config.passphrase_file is not None:
             passphrase = config.passphrase_file.read_bytes().rstrip(b"\r\n")
             signer = self.repository.director_signer(passphrase)
-            self.issuer = DirectorIssuer(config.repo / "director" / "versions.json", signer)
+            self.issuer = DirectorIssuer(self.registry, signer)
         digests = {digest: Role[role.upper()] for digest, role in config.http.tokens.items()}
         self.rollouts = Rollouts(self.registry, self.assign, self._bundle_profiles)
         self.http = HttpApi(
@@ -100,6 +129,9 @@ class OtaServer:
             token_digests=digests,
             assign=self.assign,
             rollouts=self.rollouts,
+            limits=ApiLimits(
+                head_timeout_s=config.http.head_timeout_s, max_connections=config.http.max_connections
+            ),
         )
         self._stopping = threading.Event()
         self._scheduler = threading.Thread(target=self._schedule, name="rollouts", daemon=True)
@@ -136,12 +168,24 @@ class OtaServer:
             action=action,
             release=release,
             files=files,
+            deliver=self._publish_desired,
         )
-        topic = device_topics(device.fleet, device.id)["desired"]
-        self.client.publish(topic, document.model_dump_json(), qos=1, retain=True)
-        self.registry.update(device.id, desired_release=release)
         logger.info("assigned %s to %s (director document %d)", release, device.id, document.signed.version)
         return document
+
+    def _publish_desired(self, document: SignedDirectorDocument) -> None:
+        """Publish a director document, retained, on its device's desired topic. Called with the
+        device's issuing lock held: waiting for the broker's acknowledgement (bounded) keeps
+        server replicas' documents for one device in version order at the broker."""
+        signed = document.signed
+        topic = device_topics(signed.fleet, signed.device)["desired"]
+        sent = self.client.publish(topic, document.model_dump_json(), qos=1, retain=True)
+        try:
+            if sent.rc == mqtt.MQTT_ERR_NO_CONN:
+                raise RuntimeError("not connected to the broker")
+            sent.wait_for_publish(PUBLISH_WAIT_S)
+        except (RuntimeError, ValueError) as e:  # paho sends it, in order, once connected again
+            logger.warning("director document %d for %s queued: %s", signed.version, signed.device, e)
 
     def _on_connect(self, _c: Any, _u: Any, _flags: Any, reason: Any, _props: Any = None) -> None:
         if reason.is_failure:
@@ -151,53 +195,65 @@ class OtaServer:
         self.fetch.start()
         logger.info("connected to the broker")
 
-    def _drop(self, topic: str, why: str) -> None:
+    def _drop(self, topic: str, why: str, reason: str = "malformed") -> bool:
+        """Count a dropped report; log the first of each reason, then one line a minute."""
         self.dropped += 1
-        logger.warning("dropped a report on %s: %s", topic, why)
+        self.drops[reason] += 1
+        now = time.monotonic()
+        if now - self._drop_logged.get(reason, -DROP_LOG_EVERY_S) < DROP_LOG_EVERY_S:
+            return False
+        self._drop_logged[reason] = now
+        shown = topic[:200]
+        logger.warning("dropped a report on %s: %s (%d %s so far)", shown, why, self.drops[reason], reason)
+        return True
 
     def _on_report(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
-        parts = message.topic.split("/")
-        if len(parts) != 6:
-            return self._drop(message.topic, "not a device report topic")
-        device, kind = parts[4], parts[5]
-        if kind not in ("state", "telemetry", "events"):
-            return None  # desired documents are ours
-        if len(message.payload) > MAX_REPORT_BYTES:
-            return self._drop(message.topic, f"{len(message.payload)} bytes")
         try:
-            data = json.loads(message.payload)
+            topic = parse_topic(message.topic)
+        except ProtocolError as e:
+            self._drop(message.topic, str(e), "bad topic")
+            return
+        if topic.kind not in REPORT_KINDS:
+            return  # desired documents are ours
+        try:
+            report = parse_report(topic.kind, message.payload, self.report_limits)
             now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
-            if kind == "state":
-                state = DeviceState.model_validate(data)
+            if isinstance(report, DeviceState):
                 self.registry.update(
-                    device, last_seen=now, status=state.status, installed_release=state.installed
+                    topic.device, last_seen=now, status=report.status, installed_release=report.installed
                 )
-            elif kind == "telemetry":
-                window = Telemetry.model_validate(data)
-                self.registry.add_window(device, window.figures(), now)  # the history rollouts judge
-                if self._is_newer(device, window):
-                    self.registry.update(device, last_seen=now, telemetry=window.figures())
+            elif isinstance(report, Telemetry):
+                self._store_window(topic.device, report, now)
             else:
-                if not isinstance(data, dict):
-                    raise ValueError("an event is a JSON object")
-                logger.info("event from %s: %s", device, data)
-                self.registry.update(device, last_seen=now)
-                self.rollouts.on_event(device, data)
-        except (ValueError, ValidationError, UnicodeDecodeError, RecursionError) as e:
-            # RecursionError: json.loads on deeply nested garbage ("[[[[...")
-            return self._drop(message.topic, (str(e).splitlines() or [type(e).__name__])[0])
+                release, detail = report.release or "", (report.detail or "")[:200]
+                logger.info("event from %s: %s %s %s", topic.device, report.event, release, detail)
+                self.registry.update(topic.device, last_seen=now)
+                self.rollouts.on_event(topic.device, report.model_dump())
+        except ReportRefused as e:
+            self._drop(message.topic, str(e), e.reason)
         except Exception:  # never let one report kill the MQTT loop
-            logger.exception("unexpected failure handling a report on %s", message.topic)
-            self.dropped += 1
-        return None
+            if self._drop(message.topic, "unexpected failure (traceback follows)", "failed"):
+                logger.exception("unexpected failure handling a report on %s", message.topic[:200])
 
-    def _is_newer(self, device: str, window: Telemetry) -> bool:
-        """A window sent twice (QoS 1 is at least once) or late must not replace a newer one;
-        a device whose counter restarted (a new state folder) has newer windows, not higher seqs."""
+    def _store_window(self, device: str, window: Telemetry, now: str) -> None:
+        """Keep the window for the rollouts to judge, within the device's rate limit, and make
+        it the device's latest unless a newer one is already there."""
+        if not self._window_limiter.allow(device, time.monotonic()):
+            limits = self.report_limits
+            message = f"over {limits.windows_per_s:g} windows/s (burst {limits.window_burst})"
+            raise ReportRefused(message, "rate limited")
         try:
             stored = self.registry.get(device).telemetry or {}
-        except UserInputError:
-            return True
+        except NotFoundError:
+            raise ReportRefused(f"no device {device!r} in the registry", "unknown device") from None
+        self.registry.add_window(device, window.figures(), now)  # the history rollouts judge
+        if self._is_newer(stored, window):
+            self.registry.update(device, last_seen=now, telemetry=window.figures())
+
+    @staticmethod
+    def _is_newer(stored: dict[str, Any], window: Telemetry) -> bool:
+        """A window sent twice (QoS 1 is at least once) or late must not replace a newer one;
+        a device whose counter restarted (a new state folder) has newer windows, not higher seqs."""
         if window.seq is None or stored.get("seq") is None:
             return True
         return window.seq > stored["seq"] or (window.ended_at or "") > stored.get("ended_at", "")

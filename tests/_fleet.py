@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from ota_server.broker import SERVER_USER, write_broker_config
+from ota_server.broker import write_broker_config
 from ota_server.registry import Registry
 from ota_server.repository import ImageRepository
 from tests._cli import ROOT, run_edgec
 from tests._releases import PROFILE
-from tests._services import free_port, port_open, start_mosquitto, stop, wait_for
+from tests._services import add_broker_login, free_port, port_open, start_mosquitto, stop, wait_for
 
 PASS = b"e2e passphrase"
 FLEET = "lab"
@@ -90,7 +90,8 @@ class AgentProcess:
 
 class Monitor:
     """The operator's view of the broker: everything on the fleet's topics, in arrival order
-    (the server's account; a persistent session, so nothing is lost across a broker restart)."""
+    (a login of its own that may publish anywhere, as an attacker who holds the broker; a
+    persistent session, so nothing is lost across a broker restart)."""
 
     def __init__(self, port: int, password: str) -> None:
         self.messages: list[tuple[str, bytes]] = []
@@ -100,7 +101,7 @@ class Monitor:
             clean_session=False,
             protocol=mqtt.MQTTv311,
         )
-        self.client.username_pw_set(SERVER_USER, password)
+        self.client.username_pw_set("e2e-monitor", password)
         self.client.on_connect = lambda c, *_: c.subscribe("edgec/v1/#", qos=1)
         self.client.on_message = lambda _c, _u, m: self.messages.append((m.topic, bytes(m.payload)))
         self.client.reconnect_delay_set(1, 2)
@@ -143,7 +144,14 @@ class Fleet:
     # the operator's side
     def publish(self, *bundles: Path) -> None:
         result = run_edgec(
-            "publish", *bundles, "--repo", self.repo.folder, "--passphrase-file", self.root / "passphrase"
+            "publish",
+            *bundles,
+            "--repo",
+            self.repo.folder,
+            "--keys",
+            self.root / "keys",
+            "--passphrase-file",
+            self.root / "passphrase",
         )
         assert result.returncode == 0, result.stderr
 
@@ -264,13 +272,14 @@ def new_fleet(tmp_path: Path) -> Fleet:
     tmp_path.mkdir(parents=True, exist_ok=True)
     passphrase = tmp_path / "passphrase"
     passphrase.write_bytes(PASS)
-    repo = ImageRepository.init(tmp_path / "repo", PASS, {})
+    repo = ImageRepository.init(tmp_path / "repo", PASS, {}, keys=tmp_path / "keys")
     db = f"sqlite:///{tmp_path / 'fleet.db'}"
     Registry.open(db).engine.dispose()
     token = "e2e-operator-token"
     http_port, broker_port = free_port(), free_port()
     (tmp_path / "server.toml").write_text(
-        f'repo = "{repo.folder}"\ndb = "{db}"\npassphrase_file = "{passphrase}"\nrollout_tick_s = 0.5\n\n'
+        f'repo = "{repo.folder}"\nonline_keys = "{repo.online_keys}"\ndb = "{db}"\n'
+        f'passphrase_file = "{passphrase}"\nrollout_tick_s = 0.5\n\n'
         f'[mqtt]\nport = {broker_port}\npassword_file = "{tmp_path / "broker" / "server.secret"}"\n'
         f'client_id = "edgec-server-e2e"\n\n[http]\nport = {http_port}\n\n'
         f'[http.tokens]\n"{hashlib.sha256(token.encode()).hexdigest()}" = "operator"\n'
@@ -301,8 +310,9 @@ def up(fleet: Fleet) -> None:
     assert files.ca_cert == fleet.root / "broker" / "ca.crt"
     registry.engine.dispose()
     fleet.server_password = files.server_password
+    monitor_password = add_broker_login(files.config.parent, "e2e-monitor")
     fleet.start_broker()
-    fleet.monitor = Monitor(fleet.broker_port, files.server_password)
+    fleet.monitor = Monitor(fleet.broker_port, monitor_password)
     fleet.start_server()
 
 

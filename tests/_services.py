@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import socket
 import subprocess
@@ -37,6 +38,20 @@ def wait_for(predicate: Callable[[], object], seconds: float = 10.0, step_s: flo
 def port_open(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def add_broker_login(folder: Path, user: str, access: str = "readwrite edgec/v1/#") -> str:
+    """A test's own login beside those ``write_broker_config`` wrote in ``folder`` (before the
+    broker starts); its password. Client ids are bound to usernames: a watcher that logged in
+    as the server would take over the server's connection and session."""
+    from ota_server.registry import hash_password
+
+    password = secrets.token_urlsafe(16)
+    with (folder / "passwords").open("a", encoding="utf-8") as f:
+        f.write(f"{user}:{hash_password(password)}\n")
+    with (folder / "acl").open("a", encoding="utf-8") as f:
+        f.write(f"\nuser {user}\ntopic {access}\n")
+    return password
 
 
 def start_mosquitto(config: Path, port: int) -> subprocess.Popen[bytes]:

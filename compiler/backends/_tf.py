@@ -10,6 +10,7 @@ would otherwise download, it is handed those images from the calibration set.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import tempfile
@@ -20,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from compiler._capture import call_quietly, captured_output
-from compiler.prepare import PreparedModel
+from compiler.backends._onnx2tf_log import explain
+from compiler.prepare import PreparedModel, converter_copy, converter_names
 from compiler.tensors import SampleSet
 from edgec.errors import ConversionError, UnsupportedOperatorError
 
@@ -28,7 +30,8 @@ __all__ = ["TfModel", "TfTensor", "saved_model_for"]
 
 logger = logging.getLogger(__name__)
 _FOLDER = "onnx2tf-saved-model"
-_FAILED = "onnx2tf-failed.txt"
+_FAILED = "onnx2tf-failed.json"
+_INPUT = "onnx2tf-input.onnx"  # the prepared graph, inputs and outputs renamed for onnx2tf
 _SAMPLE_IMAGES = "calibration_image_sample_data_20x128x128x3_float32.npy"  # the name onnx2tf looks for
 
 
@@ -96,26 +99,34 @@ def saved_model_for(prepared: PreparedModel, samples: SampleSet | None) -> TfMod
     folder = prepared.path.parent / _FOLDER
     failed = prepared.path.parent / _FAILED
     if failed.exists():  # one failed conversion per build is enough
-        raise ConversionError(failed.read_text(encoding="utf-8"))
+        raise _failure_read(failed)
     if not (folder / "saved_model.pb").exists():
         error = _run_onnx2tf(prepared, samples, folder)
         if error is not None:
-            failed.write_text(str(error), encoding="utf-8")
+            _failure_write(failed, error)
             raise error
-    model = describe_saved_model(folder, names, output_names)
+    renamed = converter_names(prepared)
+    model = describe_saved_model(folder, [renamed[n] for n in names], [renamed[n] for n in output_names])
     versions = dict(model.tool_versions, onnx2tf=version("onnx2tf"))
     return TfModel(model.path, model.inputs, model.outputs, versions)
 
 
 def _run_onnx2tf(prepared: PreparedModel, samples: SampleSet | None, folder: Path) -> ConversionError | None:
+    """onnx2tf on a copy of the prepared graph whose inputs and outputs have names it takes."""
+    import onnx
     import onnx2tf
 
-    names = [t.name for t in prepared.inputs]
+    graph, renamed = converter_copy(prepared)
+    source = prepared.path
+    if any(new != old for old, new in renamed.items()):
+        source = prepared.path.with_name(_INPUT)
+        onnx.save(graph, str(source))
+    names = [renamed[t.name] for t in prepared.inputs]
     with tempfile.TemporaryDirectory(prefix="edgec-onnx2tf-") as cwd, contextlib.chdir(cwd):
         _write_sample_images(Path(cwd), prepared, samples)
         run = call_quietly(
             lambda: onnx2tf.convert(
-                input_onnx_file_path=str(prepared.path),
+                input_onnx_file_path=str(source),
                 output_folder_path=str(folder),
                 non_verbose=True,
                 output_signaturedefs=True,
@@ -124,7 +135,7 @@ def _run_onnx2tf(prepared: PreparedModel, samples: SampleSet | None, folder: Pat
             )
         )
     if run.failure is not None or not (folder / "saved_model.pb").exists():
-        return _onnx2tf_error(run.failure, run.log.text, prepared)
+        return explain(run.failure, run.log.text, prepared)
     return None
 
 
@@ -148,17 +159,14 @@ def _write_sample_images(cwd: Path, prepared: PreparedModel, samples: SampleSet 
     np.save(cwd / _SAMPLE_IMAGES, resized)
 
 
-def _onnx2tf_error(failure: BaseException | None, log: str, prepared: PreparedModel) -> ConversionError:
-    """Name the ONNX nodes onnx2tf stopped at, when its log says which."""
-    node_names = {n.name for n in prepared.model.graph.node}
-    mentioned = [name for name in re.findall(r"onnx_op_name:\s*(\S+)", log) if name in node_names]
-    lines = [ln.strip() for ln in log.splitlines() if "ERROR" in ln or "Error" in ln]
-    detail = lines[-1] if lines else (str(failure) or type(failure).__name__ if failure else "no output")
-    detail = re.sub(r"\x1b\[[0-9;]*m", "", detail)[:300]
-    if mentioned:
-        nodes = sorted(set(mentioned))
-        ops = sorted({n.op_type for n in prepared.model.graph.node if n.name in nodes})
-        return UnsupportedOperatorError(
-            f"onnx2tf cannot convert node(s) {', '.join(nodes)} (op {', '.join(ops)}): {detail}", nodes
-        )
-    return ConversionError(f"onnx2tf failed: {detail}")
+def _failure_write(path: Path, error: ConversionError) -> None:
+    nodes = error.nodes if isinstance(error, UnsupportedOperatorError) else None
+    path.write_text(json.dumps({"message": str(error), "nodes": nodes, "log": error.log}), encoding="utf-8")
+
+
+def _failure_read(path: Path) -> ConversionError:
+    """The first target's onnx2tf failure, for the next target of the same build."""
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if saved["nodes"] is not None:
+        return UnsupportedOperatorError(saved["message"], saved["nodes"], saved["log"])
+    return ConversionError(saved["message"], saved["log"])

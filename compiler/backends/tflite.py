@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from compiler._capture import call_quietly, captured_output
+from compiler._capture import call_quietly, captured_output, meaningful_lines, report_log
 from compiler.backends import BACKENDS, Artifact, CompileOptions
 from compiler.backends._tf import TfModel, saved_model_for
 from compiler.layouts import artifact_spec, to_artifact, to_source
@@ -78,14 +78,20 @@ def convert(
 
 
 def _converter_error(failure: BaseException | None, log: str, precision: Precision) -> ConversionError:
+    """Name the ops the TFLite converter refused and its own reason, never its start-up noise."""
     text = f"{failure}\n{log}"
     ops = sorted({line.split("'")[1] for line in text.splitlines() if "op '" in line and "'" in line})
-    reason = first_line(failure) if failure is not None else "no model came out"
+    lines = meaningful_lines(str(failure)) if failure is not None else []
+    reason = lines[0][:300] if lines else "no model came out"
+    hint = "try another precision or --format onnx for this target"
+    kept = report_log(f"{failure}\n{log}" if failure is not None else log)
     if ops:
         return UnsupportedOperatorError(
-            f"the TFLite converter cannot build {precision.value} op(s) {', '.join(ops)}: {reason}", ops
+            f"the TFLite converter cannot build {precision.value} op(s) {', '.join(ops)}: {reason}; {hint}",
+            ops,
+            kept,
         )
-    return ConversionError(f"the TFLite converter failed at {precision.value}: {reason}")
+    return ConversionError(f"the TFLite converter failed at {precision.value}: {reason}; {hint}", kept)
 
 
 class LiteRtRunner:

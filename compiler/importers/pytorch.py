@@ -7,6 +7,7 @@ the reference. Works with the CPU wheel of torch.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import onnx
 
 from compiler._capture import call_quietly, captured_output
 from compiler.importers import Imported, fix_shape
+from compiler.limits import MemoryBudget, format_size
 from compiler.runtime import first_line
 from edgec.errors import ConversionError, ModelLoadError
 
@@ -54,7 +56,9 @@ def _user_inputs(program: Any) -> list[tuple[str, list[int | None], Any]]:
     return found
 
 
-def import_pytorch(path: Path, shapes: Mapping[str, list[int]], workdir: Path) -> Imported:
+def import_pytorch(
+    path: Path, shapes: Mapping[str, list[int]], workdir: Path, budget: MemoryBudget | None = None
+) -> Imported:
     with captured_output():
         import torch
 
@@ -64,7 +68,13 @@ def import_pytorch(path: Path, shapes: Mapping[str, list[int]], workdir: Path) -
         raise ModelLoadError(f"torch.export cannot load {path}: {first_line(e)}") from e
     inputs = _user_inputs(program)
     names = [name for name, _, _ in inputs]
-    examples = tuple(torch.zeros(fix_shape(n, s, shapes), dtype=t) for n, s, t in inputs)
+    fixed = [(fix_shape(n, s, shapes), t) for n, s, t in inputs]
+    need = sum(math.prod(shape) * t.itemsize for shape, t in fixed)
+    if budget is not None:
+        shown = ", ".join(f"{n!r} {shape}" for n, (shape, _) in zip(names, fixed, strict=True))
+        head = f"the example inputs to trace the model ({shown}) need {format_size(need)}"
+        budget.check(need, head, "set a smaller --input-shape")
+    examples = tuple(torch.zeros(shape, dtype=t) for shape, t in fixed)
     onnx_path = workdir / "imported.onnx"
     run = call_quietly(
         lambda: torch.onnx.export(

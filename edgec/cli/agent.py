@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edgec._table import render_table
-from edgec.errors import GateError
+from edgec.errors import GateError, OptionError
 
 __all__ = ["register"]
 
@@ -28,6 +28,14 @@ def register(commands: Any) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--threads", type=int, default=1, help="runtime threads (default 1)")
+    serve.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a bound of the HTTP API, e.g. max_connections=64 or idle_timeout_s=5 (repeatable; "
+        "the names and defaults are agent.config.ServingLimits')",
+    )
     serve.set_defaults(run=run_serve)
 
 
@@ -74,14 +82,36 @@ def run_self_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def serving_limits(pairs: list[str]) -> Any:
+    """``--limit NAME=VALUE`` options as ``ServingLimits``; ``OptionError`` names a bad one."""
+    from pydantic import ValidationError
+
+    from agent.config import ServingLimits
+
+    values: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise OptionError(f"--limit {pair!r}: write NAME=VALUE, e.g. max_connections=64")
+        values[name.strip()] = value.strip()
+    try:
+        return ServingLimits.model_validate(values)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        known = ", ".join(ServingLimits.model_fields)
+        raise OptionError(f"--limit {where}: {first['msg']} (limits: {known})") from e
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from agent.runtime import load_bundle
     from agent.serving import InferenceServer
     from agent.slot import ModelSlot
 
+    limits = serving_limits(args.limit)
     slot = ModelSlot()
     slot.swap(load_bundle(args.bundle, threads=args.threads))
-    server = InferenceServer(slot, args.host, args.port)
+    server = InferenceServer(slot, args.host, args.port, limits=limits)
     port = server.start()
     name = slot.model.manifest.name if slot.model else "?"
     print(f"serving {name} on http://{args.host}:{port}/v2/models/{name} (Ctrl-C stops)", flush=True)

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 __all__ = ["register"]
 
+DEFAULT_MAX_SAMPLES = 4096  # compiler.limits.DEFAULT_MAX_SAMPLES, not imported: --help loads no numpy
+
 
 def register(commands: Any) -> None:
     parser = commands.add_parser(
@@ -63,6 +65,22 @@ def register(commands: Any) -> None:
         default=[],
         metavar="NAME=D0,D1,...",
         help="fix an input's dynamic dimensions; repeat per input",
+    )
+    parser.add_argument(
+        "--max-samples",
+        type=int,
+        default=DEFAULT_MAX_SAMPLES,
+        metavar="N",
+        help=f"use at most the first N samples of --calibration and of --eval data (default: "
+        f"{DEFAULT_MAX_SAMPLES}; a warning says when data is cut); without data, min(32, N) random "
+        "inputs are generated",
+    )
+    parser.add_argument(
+        "--memory-budget",
+        metavar="SIZE",
+        help="the most memory the build may take for model inputs, outputs and data, e.g. 8GiB "
+        "(default: $EDGEC_MEMORY_BUDGET, else half the memory available); shapes and data files "
+        "that would exceed it are refused before anything is loaded",
     )
     parser.add_argument("--name", help="bundle name (default: the model file's stem)")
     parser.add_argument("--version", default="1.0.0", help="bundle version (default: 1.0.0)")
@@ -176,6 +194,7 @@ def _precision(value: str | None) -> Precision | Literal["auto"] | None:
 
 def run(args: argparse.Namespace) -> int:
     from compiler.build import BuildRequest, build
+    from compiler.limits import parse_size
     from compiler.prepare import parse_input_shapes
 
     request = BuildRequest(
@@ -191,6 +210,8 @@ def run(args: argparse.Namespace) -> int:
         version=args.version,
         force=args.force,
         ignore_gates=args.ignore_gates,
+        memory_budget_bytes=parse_size(args.memory_budget) if args.memory_budget is not None else None,
+        max_samples=args.max_samples,
         **({"cache": None} if args.no_cache else {}),
     )
     result = build(request, progress=None if args.json and not sys.stderr.isatty() else _Progress())

@@ -324,10 +324,16 @@ class Demo:
 
     def publish(self) -> None:
         with self.step("sign the four bundles into a TUF image repository"):
-            passphrase = self.dir / "passphrase"
-            passphrase.write_text("edgec demo passphrase\n")
-            passphrase.chmod(0o600)
-            repo = ("--repo", self.dir / "repo", "--passphrase-file", passphrase)
+            # the operator's offline keys (root, targets) and the server's online ones
+            # (snapshot, timestamp, director), each under its own passphrase
+            for name, text in (("passphrase", "edgec demo passphrase"), ("online-passphrase", "demo online")):
+                (self.dir / name).write_text(text + "\n")
+                (self.dir / name).chmod(0o600)
+            repo = (
+                "--repo", self.dir / "repo", "--keys", self.dir / "offline-keys",
+                "--online-keys", self.dir / "online-keys", "--passphrase-file", self.dir / "passphrase",
+                "--online-passphrase-file", self.dir / "online-passphrase",
+            )  # fmt: skip
             self.edgec("keys", "init", *repo)
             self.edgec("publish", *sorted((self.dir / "bundles").iterdir()), *repo)
 
@@ -382,8 +388,9 @@ class Demo:
             config = self.dir / "server.toml"
             config.write_text(
                 f"repo = {json.dumps(str(self.dir / 'repo'))}\n"
+                f"online_keys = {json.dumps(str(self.dir / 'online-keys'))}\n"
                 f"db = {json.dumps(self.env['EDGEC_DB'])}\n"
-                f"passphrase_file = {json.dumps(str(self.dir / 'passphrase'))}\n"
+                f"passphrase_file = {json.dumps(str(self.dir / 'online-passphrase'))}\n"
                 "rollout_tick_s = 0.5\n\n"
                 f"[mqtt]\nport = {self.broker_port}\n"
                 f"password_file = {json.dumps(str(self.dir / 'broker' / 'server.secret'))}\n\n"

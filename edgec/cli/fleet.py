@@ -11,6 +11,7 @@ from typing import Any
 from edgec._table import render_table
 from edgec.cli._api import add_server_args, call
 from edgec.errors import OptionError
+from edgec.names import check_name, parse_release
 
 __all__ = ["register"]
 
@@ -109,6 +110,9 @@ def run_add(args: argparse.Namespace) -> int:
     from device_profiles import load_profile
     from ota_server.registry import Registry
 
+    check_name(args.device, "device id")  # it names the config file and goes into it, the topics, the ACL
+    check_name(args.group, "--group")
+    check_name(args.fleet, "--fleet")
     profile = load_profile(args.profile)
     out = args.out or Path(f"{args.device}.agent.toml")
     if out.exists():
@@ -179,6 +183,7 @@ def run_ls(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    check_name(args.device, "device id")  # a path segment of the API's URL
     if args.server:
         device: dict[str, Any] = call(args, "GET", f"/v1/devices/{args.device}")
     else:
@@ -194,8 +199,8 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_assign(args: argparse.Namespace) -> int:
-    if ":" not in args.release:
-        raise OptionError(f"release {args.release!r} should be NAME:VERSION, e.g. digits:1.0.0")
+    check_name(args.device, "device id")
+    parse_release(args.release)
     action = "rollback" if args.rollback else "install"
     document = call(
         args, "POST", f"/v1/devices/{args.device}/assign", {"release": args.release, "action": action}

@@ -1,4 +1,11 @@
-"""``edgec keys init``, ``edgec publish``, ``edgec repo ls|refresh``: the signed image repository."""
+"""``edgec keys init|rotate|revoke|migrate``, ``edgec publish``, ``edgec repo ls|refresh``:
+the signed image repository.
+
+Three folders: ``--repo`` (what the server serves: metadata and targets), ``--keys`` (the
+offline root and targets keys, the operator's; default under the user's config dir) and
+``--online-keys`` (the snapshot, timestamp and director keys, the server's; default
+``<REPO>-online-keys``). Each command reads only the keys it signs with.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +15,65 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgec._table import render_table
 from edgec.errors import OptionError
 
+if TYPE_CHECKING:
+    from ota_server.repository import ImageRepository
+
 __all__ = ["register"]
 
 PASSPHRASE_ENV = "EDGEC_KEY_PASSPHRASE"
+ONLINE_PASSPHRASE_ENV = "EDGEC_ONLINE_KEY_PASSPHRASE"
+ROLES = ["root", "targets", "snapshot", "timestamp"]
 
 
 def _repo_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--repo", type=Path, required=True, help="the repository folder")
+    parser.add_argument("--repo", type=Path, required=True, help="the repository folder (served)")
+
+
+def _online_args(parser: argparse.ArgumentParser, passphrase: bool = True) -> None:
     parser.add_argument(
-        "--passphrase-file", type=Path, help=f"read the key passphrase here (else ${PASSPHRASE_ENV})"
+        "--online-keys",
+        type=Path,
+        metavar="DIR",
+        help="the online keys: snapshot, timestamp, director (default: REPO-online-keys, beside REPO)",
+    )
+    if passphrase:
+        parser.add_argument(
+            "--online-passphrase-file",
+            type=Path,
+            metavar="FILE",
+            help=f"the online keys' passphrase (else ${ONLINE_PASSPHRASE_ENV}, else the offline one)",
+        )
+
+
+def _offline_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--keys",
+        type=Path,
+        metavar="DIR",
+        help="the offline keys: root, targets (default: $XDG_CONFIG_HOME/edgec/keys or ~/.config/edgec/keys)",
+    )
+    parser.add_argument(
+        "--passphrase-file",
+        type=Path,
+        metavar="FILE",
+        help=f"the offline keys' passphrase (else ${PASSPHRASE_ENV}, else a prompt)",
     )
 
 
 def register(commands: Any) -> None:
-    keys = commands.add_parser("keys", help="create the repository's signing keys")
+    keys = commands.add_parser("keys", help="create, rotate and revoke the repository's signing keys")
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
-    init = keys_sub.add_parser("init", help="new Ed25519 keys for every role and the first signed metadata")
+    init = keys_sub.add_parser(
+        "init", help="new Ed25519 keys (root and targets offline, the rest online) and signed metadata"
+    )
     _repo_arg(init)
+    _offline_args(init)
+    _online_args(init)
     init.add_argument(
         "--threshold",
         action="append",
@@ -39,52 +83,105 @@ def register(commands: Any) -> None:
     )
     init.set_defaults(run=run_init)
     rotate = keys_sub.add_parser(
-        "rotate", help="replace a role's keys (a new root signed by old and new keys)"
+        "rotate", help="replace a role's keys (a new root signed by the offline root keys)"
     )
-    rotate.add_argument("role", choices=["root", "targets", "snapshot", "timestamp"])
+    rotate.add_argument("role", choices=ROLES)
     _repo_arg(rotate)
+    _offline_args(rotate)
+    _online_args(rotate)
     rotate.set_defaults(run=run_rotate)
     revoke = keys_sub.add_parser("revoke", help="remove one key from a role (it must keep its threshold)")
-    revoke.add_argument("role", choices=["root", "targets", "snapshot", "timestamp"])
+    revoke.add_argument("role", choices=ROLES)
     revoke.add_argument("keyid", help="the key id (see the role's keys in root.json)")
     _repo_arg(revoke)
+    _offline_args(revoke)
+    _online_args(revoke, passphrase=False)
     revoke.set_defaults(run=run_revoke)
+    migrate = keys_sub.add_parser(
+        "migrate", help="move the keys of an old repository (REPO/keys) offline and to the online folder"
+    )
+    _repo_arg(migrate)
+    _offline_args(migrate)
+    _online_args(migrate)
+    migrate.set_defaults(run=run_migrate)
 
-    publish = commands.add_parser("publish", help="sign bundles into the repository as targets")
+    publish = commands.add_parser(
+        "publish", help="sign bundles into the repository as targets (needs the offline targets key)"
+    )
     publish.add_argument("bundles", type=Path, nargs="+", metavar="BUNDLE")
     _repo_arg(publish)
+    _offline_args(publish)
+    _online_args(publish)
     publish.set_defaults(run=run_publish)
 
     repo = commands.add_parser("repo", help="list releases, re-sign snapshot and timestamp")
     repo_sub = repo.add_subparsers(dest="repo_command", metavar="ACTION", required=True)
     ls = repo_sub.add_parser("ls", help="the published releases")
-    ls.add_argument("--repo", type=Path, required=True, help="the repository folder")
+    _repo_arg(ls)
     ls.add_argument("--json", action="store_true", help="print JSON")
     ls.set_defaults(run=run_ls)
-    refresh = repo_sub.add_parser("refresh", help="re-sign snapshot and timestamp before they expire")
+    refresh = repo_sub.add_parser(
+        "refresh", help="re-sign snapshot and timestamp before they expire (online keys only)"
+    )
     _repo_arg(refresh)
+    _online_args(refresh)
+    refresh.add_argument(
+        "--passphrase-file", type=Path, metavar="FILE", help=f"(as for publish; else ${PASSPHRASE_ENV})"
+    )
     refresh.set_defaults(run=run_refresh)
 
 
-def _passphrase(args: argparse.Namespace, confirm: bool = False) -> bytes:
-    if args.passphrase_file:
-        try:
-            return args.passphrase_file.read_bytes().rstrip(b"\r\n")
-        except OSError as e:
-            raise OptionError(f"cannot read --passphrase-file {args.passphrase_file}: {e.strerror}") from e
-    if os.environ.get(PASSPHRASE_ENV):
-        return os.environ[PASSPHRASE_ENV].encode()
-    if not sys.stdin.isatty():
-        raise OptionError(f"no key passphrase: set ${PASSPHRASE_ENV} or pass --passphrase-file FILE")
-    first = getpass.getpass("key passphrase: ").encode()
+def _read_file(flag: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes().rstrip(b"\r\n")
+    except OSError as e:
+        raise OptionError(f"cannot read {flag} {path}: {e.strerror}") from e
+
+
+def _prompt(what: str, confirm: bool) -> bytes:
+    first = getpass.getpass(f"passphrase of the {what}: ").encode()
     if confirm and getpass.getpass("again: ").encode() != first:
         raise OptionError("the passphrases differ")
     return first
 
 
-def _thresholds(specs: list[str]) -> dict[str, int]:
-    from ota_server.repository import ROLES
+def _passphrase(args: argparse.Namespace, confirm: bool = False) -> bytes:
+    """The offline keys' passphrase."""
+    if getattr(args, "passphrase_file", None):
+        return _read_file("--passphrase-file", args.passphrase_file)
+    if os.environ.get(PASSPHRASE_ENV):
+        return os.environ[PASSPHRASE_ENV].encode()
+    if not sys.stdin.isatty():
+        raise OptionError(f"no key passphrase: set ${PASSPHRASE_ENV} or pass --passphrase-file FILE")
+    return _prompt("offline keys", confirm)
 
+
+def _online_passphrase(
+    args: argparse.Namespace, offline: bytes | None = None, confirm: bool = False
+) -> bytes:
+    """The online keys' passphrase; unless given apart, the offline one (``offline`` if the
+    caller has read it already)."""
+    if args.online_passphrase_file:
+        return _read_file("--online-passphrase-file", args.online_passphrase_file)
+    if os.environ.get(ONLINE_PASSPHRASE_ENV):
+        return os.environ[ONLINE_PASSPHRASE_ENV].encode()
+    given = getattr(args, "passphrase_file", None) or os.environ.get(PASSPHRASE_ENV)
+    if sys.stdin.isatty() and not given:
+        typed = _prompt("online keys (Enter: the same as the offline keys)", confirm)
+        if typed:
+            return typed
+    if offline is not None:
+        return offline
+    try:
+        return _passphrase(args)
+    except OptionError as e:
+        raise OptionError(
+            f"no online key passphrase: set ${ONLINE_PASSPHRASE_ENV} (or ${PASSPHRASE_ENV}) "
+            "or pass --online-passphrase-file FILE"
+        ) from e
+
+
+def _thresholds(specs: list[str]) -> dict[str, int]:
     found = {}
     for spec in specs:
         role, _, count = spec.partition("=")
@@ -96,36 +193,65 @@ def _thresholds(specs: list[str]) -> dict[str, int]:
     return found
 
 
+def _repository(args: argparse.Namespace) -> ImageRepository:
+    from ota_server.keys import default_offline_folder
+    from ota_server.repository import ImageRepository
+
+    keys = getattr(args, "keys", None)
+    offline = keys if keys is not None else default_offline_folder()
+    return ImageRepository(args.repo, keys=offline, online_keys=getattr(args, "online_keys", None))
+
+
 def run_init(args: argparse.Namespace) -> int:
+    from ota_server.keys import default_offline_folder
     from ota_server.repository import ImageRepository
 
     thresholds = _thresholds(args.threshold)
-    repo = ImageRepository.init(args.repo, _passphrase(args, confirm=True), thresholds)
-    print(f"initialised {repo.folder}: keys in {repo.keys_dir} (encrypted, 0600)")
-    print("move the root and targets keys offline; snapshot and timestamp keys stay online")
+    keys = args.keys if args.keys is not None else default_offline_folder()
+    passphrase = _passphrase(args, confirm=True)
+    repo = ImageRepository.init(
+        args.repo,
+        passphrase,
+        thresholds,
+        keys=keys,
+        online_keys=args.online_keys,
+        online_passphrase=_online_passphrase(args, passphrase, confirm=True),
+    )
+    print(f"initialised {repo.folder}: metadata/ and targets/ are what the server serves")
+    print(f"offline keys (root, targets): {keys}; keep them off the server (encrypted, 0600)")
+    print(f"online keys (snapshot, timestamp, director): {repo.online_keys}; online_keys in server.toml")
     return 0
 
 
 def run_rotate(args: argparse.Namespace) -> int:
-    from ota_server.repository import ImageRepository
-
-    version = ImageRepository(args.repo).rotate(args.role, _passphrase(args))
+    repo, passphrase = _repository(args), _passphrase(args)
+    version = repo.rotate(args.role, passphrase, online_passphrase=_online_passphrase(args, passphrase))
     print(f"rotated the {args.role} keys of {args.repo}; root is now version {version}")
     return 0
 
 
 def run_revoke(args: argparse.Namespace) -> int:
-    from ota_server.repository import ImageRepository
-
-    version = ImageRepository(args.repo).revoke(args.role, args.keyid, _passphrase(args))
+    version = _repository(args).revoke(args.role, args.keyid, _passphrase(args))
     print(f"revoked {args.role} key {args.keyid[:12]}... of {args.repo}; root is now version {version}")
     return 0
 
 
-def run_publish(args: argparse.Namespace) -> int:
-    from ota_server.repository import ImageRepository
+def run_migrate(args: argparse.Namespace) -> int:
+    repo, passphrase = _repository(args), _passphrase(args)
+    moved = repo.migrate(passphrase, _online_passphrase(args, passphrase))
+    print(f"moved {len(moved)} keys out of {args.repo / 'keys'}:")
+    for old, new in moved:
+        print(f"  {old} -> {new}")
+    print(
+        "the old key files sat in the served folder: rotate root, targets, snapshot and timestamp "
+        "(edgec keys rotate ROLE) and re-provision devices with a new director key"
+    )
+    return 0
 
-    added = ImageRepository(args.repo).publish(args.bundles, _passphrase(args))
+
+def run_publish(args: argparse.Namespace) -> int:
+    repo, passphrase = _repository(args), _passphrase(args)
+    added = repo.publish(args.bundles, passphrase, online_passphrase=_online_passphrase(args, passphrase))
     print(f"published {len(added)} target(s) from {len(args.bundles)} bundle(s) to {args.repo}")
     return 0
 
@@ -149,6 +275,7 @@ def run_ls(args: argparse.Namespace) -> int:
 def run_refresh(args: argparse.Namespace) -> int:
     from ota_server.repository import ImageRepository
 
-    ImageRepository(args.repo).refresh(_passphrase(args))
+    repo = ImageRepository(args.repo, online_keys=args.online_keys)
+    repo.refresh(_online_passphrase(args))
     print(f"re-signed snapshot and timestamp of {args.repo}")
     return 0

@@ -4,6 +4,7 @@ real runtime. Named after what each test stops or guarantees."""
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from agent.trust import FolderFetcher, TrustedRepository
 from edgec.director import Action, SignedDirectorDocument
 from edgec.errors import TrustError
 from ota_server.director import DirectorIssuer, release_files
+from ota_server.registry import Registry
 from ota_server.repository import ImageRepository
 
 PASS = b"install tests"
@@ -56,9 +58,9 @@ class FolderChunks:
 
 @pytest.fixture
 def world(tmp_path, releases):
-    repo = ImageRepository.init(tmp_path / "repo", PASS, {})
+    repo = ImageRepository.init(tmp_path / "repo", PASS, {}, keys=tmp_path / "keys")
     repo.publish([releases[v] for v in ("1.0.0", "2.0.0", "3.0.0")], PASS)
-    issuer = DirectorIssuer(tmp_path / "director-versions.json", repo.director_signer(PASS))
+    issuer = DirectorIssuer(Registry.open(f"sqlite:///{tmp_path / 'fleet.db'}"), repo.director_signer(PASS))
 
     def document(release: str, action: Action = Action.INSTALL) -> SignedDirectorDocument:
         files = release_files(repo.load("targets").signed.targets, release, PROFILE)
@@ -124,6 +126,23 @@ def test_the_retained_copy_of_an_accepted_document_after_a_restart_is_not_a_repl
     restarted.handle(document)  # the broker delivers the retained document again
     assert "refused" not in reporter.kinds()
     assert reporter.kinds() == ["started"]
+
+
+def test_a_kill_between_accepting_and_the_journal_still_installs_after_a_restart(world):
+    document = world["document"]("digits:1.0.0")
+    state = world["state"]
+    director = DirectorState.load(state / "director.json", world["repo"].director_key(), "pi-1", PROFILE)
+    accepted, _ = director.accept(document, dt.datetime.now(dt.UTC))
+    store = StateStore(state)
+    store.set_document(document.model_dump(mode="json"))  # what handle() writes before the journal
+    accepted.save(state / "director.json")
+    assert store.journal() is None  # killed here
+    reporter, slot = Recorder(), ModelSlot()
+    restarted = _installer(world, slot, reporter)
+    restarted.handle(document)  # the broker delivers the retained document again
+    assert reporter.kinds()[-1] == "committed"
+    assert slot.model is not None
+    assert slot.model.manifest.version == "1.0.0"
 
 
 def test_an_older_director_document_replayed_is_refused(world):

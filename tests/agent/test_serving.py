@@ -15,13 +15,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
+from agent.config import AgentConfig, ServingLimits
 from agent.runtime import load_bundle
 from agent.serving import InferenceServer, ListenError
 from agent.slot import ModelSlot
 from edgec.manifest import read_manifest
 from tests._services import wait_for
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_edgec
 
 INFER = "/v2/models/digits/infer"
 
@@ -433,6 +435,79 @@ def test_expect_100_continue(serve, digits_slot):
         assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
         sock.sendall(body)
         assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")
+
+
+def test_a_head_dribbled_past_the_limit_is_431(serve, digits_slot):
+    """A header that never ends, a few KiB per packet (llhttp holds an unfinished header
+    whole): refused once 64 KiB of it arrived, not when it ends."""
+    server, _ = serve(digits_slot)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"POST {INFER} HTTP/1.1\r\nX-Pad: ".encode())
+        for _ in range(200):  # up to 800 KiB
+            try:
+                sock.sendall(b"a" * 4096)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            time.sleep(0.002)
+        received = sock.recv(65536)
+    assert received.startswith(b"HTTP/1.1 431 ")
+
+
+def test_an_upgrade_header_is_ignored(serve, digits_slot):
+    """HTTP/1.1 goes on after a request that asks for another protocol (h2c), body and all."""
+    server, _ = serve(digits_slot)
+    body = json.dumps({"inputs": [GOOD]}).encode()
+    upgrade = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n"
+    get = f"GET /v2/health/live HTTP/1.1\r\n{upgrade}\r\n".encode()
+    post = f"POST {INFER} HTTP/1.1\r\n{upgrade}Content-Length: {len(body)}\r\n\r\n".encode() + body
+    responses = _raw(server.port, get + post + get, expect=3)
+    assert [r.split(b" ", 2)[1] for r in responses] == [b"200", b"200", b"200"]
+    assert b'"model_version":"1.0.0"' in responses[1]
+
+
+def test_head_gets_the_length_without_the_body(serve, digits_slot):
+    server, _ = serve(digits_slot)
+    get = b"GET /v2/health/live HTTP/1.1\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(
+            b"HEAD /v2/health/live HTTP/1.1\r\n\r\n" + f"HEAD {INFER} HTTP/1.1\r\n\r\n".encode() + get
+        )
+        received = b""
+        while not received.endswith(b'{"live":true}'):
+            chunk = sock.recv(65536)
+            assert chunk
+            received += chunk
+    head, head_infer, get = received.split(b"HTTP/1.1 ")[1:]
+    assert head.startswith(b"200 OK")
+    assert head.endswith(b"Content-Length: 13\r\n\r\n")  # no body follows
+    assert head_infer.startswith(b"405 ")
+    assert head_infer.endswith(b"\r\n\r\n")
+    assert get.startswith(b"200 OK")
+
+
+def test_limits_come_from_the_agent_config_and_typos_fail():
+    base = {
+        "device": "pi-01",
+        "fleet": "lab",
+        "profile": "x86-64-cpu",
+        "mqtt": {"username": "u", "password": "p"},
+    }
+    config = AgentConfig.model_validate(
+        {**base, "http": {"limits": {"max_connections": 8, "idle_timeout_s": 5}}}
+    )
+    assert config.http.limits == ServingLimits(max_connections=8, idle_timeout_s=5)
+    assert AgentConfig.model_validate(base).http.limits == ServingLimits()
+    with pytest.raises(ValidationError, match="max_conections"):
+        AgentConfig.model_validate({**base, "http": {"limits": {"max_conections": 8}}})
+
+
+def test_serve_refuses_an_unknown_limit(digits_bundles):
+    result = run_edgec(
+        "agent", "serve", digits_bundles["x86-64-cpu"], "--port", "0", "--limit", "max_conections=3"
+    )
+    assert result.returncode == 2
+    assert "--limit max_conections: Extra inputs are not permitted" in result.stderr
+    assert "max_connections" in result.stderr
 
 
 class _Broken:

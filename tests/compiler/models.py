@@ -125,3 +125,161 @@ def rgb_model(path: Path) -> Path:
     model.ir_version = 8
     onnx.save(model, str(path))
     return path
+
+
+def minus_one_dims_model(path: Path) -> Path:
+    """``seq`` float [-1, -1, 8] -> MatMul -> Relu -> ``out`` [-1, -1, 4]: dynamic axes written
+    as ``dim_value: -1``, as paddle2onnx and some older exporters do (onnxruntime runs it)."""
+    rng = np.random.default_rng(11)
+    w = numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "W")
+    nodes = [
+        helper.make_node("MatMul", ["seq", "W"], ["h"], name="fc"),
+        helper.make_node("Relu", ["h"], ["out"], name="act"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "paddle_style",
+        [helper.make_tensor_value_info("seq", TensorProto.FLOAT, [-1, -1, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [-1, -1, 4])],
+        initializer=[w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+LONG_NAME = "backbone/" + "stage/" * 60 + "conv:0"
+
+
+def awkward_names_model(path: Path) -> Path:
+    """An RGB conv net whose names trip converters, as real exports' do: tensors ``a:0`` and
+    ``a__0`` (one name once onnx2tf rewrites ``:``), ``/stem/conv`` and ``wa/stem/conv`` (one
+    once it rewrites a leading ``/``), ``387`` (a leading digit), a 370-character name, a
+    non-ASCII one; an input named ``0`` (onnx2tf serves it as ``arg_0``) and an output named
+    ``out put`` (not a valid TensorFlow scope). ``image`` [N,3,16,16] -> ``0`` ... ->
+    ``out put`` [N,4] and ``387`` [N,4]."""
+    rng = np.random.default_rng(13)
+
+    def weight(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["0", "w:0"], ["a:0"], pads=[1, 1, 1, 1], name="stem/conv:0"),
+        helper.make_node("Relu", ["a:0"], ["a__0"], name="stem/relu"),
+        helper.make_node("Conv", ["a__0", "w2"], ["/stem/conv"], pads=[1, 1, 1, 1], name="/stem/conv"),
+        helper.make_node("Sigmoid", ["/stem/conv"], ["wa/stem/conv"], name="wa/stem/conv"),
+        helper.make_node("Add", ["/stem/conv", "wa/stem/conv"], [LONG_NAME], name=LONG_NAME),
+        helper.make_node("GlobalAveragePool", [LONG_NAME], ["pooled ä"], name="pool ä"),
+        helper.make_node("Flatten", ["pooled ä"], ["feat"], name="1flatten"),
+        helper.make_node("Gemm", ["feat", "head/w"], ["out put"], name=""),
+        helper.make_node("Gemm", ["feat", "head/w2"], ["387"], name=""),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "awkward",
+        [helper.make_tensor_value_info("0", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [
+            helper.make_tensor_value_info("out put", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("387", TensorProto.FLOAT, ["N", 4]),
+        ],
+        initializer=[
+            weight("w:0", 6, 3, 3, 3),
+            weight("w2", 6, 6, 3, 3),
+            weight("head/w", 6, 4),
+            weight("head/w2", 6, 4),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def dft_model(path: Path) -> Path:
+    """``signal`` float [N,16] -> a real-input DFT -> ``spectrum`` [N,16,2]: onnxruntime runs it,
+    onnx2tf has no converter for DFT (a real failure, as on audio front ends)."""
+    axes = numpy_helper.from_array(np.array([-1], dtype=np.int64), "axes")
+    nodes = [
+        helper.make_node("Unsqueeze", ["signal", "axes"], ["as_real"], name="audio/unsqueeze"),
+        helper.make_node("DFT", ["as_real"], ["spectrum"], onesided=0, name="audio/stft/dft:0"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "dft",
+        [helper.make_tensor_value_info("signal", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("spectrum", TensorProto.FLOAT, ["N", 16, 2])],
+        initializer=[axes],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def lstm_model(path: Path) -> Path:
+    """The encoder of a CRNN text recogniser as torch exports it (opset 12): features
+    ``x`` [N,8,12] -> Transpose -> Reshape to [T, N, 8] by a shape computed from ``Shape``, a
+    bidirectional LSTM whose zero initial states come from ``ConstantOfShape`` of a computed
+    shape -> ``y`` [T,2,N,16]. onnxruntime runs it; onnx2tf 1.28 fails on the LSTM node
+    ("Can't convert Python sequence with mixed types to Tensor"), as on ddddocr's OCR model."""
+    rng = np.random.default_rng(17)
+    hidden, features = 16, 8
+
+    def const(name: str, value: object, dtype: type = np.int64) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.array(value, dtype=dtype), name)
+
+    initializers = [
+        numpy_helper.from_array(
+            (rng.standard_normal((2, 4 * hidden, features)) * 0.3).astype(np.float32), "W"
+        ),
+        numpy_helper.from_array((rng.standard_normal((2, 4 * hidden, hidden)) * 0.3).astype(np.float32), "R"),
+        numpy_helper.from_array(np.zeros((2, 8 * hidden), np.float32), "B"),
+        const("zero", 0),
+        const("one", 1),
+        const("minus_one", [-1]),
+        const("features", [features]),
+        const("directions", [2]),
+        const("hidden", [hidden]),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["x_t"], perm=[2, 0, 1], name="encoder/transpose"),
+        helper.make_node("Shape", ["x_t"], ["x_shape"], name="encoder/shape"),
+        helper.make_node("Gather", ["x_shape", "zero"], ["steps"], axis=0, name="encoder/gather"),
+        helper.make_node("Unsqueeze", ["steps"], ["steps_1d"], axes=[0], name="encoder/unsqueeze"),
+        helper.make_node(
+            "Concat", ["steps_1d", "minus_one", "features"], ["seq_shape"], axis=0, name="encoder/concat"
+        ),
+        helper.make_node("Reshape", ["x_t", "seq_shape"], ["seq"], name="encoder/reshape"),
+        helper.make_node("Shape", ["seq"], ["seq_dims"], name="rnn/shape"),
+        helper.make_node("Gather", ["seq_dims", "one"], ["batch"], axis=0, name="rnn/gather"),
+        helper.make_node("Unsqueeze", ["batch"], ["batch_1d"], axes=[0], name="rnn/unsqueeze"),
+        helper.make_node(
+            "Concat", ["directions", "batch_1d", "hidden"], ["state_shape"], axis=0, name="rnn/concat"
+        ),
+        helper.make_node("ConstantOfShape", ["state_shape"], ["h0"], name="rnn/h0"),
+        helper.make_node("ConstantOfShape", ["state_shape"], ["c0"], name="rnn/c0"),
+        helper.make_node(
+            "LSTM",
+            ["seq", "W", "R", "B", "", "h0", "c0"],
+            ["y", "y_h", "y_c"],
+            hidden_size=hidden,
+            direction="bidirectional",
+            name="rnn/lstm",
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "crnn_encoder",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", 2, "N", hidden])],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    model.ir_version = 7
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path

@@ -11,7 +11,14 @@ from ai_edge_litert.interpreter import Interpreter
 
 from tests.conftest import DIGITS, UNSHARE, run_edgec
 
-from .models import multi_input_data, multi_input_model, rgb_model
+from .models import (
+    awkward_names_model,
+    dft_model,
+    lstm_model,
+    multi_input_data,
+    multi_input_model,
+    rgb_model,
+)
 
 PI4 = Path(__file__).resolve().parents[2] / "device_profiles" / "data" / "raspberry-pi-4.toml"
 
@@ -146,3 +153,97 @@ def test_several_integer_and_scalar_inputs(tmp_path):
         manifest = json.loads((Path(bundle["path"]) / "manifest.json").read_text())
         dtypes = {t["name"]: t["dtype"] for t in manifest["inputs"]}
         assert dtypes == {"x": "float32", "ids": "int64", "scale": "float32"}
+
+
+def test_names_onnx2tf_rejects_still_convert(tmp_path):
+    """Tensors that collide once onnx2tf rewrites ``:`` and ``/``, an input named ``0`` and an
+    output named ``out put``: renamed for the converter, the source's names in the bundle."""
+    model = awkward_names_model(tmp_path / "awkward.onnx")
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "calib.npz", **{"0": rng.random((16, 3, 16, 16), dtype=np.float32)})
+    np.savez(tmp_path / "eval.npz", **{"0": rng.random((8, 3, 16, 16), dtype=np.float32)})
+    result = run_edgec(
+        "build",
+        model,
+        "--target",
+        "raspberry-pi-4",
+        "--format",
+        "tflite",
+        "--precision",
+        "fp32",
+        "--calibration",
+        tmp_path / "calib.npz",
+        "--eval",
+        tmp_path / "eval.npz",
+        "--json",
+        "--out",
+        tmp_path / "out",
+    )
+    assert result.returncode == 0, result.stderr
+    (bundle,) = result.json()["bundles"]
+    assert bundle["status"] == "ok", bundle["error"]
+    assert bundle["metrics"]["cosine"] > 0.9999
+    manifest = json.loads((Path(bundle["path"]) / "manifest.json").read_text())
+    assert [t["name"] for t in manifest["inputs"]] == ["0"]
+    assert [t["name"] for t in manifest["outputs"]] == ["out put", "387"]
+    assert manifest["inputs"][0]["runtime_name"] == "io_0"
+
+
+def test_op_onnx2tf_cannot_convert_is_named_with_what_to_try(tmp_path):
+    """DFT (audio front ends): onnx2tf has no converter for it. The error says so, names the
+    node as prepare and the source name it, says what to try, and the report keeps the log."""
+    model = dft_model(tmp_path / "dft.onnx")
+    result = run_edgec(
+        "build",
+        model,
+        "--target",
+        "raspberry-pi-4",
+        "--target",
+        "x86-64-cpu",
+        "--format",
+        "tflite",
+        "--precision",
+        "fp32",
+        "--json",
+        "--out",
+        tmp_path / "out",
+    )
+    assert result.returncode == 3, result.stderr
+    bundles = result.json()["bundles"]
+    assert len(bundles) == 2
+    for bundle in bundles:  # the second target reuses the first one's failure, log included
+        assert bundle["status"] == "failed"
+        error = bundle["error"]
+        assert error.startswith("onnx2tf "), error
+        assert "audio_stft_dft_0 (source: audio/stft/dft:0) (op DFT)" in error
+        assert "try --format onnx" in error
+        assert "cuInit" not in error
+        assert "DFT OP is not yet implemented" in bundle["converter_log"]
+
+
+def test_node_onnx2tf_fails_on_is_named_not_the_noise(tmp_path):
+    """A CRNN encoder as torch exports it: onnx2tf raises inside its LSTM converter (as on
+    ddddocr's OCR model). The error names that node and the exception, never the advice and
+    CUDA probes around it."""
+    result = run_edgec(
+        "build",
+        lstm_model(tmp_path / "crnn.onnx"),
+        "--target",
+        "raspberry-pi-4",
+        "--format",
+        "tflite",
+        "--precision",
+        "fp32",
+        "--json",
+        "--out",
+        tmp_path / "out",
+    )
+    assert result.returncode == 3, result.stderr
+    (bundle,) = result.json()["bundles"]
+    error = bundle["error"]
+    assert error.startswith("onnx2tf "), error
+    assert "rnn_lstm (source: rnn/lstm) (op LSTM)" in error
+    assert "Can't convert Python sequence with mixed types to Tensor" in error
+    assert "try --format onnx" in error
+    assert not any(noise in error for noise in ("cuInit", "NonMaxSuppression", "Read this"))
+    assert "onnx_op_name: rnn_lstm" in bundle["converter_log"]

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
+from compiler.limits import MemoryBudget
 from compiler.tensors import generate_samples, load_samples
-from edgec.errors import DataMismatchError
+from edgec.errors import DataMismatchError, ResourceLimitError
 from edgec.manifest import TensorSpec
 
 IMAGE = TensorSpec(name="x", shape=[1, 3, 4, 4], dtype="float32")
@@ -96,3 +97,34 @@ def test_generated_samples_match_shapes_and_dtypes():
     assert samples.arrays["step"].shape == (4,)
     assert samples.arrays["m"].dtype == np.bool_
     assert samples.origin == "generated"
+
+
+def test_only_the_first_samples_are_read_in_every_layout(tmp_path):
+    values = np.arange(6 * 3 * 4 * 4, dtype=np.float64).reshape(6, 3, 4, 4)
+    compressed = tmp_path / "compressed.npz"
+    np.savez_compressed(compressed, x=values.astype(">f8"), y=np.arange(6))
+    fortran = _npz(tmp_path, x=np.asfortranarray(values))
+    for path in (compressed, fortran):
+        samples = load_samples(path, [IMAGE], "eval", max_samples=4)
+        assert len(samples) == 4
+        np.testing.assert_array_equal(samples.arrays["x"][:, 0], values[:4].astype(np.float32))
+        assert samples.arrays["x"].flags.writeable
+    assert list(load_samples(compressed, [IMAGE], "eval", max_samples=4).labels) == [0, 1, 2, 3]
+
+
+def test_samples_held_count_against_the_budget(tmp_path):
+    path = _npz(tmp_path, x=np.zeros((100, 3, 4, 4), np.float32))  # 19 KiB
+    budget = MemoryBudget(32 * 2**10, "test")
+    load_samples(path, [IMAGE], "calibration", budget)
+    assert budget.used_bytes == 100 * 3 * 4 * 4 * 4
+    with pytest.raises(ResourceLimitError, match=r"100 eval samples .* already held"):
+        load_samples(path, [IMAGE], "eval", budget)
+
+
+def test_header_checks_come_before_any_data_is_read(tmp_path):
+    path = _npz(tmp_path, x=np.zeros((5, 3, 8, 8), np.float32), y=np.array(["a"] * 5))
+    with pytest.raises(DataMismatchError, match=r"'y.npy' has dtype <U1; save numeric arrays"):
+        load_samples(path, [IMAGE], "eval")
+    scalar = _npz(tmp_path, x=np.float32(1.0))
+    with pytest.raises(DataMismatchError, match="is a scalar"):
+        load_samples(scalar, [IMAGE], "eval")

@@ -23,12 +23,12 @@ TOKENS = {"view-token": Role.VIEWER, "op-token": Role.OPERATOR}
 
 @pytest.fixture
 def api(tmp_path, bundle):
-    repo = ImageRepository.init(tmp_path / "repo", PASS, {})
+    repo = ImageRepository.init(tmp_path / "repo", PASS, {}, keys=tmp_path / "keys")
     repo.publish([bundle], PASS)
     (repo.targets_dir / "big.bin").write_bytes(os.urandom(5 * 1024 * 1024 + 7))
     registry = Registry.open(f"sqlite:///{tmp_path / 'fleet.db'}")
     registry.add_device("pi-01", "lab", "canary", "x86-64-cpu")
-    issuer = DirectorIssuer(tmp_path / "director.json", repo.director_signer(PASS))
+    issuer = DirectorIssuer(registry, repo.director_signer(PASS))
 
     def assign(
         device_id: str, release: str, action: Action, rollout: str = "manual"

@@ -112,7 +112,7 @@ def test_a_corrupted_chunk_is_refused_and_not_kept(tmp_path, broker, served):  #
 def test_ngclient_over_mqtt_end_to_end(tmp_path, broker, bundle):  # noqa: F811
     from ota_server.broker import SERVER_USER
 
-    repo = ImageRepository.init(tmp_path / "repo", PASS, {})
+    repo = ImageRepository.init(tmp_path / "repo", PASS, {}, keys=tmp_path / "keys")
     repo.publish([bundle], PASS)
     server = Client(SERVER_USER, broker["files"].server_password, broker["port"])
     assert server.ok()

@@ -39,7 +39,7 @@ def _wait(predicate, seconds: float = 10.0) -> bool:
 
 @pytest.fixture
 def server_config(tmp_path, broker):  # noqa: F811
-    ImageRepository.init(tmp_path / "repo", PASS, {})
+    ImageRepository.init(tmp_path / "repo", PASS, {}, keys=tmp_path / "keys")
     db = tmp_path / "fleet.db"  # the registry the broker fixture made (dev-a, dev-b)
     http_port = _free_port()
     config = tmp_path / "server.toml"
@@ -143,7 +143,7 @@ def test_operator_assigns_a_release_and_the_device_gets_a_signed_retained_docume
     server_config,
     bundle,
 ):
-    repo = ImageRepository(server_config["repo"])
+    repo = ImageRepository(server_config["repo"], keys=server_config["repo"].parent / "keys")
     repo.publish([bundle], PASS)
     server = _start(server_config)
     api = ("--server", f"http://127.0.0.1:{server_config['http']}", "--token", server_config["token"])

@@ -24,7 +24,7 @@ TARGET = "model/1.0.0/x86-64-cpu/model.onnx"
 
 @pytest.fixture
 def repo(tmp_path, bundle):  # noqa: F811
-    repository = ImageRepository.init(tmp_path / "repo", PASS, {})
+    repository = ImageRepository.init(tmp_path / "repo", PASS, {}, keys=tmp_path / "keys")
     repository.publish([bundle], PASS)
     return repository
 
@@ -39,7 +39,7 @@ def _doc(repo: ImageRepository, version: int, **changes: object) -> DirectorDocu
         "expires": NOW + dt.timedelta(hours=1),
         "rollout": "r1",
         "action": Action.INSTALL,
-        "release": "model/1.0.0",
+        "release": "model:1.0.0",
         "files": [DirectorFile(path=TARGET, sha256=info.hashes["sha256"], length=info.length)],
     }
     fields.update(changes)
@@ -123,7 +123,7 @@ def test_document_for_another_device(repo):
 def test_operator_rollback_is_a_new_document_naming_an_older_target(repo, bundle):  # noqa: F811
     signer = repo.director_signer(PASS)
     state, _ = _state(repo).accept(sign_document(_doc(repo, 7), signer), NOW)
-    rollback = _doc(repo, 8, action=Action.ROLLBACK, release="model/1.0.0 (rollback)")
+    rollback = _doc(repo, 8, action=Action.ROLLBACK, release="model:1.0.0")
     state, doc = state.accept(sign_document(rollback, signer), NOW)
     assert (state.version, doc.action) == (8, Action.ROLLBACK)
     check_against_repository(doc, _signed_targets(repo))
@@ -146,20 +146,21 @@ def test_refusal_leaves_the_persisted_state_intact(tmp_path, repo):
 
 def test_issuer_versions_increase_strictly_per_device_across_restarts(tmp_path, repo):
     from ota_server.director import DirectorIssuer
+    from ota_server.registry import Registry
 
     files = _doc(repo, 1).files
-    state = tmp_path / "director-state.json"
-    issuer = DirectorIssuer(state, repo.director_signer(PASS))
+    db = f"sqlite:///{tmp_path / 'fleet.db'}"
+    issuer = DirectorIssuer(Registry.open(db), repo.director_signer(PASS))
     common = {
         "fleet": "lab",
         "profile": "x86-64-cpu",
         "rollout": "r1",
-        "release": "model/1.0.0",
+        "release": "model:1.0.0",
         "files": files,
     }
     first = issuer.issue(device="pi-01", action=Action.INSTALL, now=NOW, **common)
     other = issuer.issue(device="pi-02", action=Action.INSTALL, now=NOW, **common)
-    restarted = DirectorIssuer(state, repo.director_signer(PASS))  # a server restart
+    restarted = DirectorIssuer(Registry.open(db), repo.director_signer(PASS))  # a server restart
     second = restarted.issue(device="pi-01", action=Action.ROLLBACK, now=NOW, **common)
     assert (first.signed.version, other.signed.version, second.signed.version) == (1, 1, 2)
     device, _ = _state(repo).accept(first, NOW)

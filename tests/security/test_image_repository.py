@@ -8,7 +8,7 @@ the device refuses, says why, and keeps its previously trusted state.
 from __future__ import annotations
 
 import datetime as dt
-import shutil
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +37,9 @@ def bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def repo(tmp_path, bundle) -> ImageRepository:
-    repository = ImageRepository.init(tmp_path / "repo", PASS, {"root": 2, "timestamp": 1})
+    repository = ImageRepository.init(
+        tmp_path / "repo", PASS, {"root": 2, "timestamp": 1}, keys=tmp_path / "keys"
+    )
     repository.publish([bundle], PASS)
     return repository
 
@@ -185,14 +187,15 @@ def test_a_target_the_repository_does_not_sign(tmp_path, repo):
 
 
 def test_private_keys_are_encrypted_and_0600(repo):
-    for key in repo.keys_dir.glob("*.pem"):
+    keys = [*repo.offline_keys.glob("*.key"), *repo.online_keys.glob("*.key")]
+    assert len(keys) == 6  # root x2, targets, snapshot, timestamp, director
+    for key in keys:
         assert key.stat().st_mode & 0o777 == 0o600
-        assert b"ENCRYPTED" in key.read_bytes()
-    shutil.copy(next(repo.keys_dir.glob("targets-*.pem")), repo.folder / "copy.pem")
+        assert json.loads(key.read_bytes())["kdf"]["name"] == "scrypt"
     from ota_server.keys import SigningKeyError, load_signer
 
     with pytest.raises(SigningKeyError, match="wrong passphrase"):
-        load_signer(repo.folder / "copy.pem", b"guess")
+        load_signer(next(repo.offline_keys.glob("targets-*.key")), b"guess")
 
 
 def test_root_rotation_is_followed_and_the_old_root_key_is_no_longer_trusted(tmp_path, repo):
@@ -318,7 +321,7 @@ def test_wrong_length_target(tmp_path, repo):
 
 
 def test_revoked_root_key_no_longer_counts(tmp_path):
-    repository = ImageRepository.init(tmp_path / "repo2", PASS, {"root": 2})
+    repository = ImageRepository.init(tmp_path / "repo2", PASS, {"root": 2}, keys=tmp_path / "keys2")
     with pytest.raises(Exception, match="threshold"):  # 2 keys, threshold 2: revoking one is refused
         repository.revoke("root", repository.load("root").signed.roles["root"].keyids[0], PASS)
     root = repository.load("root")
@@ -331,7 +334,7 @@ def test_revoked_root_key_no_longer_counts(tmp_path):
     keyid = root.signed.roles["root"].keyids[0]
     assert repository.revoke("root", keyid, PASS) == 3
     assert keyid not in repository.load("root").signed.roles["root"].keyids
-    assert len(list(repository.keys_dir.glob("root-*.pem"))) == 1
+    assert len(list(repository.offline_keys.glob("root-*.key"))) == 1
     device = _device(tmp_path / "d", repository)
     device.refresh()
     assert device.trusted_version("root") == 3

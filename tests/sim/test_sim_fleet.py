@@ -27,12 +27,12 @@ import pytest
 from agent.config import InstallSettings, TrustSettings
 from agent.sim import SimBehaviours, SimDeviceConfig, SimFleet, SimSettings, device_ids
 from edgec.errors import OptionError
-from ota_server.broker import SERVER_USER, write_broker_config
+from ota_server.broker import write_broker_config
 from ota_server.registry import Registry
 from ota_server.repository import ImageRepository
 from ota_server.server import MqttSettings, OtaServer, ServerConfig
 from tests._releases import PROFILE
-from tests._services import free_port, needs_mosquitto, start_mosquitto, stop, wait_for
+from tests._services import add_broker_login, free_port, needs_mosquitto, start_mosquitto, stop, wait_for
 from tests.conftest import ROOT, run_edgec
 
 PASS = b"sim passphrase"
@@ -107,13 +107,14 @@ def test_sim_help_imports_no_ml_package():
 
 # -- a world: repository, registry, Mosquitto, the OTA server -------------------------------------
 class Monitor:
-    """Everything on the fleet's topics, as the server's account sees it."""
+    """Everything on the fleet's topics, through a read-only login of its own (client ids are
+    bound to usernames: the server's login would take over the server's connection)."""
 
     def __init__(self, port: int, password: str) -> None:
         self.messages: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="sim-test-monitor")
-        self.client.username_pw_set(SERVER_USER, password)
+        self.client.username_pw_set("sim-test-monitor", password)
         self.client.on_connect = lambda c, *_: c.subscribe(f"edgec/v1/{FLEET}/devices/#", qos=1)
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
@@ -166,7 +167,7 @@ def _publish(repo: ImageRepository, bundles: list[Path]) -> None:
 
 @pytest.fixture
 def world(tmp_path, releases) -> Iterator[World]:
-    repo = ImageRepository.init(tmp_path / "repo", PASS, {})
+    repo = ImageRepository.init(tmp_path / "repo", PASS, {}, keys=tmp_path / "keys")
     _publish(repo, [releases["1.0.0"], releases["2.0.0"], releases["3.0.0"]])
     db = f"sqlite:///{tmp_path / 'fleet.db'}"
     registry = Registry.open(db)
@@ -182,6 +183,7 @@ def world(tmp_path, releases) -> Iterator[World]:
         run_as=pwd.getpwuid(os.getuid()).pw_name,
     )
     registry.engine.dispose()
+    monitor_password = add_broker_login(files.config.parent, "sim-test-monitor", "read edgec/v1/#")
     broker = start_mosquitto(files.config, broker_port)
     (tmp_path / "passphrase").write_bytes(PASS)
     config = ServerConfig(
@@ -195,7 +197,7 @@ def world(tmp_path, releases) -> Iterator[World]:
     config.http.port = free_port()
     server = OtaServer(config)
     server.start()
-    monitor = Monitor(broker_port, files.server_password)
+    monitor = Monitor(broker_port, monitor_password)
     try:
         yield World(tmp_path, repo, db, broker_port, passwords, server, monitor)
     finally:
@@ -312,7 +314,7 @@ def test_twenty_devices_install_refuse_a_failing_self_test_and_report_latency_pe
 @needs_mosquitto
 @pytest.mark.slow
 def test_sim_fleet_command_registers_once_and_runs_against_the_broker(tmp_path, releases):
-    repo = ImageRepository.init(tmp_path / "repo", PASS, {})
+    repo = ImageRepository.init(tmp_path / "repo", PASS, {}, keys=tmp_path / "keys")
     _publish(repo, [releases["1.0.0"]])
     db = f"sqlite:///{tmp_path / 'fleet.db'}"
     state = tmp_path / "sim"
