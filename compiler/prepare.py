@@ -4,7 +4,8 @@ Fixes dynamic input dimensions (symbolic, unknown, or a negative ``dim_value``),
 node and tensor names (converters such as onnx2tf choke on names that collide once it
 rewrites ``:`` and ``/``, and on names TensorFlow refuses), and runs shape inference so every
 tensor has a static shape. What was renamed is kept, to name things as the source does in
-reports.
+reports. Inputs a deployment fixes (``--freeze``) become constants, and what they decide is
+folded away (``compiler.freeze``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import helper
 
+from compiler.freeze import fold_frozen, freeze_inputs
 from compiler.importers import Imported
 from compiler.runtime import first_line
 from edgec.errors import ModelLoadError, ShapeSpecError
@@ -52,6 +55,8 @@ class PreparedModel:
     # names prepare gave nodes and tensors -> their names in the source model, for reports
     renamed_nodes: dict[str, str] = field(default_factory=dict)
     renamed_tensors: dict[str, str] = field(default_factory=dict)
+    # inputs of the source replaced by constants (--freeze): no longer inputs of the graph
+    frozen: dict[str, np.ndarray] = field(default_factory=dict)
 
     def node_label(self, name: str) -> str:
         """A node's name, with its name in the source model when prepare renamed it."""
@@ -289,11 +294,21 @@ def tensor_spec(vi: onnx.ValueInfoProto) -> TensorSpec:
 
 
 def prepare(
-    source: Path, input_shapes: Mapping[str, list[int]], workdir: Path, imported: Imported | None = None
+    source: Path,
+    input_shapes: Mapping[str, list[int]],
+    workdir: Path,
+    imported: Imported | None = None,
+    freeze: Mapping[str, str] | None = None,
 ) -> PreparedModel:
-    """Load, fix shapes, sanitize, infer shapes; save as ``workdir/prepared.onnx``."""
+    """Load, freeze and fold, fix shapes, sanitize, infer shapes; save as
+    ``workdir/prepared.onnx``. ``freeze`` maps inputs to their values as written on the
+    command line (``--freeze``)."""
     model = load_onnx(source)
-    _fix_input_dims(model, input_shapes)
+    frozen: dict[str, np.ndarray] = {}
+    if freeze:
+        frozen = freeze_inputs(model, graph_inputs(model), freeze, input_shapes)
+        fold_frozen(model, frozen)
+    _fix_input_dims(model, {k: v for k, v in input_shapes.items() if k not in frozen})
     renamed_nodes = _sanitize_node_names(model.graph)
     renamed_tensors = _sanitize_tensor_names(model)
     del model.graph.value_info[:]
@@ -327,4 +342,5 @@ def prepare(
         channels_last=imported.channels_last if imported else False,
         renamed_nodes=renamed_nodes,
         renamed_tensors=renamed_tensors,
+        frozen=frozen,
     )

@@ -54,7 +54,18 @@ class OnnxRuntimeRunner:
         return dict(zip(self._output_names, values, strict=True))
 
 
+FIRST_LINE_HEAD = 160  # characters kept from the start of a long error line...
+FIRST_LINE_TAIL = 240  # ...and from its end, where onnxruntime puts the reason
+
+
 def first_line(error: BaseException) -> str:
-    """An exception as one line for the user (converters raise multi-line essays)."""
+    """An exception as one line for the user (converters raise multi-line essays).
+
+    A long line keeps its start and its end: onnxruntime's load errors list every input of
+    the failing node first and give the reason last (``..., Error Unrecognized attribute``).
+    """
     text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300]
+    line = text.splitlines()[0]
+    if len(line) <= FIRST_LINE_HEAD + FIRST_LINE_TAIL:
+        return line
+    return f"{line[:FIRST_LINE_HEAD].rstrip()} … {line[-FIRST_LINE_TAIL:].lstrip()}"

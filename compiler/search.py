@@ -6,6 +6,8 @@ entropy and percentile calibration, symmetric activations, int16 activations for
 then mixed precision: the tensors whose quantization hurts most, measured layer by layer
 against the float model, are kept in float, one, two, four... at a time, until the gate
 passes. ``--precision auto`` walks int8 (with that search), fp16 and fp32, smallest first.
+A configuration the converter refuses is recorded as a failed trial with its reason, and
+the search goes on to the next one.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from compiler.runtime import RuntimeUnavailableError, first_line
 from compiler.tensors import SampleSet
 from compiler.verify import Outputs, compare, gate_failures, run_samples
 from device_profiles import DeviceProfile
+from edgec.errors import BuildError
 from edgec.manifest import Metrics, Precision
 
-__all__ = ["Context", "Trial", "best", "search"]
+__all__ = ["Context", "Trial", "best", "search", "searched_trial"]
 
 logger = logging.getLogger(__name__)
 MAX_FLOAT_FRACTION = 0.5  # mixed precision stops before keeping more than half the tensors in float
@@ -60,6 +63,7 @@ class Trial:
     layer_errors: list[LayerError] = field(default_factory=list)
     cache_key: str | None = None
     cached: bool = False  # taken from the build cache, not converted and verified again
+    converted: bool = True  # False: the converter failed; ``failures`` says why, no artifact
 
     @property
     def passed(self) -> bool:
@@ -159,6 +163,29 @@ def trial(ctx: Context, precision: Precision, config: Int8Config | None = None) 
     return found
 
 
+def searched_trial(ctx: Context, precision: Precision, config: Int8Config) -> Trial:
+    """One trial of a search: a configuration the converter refuses is recorded as a failed
+    trial with its reason, so the search goes on to the next one."""
+    try:
+        return trial(ctx, precision, config)
+    except BuildError as e:
+        reason = first_line(e)
+        ctx.progress(f"  {config.label()}: {reason}")
+        logger.info("int8 (%s) failed to convert: %s", config.label(), reason)
+        placeholder = Artifact(
+            format=ctx.backend.spec.format,
+            precision=precision,
+            path=ctx.workdir,
+            inputs=ctx.prepared.inputs,
+            outputs=ctx.prepared.outputs,
+            source_inputs=ctx.prepared.inputs,
+            source_outputs=ctx.prepared.outputs,
+        )
+        return Trial(
+            precision, config, placeholder, 0, None, [f"conversion failed: {reason}"], None, converted=False
+        )
+
+
 def with_layer_errors(ctx: Context, found: Trial) -> Trial:
     """Attach the per-layer error table of a Q/DQ ONNX artifact (for ``edgec explain``)."""
     graph = found.artifact.qdq_graph
@@ -186,14 +213,14 @@ def best(trials: list[Trial]) -> Trial:
     passing = [t for t in trials if t.passed]
     if passing:
         return min(passing, key=lambda t: t.size_bytes)
-    return max(trials, key=_score)
+    return max([t for t in trials if t.converted] or trials, key=_score)
 
 
 def _search_int8(ctx: Context, trail: list[Trial]) -> None:
     spec = ctx.backend.spec
     for config in spec.int8_search:
         ctx.progress(f"  int8 missed the gate; trying {config.label()}")
-        trail.append(trial(ctx, Precision.INT8, config))
+        trail.append(searched_trial(ctx, Precision.INT8, config))
         if trail[-1].passed:
             return
     if not spec.mixed_precision:
@@ -201,11 +228,16 @@ def _search_int8(ctx: Context, trail: list[Trial]) -> None:
     base = with_layer_errors(ctx, trail[0])  # the default configuration, measured layer by layer
     ranked = [e.tensor for e in base.layer_errors]
     count = 1
+    tried: set[frozenset[str]] = set()
     while count <= max(1, int(len(ranked) * MAX_FLOAT_FRACTION)):
         nodes = nodes_touching(ctx.prepared.model, ranked[:count])
+        if frozenset(nodes) in tried:  # more tensors, the same nodes: nothing new to try
+            count *= 2
+            continue
+        tried.add(frozenset(nodes))
         config = dataclasses.replace(base.config or ctx.backend.spec.int8_default, float_nodes=nodes)
         ctx.progress(f"  mixed precision: {count} most sensitive tensor(s) in float ({len(nodes)} nodes)")
-        trail.append(trial(ctx, Precision.INT8, config))
+        trail.append(searched_trial(ctx, Precision.INT8, config))
         if trail[-1].passed:
             return
         count *= 2

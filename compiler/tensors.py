@@ -18,7 +18,7 @@ import logging
 import math
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -304,15 +304,25 @@ def load_samples(
     origin: str,
     budget: MemoryBudget | None = None,
     max_samples: int = DEFAULT_MAX_SAMPLES,
+    *,
+    frozen: Collection[str] = (),
 ) -> SampleSet:
     """Read a data file or folder and check it against the model's inputs.
 
     Headers are checked against ``budget`` and the inputs before any data is read; at most
     the first ``max_samples`` samples are read (a warning says so when there are more).
-    Raises ``DataMismatchError`` or ``ResourceLimitError``."""
+    Keys naming ``frozen`` inputs (no longer inputs: ``--freeze`` fixed them) are skipped
+    with a warning. Raises ``DataMismatchError`` or ``ResourceLimitError``."""
     budget = budget if budget is not None else memory_budget()
     with _members(path, budget) as members:
         labels = members.pop(LABELS_KEY, None)
+        skipped = [members.pop(name).key for name in frozen if name in members]
+        if skipped:
+            logger.warning(
+                "%s: ignoring %s: frozen by --freeze, the build uses the frozen value",
+                path,
+                ", ".join(map(repr, skipped)),
+            )
         names = [spec.name for spec in inputs]
         _check_keys(path, members, names, origin)
         wanted = [(spec, members[spec.name]) for spec in inputs]

@@ -27,6 +27,7 @@ __all__ = [
     "DataMismatchError",
     "EdgecError",
     "FetchError",
+    "FreezeSpecError",
     "GateError",
     "InvalidNameError",
     "ModelLoadError",
@@ -36,6 +37,7 @@ __all__ = [
     "PathOutsideRootError",
     "ProfileError",
     "ProtocolError",
+    "QuantizedSourceError",
     "ResourceLimitError",
     "ServerError",
     "ShapeSpecError",
@@ -77,6 +79,10 @@ class ProfileError(UserInputError):
 
 class ShapeSpecError(UserInputError):
     """An ``--input-shape`` spec is malformed or does not fit the model."""
+
+
+class FreezeSpecError(UserInputError):
+    """A ``--freeze`` spec is malformed or does not fit the model's input."""
 
 
 class DataMismatchError(UserInputError):
@@ -147,6 +153,15 @@ class UnsupportedOperatorError(ConversionError):
     def __init__(self, message: str, nodes: list[str], log: str | None = None) -> None:
         super().__init__(message, log)
         self.nodes = nodes
+
+
+class QuantizedSourceError(BuildError):
+    """The source graph is already quantized (``DynamicQuantizeLinear``, ``ConvInteger``...):
+    quantizing or halving it again is refused; ``ops`` names the quantized op types found."""
+
+    def __init__(self, message: str, ops: list[str]) -> None:
+        super().__init__(message)
+        self.ops = ops
 
 
 class GateError(BuildError):

@@ -25,6 +25,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "BundleStatus",
     "FileEntry",
+    "FrozenInput",
     "Layout",
     "Manifest",
     "Metrics",
@@ -109,6 +110,16 @@ class TensorSpec(_Model):
     source_shape: list[int] | None = None
 
 
+class FrozenInput(_Model):
+    """An input of the source model that the build replaced by a constant (``--freeze``):
+    it is not an input of the bundle; the bundle behaves as the source with this value."""
+
+    name: str
+    dtype: str  # numpy dtype name, as in TensorSpec
+    shape: list[int]
+    values: list[bool] | list[int] | list[float]  # flattened, row-major
+
+
 class FileEntry(_Model):
     path: RelativePath  # relative to the bundle folder: no '..', never absolute
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -183,6 +194,7 @@ class Manifest(_Model):
     runtime_config: dict[str, str] = {}  # session settings the runtime must use (onnxruntime keys)
     tool_versions: dict[str, str]
     source: SourceRef
+    frozen_inputs: list[FrozenInput] = []  # source inputs fixed at build time (--freeze)
 
     def file(self, path: str) -> FileEntry:
         for entry in self.files:

@@ -13,12 +13,46 @@ from onnx import TensorProto
 from compiler._capture import captured_output
 from compiler.backends import CompileOptions
 from compiler.runtime import first_line
-from edgec.errors import ConversionError, OptionError
+from edgec.errors import ConversionError, OptionError, QuantizedSourceError
+from edgec.manifest import Precision
 
-__all__ = ["to_dynamic_int8", "to_fp16", "to_int8"]
+__all__ = ["refuse_quantized", "to_dynamic_int8", "to_fp16", "to_int8"]
 
 logger = logging.getLogger(__name__)
 _METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+PER_CHANNEL_OPSET = 13  # DequantizeLinear's ``axis`` (per-channel scales) exists from opset 13
+# Ops that only a quantized graph holds: static Q/DQ, dynamic quantization, integer kernels.
+_QUANTIZED_OPS = frozenset(
+    "QuantizeLinear DequantizeLinear DynamicQuantizeLinear DynamicQuantizeLSTM "
+    "DynamicQuantizeMatMul MatMulInteger ConvInteger MatMulIntegerToFloat QAttention "
+    "QGemm QuantizeBFP DequantizeBFP".split()
+)
+
+
+def quantized_ops(model: onnx.ModelProto) -> list[str]:
+    """The quantized op types in the graph (its subgraphs included), sorted."""
+    found: set[str] = set()
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            if node.op_type in _QUANTIZED_OPS or node.op_type.startswith("QLinear"):
+                found.add(node.op_type)
+            graphs.extend(a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH)
+            graphs.extend(g for a in node.attribute for g in a.graphs)
+    return sorted(found)
+
+
+def refuse_quantized(model: onnx.ModelProto, precision: Precision) -> None:
+    """Raise ``QuantizedSourceError`` when ``model`` is already quantized: quantizing its
+    float parts again breaks on the integer tensors, and fp16 breaks its quantize ops."""
+    ops = quantized_ops(model)
+    if ops:
+        raise QuantizedSourceError(
+            f"the source model is already quantized ({', '.join(ops)}), so it cannot be built at "
+            f"{precision.value}: give the float model it was made from, or build it at fp32",
+            ops,
+        )
 
 
 class _CalibrationReader:
@@ -36,6 +70,7 @@ def to_fp16(source: Path, target: Path) -> list[str]:
     from onnxconverter_common import float16
 
     model = onnx.load(str(source))
+    refuse_quantized(model, Precision.FP16)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -67,18 +102,56 @@ def _retarget_float_casts(model: onnx.ModelProto) -> None:
                 attr.i = TensorProto.FLOAT16
 
 
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def per_channel_source(source: Path, workdir: Path) -> tuple[Path, bool, list[str]]:
+    """A graph that can carry per-channel Q/DQ: ``source`` itself at opset 13 or later, else
+    upgraded to opset 13 with onnx's version converter. Returns the graph, whether it can
+    take per-channel scales (False when the upgrade failed: quantize per tensor) and notes."""
+    from onnx import version_converter
+
+    model = onnx.load(str(source))
+    opset = _opset(model)
+    if opset >= PER_CHANNEL_OPSET:
+        return source, True, []
+    try:
+        upgraded = version_converter.convert_version(model, PER_CHANNEL_OPSET)
+        onnx.checker.check_model(upgraded)
+    except Exception as e:  # the converter raises its own untyped errors
+        logger.info("opset %d -> %d failed: %s", opset, PER_CHANNEL_OPSET, first_line(e))
+        return (
+            source,
+            False,
+            [
+                f"opset {opset} cannot carry per-channel int8 scales and upgrading it to opset "
+                f"{PER_CHANNEL_OPSET} failed ({first_line(e)}): weights quantized per tensor"
+            ],
+        )
+    target = workdir / f"opset{PER_CHANNEL_OPSET}.onnx"
+    onnx.save(upgraded, str(target))
+    return target, True, [f"upgraded from opset {opset} to {PER_CHANNEL_OPSET} for per-channel int8"]
+
+
 def to_int8(
     source: Path, target: Path, options: CompileOptions, workdir: Path, tensorrt: bool = False
-) -> None:
+) -> list[str]:
     """Static int8 QDQ as ``options.int8`` says: symmetric int8 weights (per channel by
     default), activation ranges from the calibration set, chosen nodes left in float.
-    TensorRT takes only symmetric activations (zero point 0)."""
+    TensorRT takes only symmetric activations (zero point 0). A graph older than opset 13
+    is upgraded first (per-channel Q/DQ needs it). Returns notes for the report."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if options.calibration is None:
         raise OptionError("int8 needs calibration data: pass --calibration FILE.npz|DIR")
+    refuse_quantized(onnx.load(str(source)), Precision.INT8)
     config = options.int8
+    notes: list[str] = []
+    per_channel = config.per_channel
+    if per_channel:
+        source, per_channel, notes = per_channel_source(source, workdir)
     preprocessed = workdir / "int8-pre.onnx"
     try:
         quant_pre_process(str(source), str(preprocessed), skip_optimization=True, skip_symbolic_shape=True)
@@ -88,7 +161,7 @@ def to_int8(
                 str(target),
                 _CalibrationReader(list(options.calibration)),
                 quant_format=QuantFormat.QDQ,
-                per_channel=config.per_channel,
+                per_channel=per_channel,
                 activation_type=QuantType.QInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod[_METHODS[config.calibration_method]],
@@ -101,6 +174,7 @@ def to_int8(
             )
     except Exception as e:
         raise ConversionError(f"int8 quantization failed: {first_line(e)}") from e
+    return notes
 
 
 def to_dynamic_int8(source: Path, target: Path, workdir: Path) -> None:
@@ -108,6 +182,7 @@ def to_dynamic_int8(source: Path, target: Path, workdir: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    refuse_quantized(onnx.load(str(source)), Precision.DYNAMIC)
     preprocessed = workdir / "dynamic-pre.onnx"
     try:
         quant_pre_process(str(source), str(preprocessed), skip_optimization=True, skip_symbolic_shape=True)

@@ -67,8 +67,8 @@ class OnnxRuntimeBackend:
             runtime_config = dict(ORT_SESSION_CONFIG)
         else:
             # Quantize the unfused graph so the device's runtime can fuse QDQ itself.
-            to_int8(prepared.path, target, options, workdir)
             notes = [f"int8 static QDQ: {options.int8.label()}"]
+            notes += to_int8(prepared.path, target, options, workdir)
             runtime_config = dict(ORT_SESSION_CONFIG)
         return Artifact(
             format=TargetFormat.ONNX,

@@ -192,7 +192,7 @@ class TensorRtBackend:
         elif options.precision is Precision.FP16:
             notes = to_fp16(prepared.path, graph) + notes
         else:
-            to_int8(prepared.path, graph, options, workdir, tensorrt=True)
+            notes += to_int8(prepared.path, graph, options, workdir, tensorrt=True)
             notes.append(f"int8 as explicit symmetric Q/DQ (zero points 0): {options.int8.label()}")
         problems = preflight(onnx.load(str(graph)))
         if problems:

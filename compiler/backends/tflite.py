@@ -17,6 +17,7 @@ import numpy as np
 
 from compiler._capture import call_quietly, captured_output, meaningful_lines, report_log
 from compiler.backends import BACKENDS, Artifact, CompileOptions
+from compiler.backends._quantize import refuse_quantized
 from compiler.backends._tf import TfModel, saved_model_for
 from compiler.layouts import artifact_spec, to_artifact, to_source
 from compiler.prepare import PreparedModel
@@ -164,6 +165,8 @@ class TfliteBackend:
     def compile(
         self, prepared: PreparedModel, profile: DeviceProfile, options: CompileOptions, workdir: Path
     ) -> Artifact:
+        if prepared.tf_saved_model is None and options.precision is not Precision.FP32:
+            refuse_quantized(prepared.model, options.precision)  # before onnx2tf's slow conversion
         model = saved_model_for(prepared, options.calibration)
         target = workdir / self.spec.model_file
         convert(model, prepared, options, profile.tflite_int8_io, target)

@@ -67,6 +67,16 @@ def register(commands: Any) -> None:
         help="fix an input's dynamic dimensions; repeat per input",
     )
     parser.add_argument(
+        "--freeze",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="replace input NAME by a constant (a number, or a comma list filling the input's "
+        "shape, typed by its dtype, e.g. sr=16000) and fold what it decides: branches (If) on it "
+        "are replaced by the branch taken. NAME is then no longer an input of the bundle; data "
+        "files may still hold it: it is ignored with a warning. Repeat per input",
+    )
+    parser.add_argument(
         "--max-samples",
         type=int,
         default=DEFAULT_MAX_SAMPLES,
@@ -194,6 +204,7 @@ def _precision(value: str | None) -> Precision | Literal["auto"] | None:
 
 def run(args: argparse.Namespace) -> int:
     from compiler.build import BuildRequest, build
+    from compiler.freeze import parse_freeze
     from compiler.limits import parse_size
     from compiler.prepare import parse_input_shapes
 
@@ -206,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         eval=args.eval,
         input_shapes=parse_input_shapes(args.input_shape),
+        freeze=parse_freeze(args.freeze),
         name=args.name,
         version=args.version,
         force=args.force,

@@ -510,6 +510,30 @@ def test_serve_refuses_an_unknown_limit(digits_bundles):
     assert "max_connections" in result.stderr
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_100_continue_comes_after_the_answers_before_it(serve, digits_slot, workers):
+    server, _ = serve(digits_slot, workers=workers)
+    body = json.dumps({"inputs": [GOOD]}).encode()
+    first = f"POST {INFER} HTTP/1.1\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+    second = f"POST {INFER} HTTP/1.1\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(first + second.encode())
+        received = b""
+        while b"HTTP/1.1 100 Continue\r\n\r\n" not in received:
+            chunk = sock.recv(65536)
+            assert chunk
+            received += chunk
+        assert received.startswith(b"HTTP/1.1 200 OK")  # the first answer, then the 100
+        assert received.endswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        answer = b""
+        while not answer.endswith(b"]}]}"):
+            chunk = sock.recv(65536)
+            assert chunk
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 OK")
+
+
 class _Broken:
     """A loaded model whose runtime fails."""
 
