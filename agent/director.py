@@ -18,7 +18,7 @@ from pathlib import Path
 from securesystemslib.exceptions import UnverifiedSignatureError
 from securesystemslib.signer import Key, Signature
 
-from agent._atomic import atomic_write
+from edgec._atomic import atomic_write
 from edgec.director import DirectorDocument, SignedDirectorDocument, canonical
 from edgec.errors import TrustError
 

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from agent._atomic import atomic_write
+from edgec._atomic import atomic_write
 from edgec.errors import PathOutsideRootError
 from edgec.names import parse_release, remove_inside, resolve_inside
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from agent._atomic import atomic_write
+from edgec._atomic import atomic_write
 from edgec.manifest import TensorStats
 from edgec.reports import DriftVerdict, Telemetry
 

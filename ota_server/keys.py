@@ -39,8 +39,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from securesystemslib.signer import CryptoSigner, SSlibKey
 
+from edgec._atomic import atomic_write
 from edgec.errors import UserInputError
-from ota_server._atomic import atomic_write
 
 __all__ = [
     "DEFAULT_KDF",

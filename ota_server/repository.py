@@ -43,9 +43,9 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
+from edgec._atomic import atomic_write
 from edgec.errors import BundleError, UserInputError
 from edgec.manifest import check_files, read_manifest
-from ota_server._atomic import atomic_write
 from ota_server.keys import KEY_SUFFIX, generate, load_private, load_signer, read_public, write_sealed
 
 __all__ = [

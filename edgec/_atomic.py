@@ -1,4 +1,4 @@
-"""Atomic file writes for everything the agent keeps on disk."""
+"""Atomic file writes: one helper for the agent's state and the server's keys and metadata."""
 
 from __future__ import annotations
 
@@ -17,12 +17,15 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename, fsync the folder: after a crash the file
-    holds its old content or its new one, never a mix. A failed write leaves no temp file."""
+def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
+    """A unique temp file in the same folder (``mode`` set before any byte is written), fsync,
+    rename, fsync the folder: after a crash the file holds its old content or its new one,
+    never a mix, and two writers never share a temp file. A failed write leaves no temp file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
