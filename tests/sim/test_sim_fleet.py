@@ -256,8 +256,12 @@ def test_twenty_devices_install_refuse_a_failing_self_test_and_report_latency_pe
             world.server.assign(device, "digits:1.0.0")
         assert fleet.wait_for_release("digits:1.0.0", timeout_s=60), fleet.summary()
         assert wait_for(lambda: all(world.installed(d) == "digits:1.0.0" for d in devices), 15)
-        committed = {d for d, e in world.monitor.events("committed") if e["release"] == "digits:1.0.0"}
-        assert committed == set(devices)
+
+        # the registry's state and the monitor's events arrive over separate subscriptions
+        def committed() -> set[str]:
+            return {d for d, e in world.monitor.events("committed") if e["release"] == "digits:1.0.0"}
+
+        assert wait_for(lambda: committed() == set(devices), 15), sorted(set(devices) - committed())
         model = (releases["1.0.0"] / "model.onnx").read_bytes()
         for device in devices:
             state = world.root / "devices" / device
