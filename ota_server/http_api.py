@@ -43,7 +43,6 @@ __all__ = ["ApiLimits", "AssignRequest", "HttpApi", "Role", "openapi"]
 
 logger = logging.getLogger(__name__)
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-ApiError = HttpError  # a 4xx answer with a one-line message
 
 
 class Role(enum.IntEnum):
@@ -243,40 +242,40 @@ class HttpApi:
     # -- auth -----------------------------------------------------------------------------
     def _who(self, header: str | None, needed: Role) -> tuple[str, Role]:
         if not header or not header.startswith("Bearer "):
-            raise ApiError(HTTPStatus.UNAUTHORIZED, "missing bearer token (Authorization: Bearer TOKEN)")
+            raise HttpError(HTTPStatus.UNAUTHORIZED, "missing bearer token (Authorization: Bearer TOKEN)")
         digest = hashlib.sha256(header.removeprefix("Bearer ").strip().encode()).hexdigest()
         role = next((r for d, r in self._tokens.items() if hmac.compare_digest(d, digest)), None)
         if role is None:
-            raise ApiError(HTTPStatus.UNAUTHORIZED, "unknown token")
+            raise HttpError(HTTPStatus.UNAUTHORIZED, "unknown token")
         if role < needed:
             message = f"a {role.name.lower()} token cannot do this; it needs {needed.name.lower()}"
-            raise ApiError(HTTPStatus.FORBIDDEN, message)
+            raise HttpError(HTTPStatus.FORBIDDEN, message)
         return digest[:12], role
 
     # -- routing --------------------------------------------------------------------------
     def prepare(self, method: str, path: str, headers: dict[str, str]) -> _Prepared:
         """The endpoint for ``method path``, its token checked; nothing of the body is read.
-        ``headers`` with lower-case names. Raises ``ApiError`` (404, 405, 401, 403)."""
+        ``headers`` with lower-case names. Raises ``HttpError`` (404, 405, 401, 403)."""
         for pattern, methods in self._routes:
             match = pattern.fullmatch(path)
             if match is None:
                 continue
             endpoint = methods.get(method)
             if endpoint is None:
-                error = ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method[:20]} is not allowed here")
+                error = HttpError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method[:20]} is not allowed here")
                 error.headers["Allow"] = ", ".join(methods)
                 raise error
             who = "anonymous"
             if endpoint.role is not None:
                 who, _ = self._who(headers.get("authorization"), endpoint.role)
             return _Prepared(endpoint, match.groupdict(), headers, who)
-        raise ApiError(HTTPStatus.NOT_FOUND, f"no route {method[:20]} {path[:200]}")
+        raise HttpError(HTTPStatus.NOT_FOUND, f"no route {method[:20]} {path[:200]}")
 
     def _json_body(self, body: bytes) -> Any:
         try:
             return loads(body, max_bytes=self.limits.max_body_bytes, max_depth=self.limits.max_json_depth)
         except JsonInputError as e:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"body is {e}") from None
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"body is {e}") from None
 
     def _model(self, model: type[BaseModel], body: bytes, shape: str) -> Any:
         try:
@@ -284,7 +283,7 @@ class HttpApi:
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"{where}: {first['msg']} (expected {shape})") from None
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"{where}: {first['msg']} (expected {shape})") from None
 
     # -- endpoints ------------------------------------------------------------------------
     def _openapi(self, _p: Params, _h: dict[str, str], _b: bytes, _who: str) -> Response:
@@ -294,7 +293,7 @@ class HttpApi:
         try:
             return self._repo_file(params["path"], headers.get("range"))
         except ValueError as e:  # a Range or path the filesystem cannot take
-            raise ApiError(HTTPStatus.BAD_REQUEST, "bad repository request") from e
+            raise HttpError(HTTPStatus.BAD_REQUEST, "bad repository request") from e
 
     def _devices(self, _p: Params, _h: dict[str, str], _b: bytes, _who: str) -> Response:
         return self._json(HTTPStatus.OK, [d.as_dict() for d in self.registry.devices()])
@@ -303,7 +302,7 @@ class HttpApi:
         try:
             return self._json(HTTPStatus.OK, self.registry.get(params["id"]).as_dict())
         except NotFoundError as e:
-            raise ApiError(HTTPStatus.NOT_FOUND, str(e)) from None
+            raise HttpError(HTTPStatus.NOT_FOUND, str(e)) from None
 
     def _releases(self, _p: Params, _h: dict[str, str], _b: bytes, _who: str) -> Response:
         return self._json(HTTPStatus.OK, [r.__dict__ for r in self.repository.releases()])
@@ -311,18 +310,18 @@ class HttpApi:
     def _assign_release(self, params: Params, _h: dict[str, str], body: bytes, _who: str) -> Response:
         request = self._model(AssignRequest, body, '{"release": "NAME:VERSION", "action": "install"}')
         if self._assign is None:
-            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "this server cannot sign director documents")
+            raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "this server cannot sign director documents")
         try:
             document = self._assign(params["id"], request.release, request.action)
         except NotFoundError as e:
-            raise ApiError(HTTPStatus.NOT_FOUND, str(e)) from None
+            raise HttpError(HTTPStatus.NOT_FOUND, str(e)) from None
         except UserInputError as e:
-            raise ApiError(HTTPStatus.BAD_REQUEST, str(e)) from None
+            raise HttpError(HTTPStatus.BAD_REQUEST, str(e)) from None
         return self._json(HTTPStatus.OK, document.model_dump(mode="json"))
 
     def _scheduler(self) -> Rollouts:
         if self._rollouts is None:
-            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "this server does not run rollouts")
+            raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "this server does not run rollouts")
         return self._rollouts
 
     def _list_rollouts(self, _p: Params, _h: dict[str, str], _b: bytes, _who: str) -> Response:
@@ -334,14 +333,14 @@ class HttpApi:
         try:
             created = self._scheduler().start(spec, who)
         except UserInputError as e:
-            raise ApiError(HTTPStatus.BAD_REQUEST, str(e)) from None
+            raise HttpError(HTTPStatus.BAD_REQUEST, str(e)) from None
         return self._json(HTTPStatus.CREATED, created)
 
     def _rollout(self, params: Params, _h: dict[str, str], _b: bytes, _who: str) -> Response:
         try:
             return self._json(HTTPStatus.OK, self._scheduler().status(params["id"]))
         except NotFoundError as e:
-            raise ApiError(HTTPStatus.NOT_FOUND, str(e)) from None
+            raise HttpError(HTTPStatus.NOT_FOUND, str(e)) from None
 
     def _steer_rollout(self, params: Params, _h: dict[str, str], _b: bytes, _who: str) -> Response:
         rollouts = self._scheduler()
@@ -354,21 +353,21 @@ class HttpApi:
         try:
             return self._json(HTTPStatus.OK, steer(params["id"]))
         except NotFoundError as e:
-            raise ApiError(HTTPStatus.NOT_FOUND, str(e)) from None
+            raise HttpError(HTTPStatus.NOT_FOUND, str(e)) from None
         except UserInputError as e:  # not in a state that allows it
-            raise ApiError(HTTPStatus.CONFLICT, str(e)) from None
+            raise HttpError(HTTPStatus.CONFLICT, str(e)) from None
 
     def _repo_file(self, relative: str, range_header: str | None) -> tuple[int, dict[str, str], bytes]:
         path = served_file(self.repository.folder, relative)  # the allowlist MQTT fetch uses too
         if path is None:
-            raise ApiError(HTTPStatus.NOT_FOUND, f"no such file {relative[:200]!r}")
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no such file {relative[:200]!r}")
         size = path.stat().st_size
         start, end = 0, size - 1
         status = HTTPStatus.OK
         if range_header:
             match = _RANGE.match(range_header.strip())
             if not match or (not match[1] and not match[2]):
-                raise ApiError(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, f"bad Range {range_header!r}")
+                raise HttpError(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, f"bad Range {range_header!r}")
             if match[1]:
                 start = int(match[1])
                 end = min(int(match[2]), size - 1) if match[2] else size - 1
@@ -376,7 +375,7 @@ class HttpApi:
                 start = max(size - int(match[2]), 0)
             if start > end or start >= size:
                 outside = f"Range {range_header!r} outside 0-{size - 1}"
-                raise ApiError(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, outside)
+                raise HttpError(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE, outside)
             status = HTTPStatus.PARTIAL_CONTENT
         with path.open("rb") as f:
             f.seek(start)
