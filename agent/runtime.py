@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgec.errors import BundleError
-from edgec.manifest import Manifest, TargetFormat, TensorSpec, check_files, read_manifest
+from edgec.manifest import Manifest, OutputKind, TargetFormat, TensorSpec, check_files, read_manifest
 
 __all__ = [
     "DamagedBundleError",
@@ -524,14 +524,22 @@ def golden_samples(
     )
 
 
+def _class_head(manifest: Manifest) -> str | None:
+    """The output top-1 agreement is measured on: the first the build judged as class scores
+    (manifests from before output kinds: the first output)."""
+    if all(o.kind is None for o in manifest.outputs):
+        return manifest.outputs[0].name if manifest.outputs else None
+    return next((o.name for o in manifest.outputs if o.kind is OutputKind.CLASSIFICATION), None)
+
+
 def self_test(model: RuntimeModel, golden: Path) -> SelfTestResult:
     """Run ``golden``'s inputs one sample at a time and compare with its outputs.
 
     Passes when the cosine similarity (mean per sample, worst output) reaches the gate's
-    ``min_cosine``, top-1 agreement of the first output (for ``[batch, classes]`` float
-    outputs) reaches ``min_top1_agreement``, and the max absolute error is at most
-    ``max(2 x the build's measured max_abs_err, 1e-4)``. Integer outputs must match exactly.
-    An unreadable golden file or a runtime failure fails the test with the reason.
+    ``min_cosine``, top-1 agreement of the first output the build judged as class scores
+    (for ``[batch, classes]`` float outputs) reaches ``min_top1_agreement``, and the max
+    absolute error is at most ``max(2 x the build's measured max_abs_err, 1e-4)``. Integer
+    outputs must match exactly. An unreadable golden file or a runtime failure fails the test with the reason.
     """
     limits = _limits(model.manifest)
     try:
@@ -569,8 +577,8 @@ def self_test(model: RuntimeModel, golden: Path) -> SelfTestResult:
             worst_cosine = mean if worst_cosine is None else min(worst_cosine, mean)
 
     top1 = None
-    head = model.outputs[0].name
-    if all(
+    head = _class_head(model.manifest)
+    if head is not None and all(
         ref[head].dtype.kind == "f" and ref[head].ndim == 2 and ref[head].shape[1] >= 2 for ref in expected
     ):
         ref_top = np.concatenate([ref[head].argmax(-1) for ref in expected])

@@ -29,6 +29,7 @@ import edgec
 from compiler.backends import BACKENDS, Artifact, get_backend
 from compiler.bundle import bundle_dir_name, write_bundle
 from compiler.cache import BuildCache, default_cache_dir
+from compiler.kinds import Kinds, check_kind_names, detect_kinds
 from compiler.limits import (
     DEFAULT_MAX_SAMPLES,
     MemoryBudget,
@@ -60,6 +61,7 @@ from edgec.manifest import (
     FileEntry,
     FrozenInput,
     Manifest,
+    OutputKind,
     Precision,
     ProfileRef,
     SourceRef,
@@ -92,6 +94,7 @@ CONVERTERS = (
     "tensorrt",
 )
 LAYER_ERRORS_KEPT = 20
+VERIFY_VERSION = 2  # bump when figures or layer tables are measured differently: cached ones are stale
 Progress = Callable[[str], None]
 
 
@@ -107,6 +110,8 @@ class BuildRequest:
     input_shapes: Mapping[str, list[int]] = field(default_factory=dict)
     # inputs replaced by constants, values as written (``--freeze``; see compiler.freeze)
     freeze: Mapping[str, str] = field(default_factory=dict)
+    # how outputs are judged, where the kind found from shape and values is not the right one
+    output_kinds: Mapping[str, OutputKind] = field(default_factory=dict)
     name: str | None = None
     version: str = "1.0.0"
     force: bool = False
@@ -134,6 +139,7 @@ class _Shared:
     calibration: SampleSet | None
     verify_set: SampleSet
     reference: Outputs
+    kinds: Kinds
     stats: list[TensorStats]
     cache_parts: dict[str, object]
 
@@ -260,12 +266,15 @@ def _prepare_shared(
     source = import_source(request.model, ref, request.input_shapes, workdir, budget)
     progress(f"preparing {source.path.name}")
     prepared = prepare(source.onnx_path, request.input_shapes, workdir, source.imported, request.freeze)
+    check_kind_names(request.output_kinds, [o.name for o in prepared.outputs])
     calibration, verify_set = _samples(request, prepared, budget)
     progress(f"running the source model on {len(verify_set)} {verify_set.origin} samples")
     runner = _FrozenFeeds(source.runner(), prepared.frozen)
     reference = run_samples(runner, verify_set)
     prepared = dataclasses.replace(prepared, outputs=_with_shapes(prepared.outputs, reference[0]))
     names = [o.name for o in prepared.outputs]
+    kinds = detect_kinds(reference, names, request.output_kinds)
+    progress("outputs judged as " + ", ".join(f"{n}: {k.value}" for n, k in kinds.items()))
     if calibration is not None and calibration is not verify_set:
         stats = _reference_stats(calibration, run_samples(runner, calibration), names)
     else:
@@ -273,12 +282,13 @@ def _prepare_shared(
     cache_parts: dict[str, object] = {
         "edgec": edgec.__version__,
         "manifest_schema": [SCHEMA_VERSION, "source_shape"],  # cached specs carry what manifests need
+        "verify": [VERIFY_VERSION, {n: k.value for n, k in kinds.items()}],  # cached figures: how measured
         "prepared": sha256_file(prepared.path),
         "calibration": _data_digest(calibration),
         "verification": _data_digest(verify_set),
         "tools": _installed_versions(),
     }
-    return _Shared(request, source, prepared, calibration, verify_set, reference, stats, cache_parts)
+    return _Shared(request, source, prepared, calibration, verify_set, reference, kinds, stats, cache_parts)
 
 
 class _FrozenFeeds:
@@ -327,7 +337,7 @@ def _installed_versions() -> dict[str, str]:
 
 
 def _gate(profile: DeviceProfile, precision: Precision) -> dict[str, float]:
-    gate = profile.gates[precision].model_dump()
+    gate = profile.gates[precision].flat()
     gate["max_artifact_bytes"] = float(profile.max_artifact_bytes)
     return gate
 
@@ -393,6 +403,7 @@ def _build_timed(plan: _Plan, shared: _Shared, progress: Progress, timings: dict
                 shared.calibration,
                 shared.verify_set,
                 shared.reference,
+                shared.kinds,
                 Path(tmp),
                 progress,
                 cache=BuildCache(shared.request.cache) if shared.request.cache else None,
@@ -496,7 +507,10 @@ def _manifest(
         files=files,
         model_file=BACKENDS[plan.format].model_file,
         inputs=artifact.inputs,
-        outputs=_with_shapes(artifact.outputs, shared.reference[0]),
+        outputs=[
+            o.model_copy(update={"kind": shared.kinds.get(o.name)})
+            for o in _with_shapes(artifact.outputs, shared.reference[0])
+        ],
         verification=verification,
         reference_stats=shared.stats,
         max_latency_ms=plan.profile.max_latency_ms,

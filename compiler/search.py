@@ -20,6 +20,7 @@ from pathlib import Path
 
 from compiler.backends import Artifact, Backend, CompileOptions, Int8Config
 from compiler.cache import BuildCache, CachedTrial, fingerprint
+from compiler.kinds import Kinds
 from compiler.layer_error import LayerError, layer_errors, nodes_touching
 from compiler.prepare import PreparedModel
 from compiler.runtime import RuntimeUnavailableError, first_line
@@ -45,6 +46,7 @@ class Context:
     calibration: SampleSet | None
     verify_set: SampleSet
     reference: Outputs
+    kinds: Kinds  # how each output is judged
     workdir: Path
     progress: Callable[[str], None]
     cache: BuildCache | None = None
@@ -144,8 +146,7 @@ def trial(ctx: Context, precision: Precision, config: Int8Config | None = None) 
     else:
         ctx.progress(f"  verifying on {len(ctx.verify_set)} {ctx.verify_set.origin} samples")
         candidate = run_samples(runner, ctx.verify_set)
-        names = [o.name for o in ctx.prepared.outputs]
-        metrics = compare(ctx.reference, candidate, ctx.verify_set.labels, names)
+        metrics = compare(ctx.reference, candidate, ctx.verify_set.labels, ctx.kinds)
         unverified = artifact.unverified_reason
     if ctx.cache is not None and key is not None:
         ctx.cache.put(key, CachedTrial.of(artifact, size, metrics, unverified), artifact)

@@ -9,9 +9,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from edgec.manifest import Precision, TargetFormat
+from edgec.manifest import OutputKind, Precision, TargetFormat
 
-__all__ = ["Accelerator", "CpuArch", "DeviceProfile", "Gate", "Runtime"]
+__all__ = ["Accelerator", "CpuArch", "DeviceProfile", "Gate", "KindGate", "Runtime"]
 
 _ID_PATTERN = r"^[a-z0-9][a-z0-9-]*$"
 
@@ -45,12 +45,83 @@ class Accelerator(_Model):
     cuda_compute_capability: Annotated[str, Field(pattern=r"^\d+\.\d+$")] | None = None
 
 
-class Gate(_Model):
-    """What an artifact must reach against the source model to be accepted."""
+_Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+_Cosine = Annotated[float, Field(ge=-1.0, le=1.0)]
 
-    min_cosine: Annotated[float, Field(ge=-1.0, le=1.0)]
-    min_top1_agreement: Annotated[float, Field(ge=0.0, le=1.0)]
+# The thresholds each output kind can be gated on (compiler/verify.py measures them).
+_KIND_FIELDS: dict[OutputKind, tuple[str, ...]] = {
+    OutputKind.CLASSIFICATION: ("min_top1_agreement", "min_cosine"),
+    OutputKind.DENSE: ("min_cosine", "min_psnr_db", "min_map_iou"),
+    OutputKind.SEQUENCE: ("min_sequence_agreement", "min_cosine"),
+    OutputKind.DETECTION: ("min_cosine", "min_anchor_agreement"),
+    OutputKind.REGRESSION: ("max_rel_err",),
+}
+
+
+class KindGate(_Model):
+    """Thresholds for the outputs of one kind; a field left out takes the gate's default
+    (see ``Gate.for_kind``), a field that does not apply to the kind is refused."""
+
+    min_cosine: _Cosine | None = None
+    min_psnr_db: Annotated[float, Field(ge=0.0)] | None = None
+    min_top1_agreement: _Fraction | None = None
+    min_map_iou: _Fraction | None = None
+    min_sequence_agreement: _Fraction | None = None
+    min_anchor_agreement: _Fraction | None = None
+    max_rel_err: Annotated[float, Field(ge=0.0)] | None = None
+
+
+class Gate(_Model):
+    """What an artifact must reach against the source model to be accepted.
+
+    ``min_cosine`` and ``min_top1_agreement`` are the defaults every kind derives from; a
+    table per kind (``[gates.int8.detection]``) names that kind's own thresholds.
+    """
+
+    min_cosine: _Cosine
+    min_top1_agreement: _Fraction
     max_accuracy_drop_points: Annotated[float, Field(ge=0.0, le=100.0)]
+    classification: KindGate | None = None
+    dense: KindGate | None = None
+    sequence: KindGate | None = None
+    detection: KindGate | None = None
+    regression: KindGate | None = None
+
+    @model_validator(mode="after")
+    def _fields_fit_kinds(self) -> Gate:
+        for kind, allowed in _KIND_FIELDS.items():
+            table = getattr(self, kind.value)
+            wrong = sorted(table.model_fields_set - set(allowed)) if table is not None else []
+            if wrong:
+                raise ValueError(
+                    f"{kind.value} gate cannot use {', '.join(wrong)} (it takes {', '.join(allowed)})"
+                )
+        return self
+
+    def for_kind(self, kind: OutputKind) -> dict[str, float]:
+        """The thresholds an output of ``kind`` must meet, the kind's table over the defaults."""
+        defaults: dict[str, float | None] = {
+            "min_cosine": self.min_cosine if kind is not OutputKind.SEQUENCE else None,
+            "min_top1_agreement": self.min_top1_agreement,
+            "min_sequence_agreement": self.min_top1_agreement,
+            "min_anchor_agreement": self.min_top1_agreement,
+            "max_rel_err": round(1.0 - self.min_cosine, 12),
+        }
+        table = getattr(self, kind.value)
+        given = table.model_dump(exclude_none=True) if table is not None else {}
+        found = {name: given.get(name, defaults.get(name)) for name in _KIND_FIELDS[kind]}
+        return {name: value for name, value in found.items() if value is not None}
+
+    def flat(self) -> dict[str, float]:
+        """Every threshold as ``name`` (the defaults) and ``kind.name``: the manifest's record."""
+        found = {
+            "min_cosine": self.min_cosine,
+            "min_top1_agreement": self.min_top1_agreement,
+            "max_accuracy_drop_points": self.max_accuracy_drop_points,
+        }
+        for kind in OutputKind:
+            found.update({f"{kind.value}.{k}": v for k, v in self.for_kind(kind).items()})
+        return found
 
 
 class DeviceProfile(_Model):

@@ -29,6 +29,8 @@ __all__ = [
     "Layout",
     "Manifest",
     "Metrics",
+    "OutputKind",
+    "OutputMetrics",
     "Precision",
     "ProfileRef",
     "SourceRef",
@@ -83,6 +85,17 @@ class Layout(enum.StrEnum):
     ANY = "any"
 
 
+class OutputKind(enum.StrEnum):
+    """What an output holds, which decides how an artifact's values are judged against the
+    source's (see compiler/kinds.py for how a kind is found, ``--output-kind`` to set it)."""
+
+    CLASSIFICATION = "classification"  # class scores: top-1 agreement
+    DENSE = "dense"  # maps, masks, embeddings, landmarks: cosine, PSNR, IoU of a [0, 1] map
+    SEQUENCE = "sequence"  # per-timestep class scores (CTC, tagging): per-step argmax agreement
+    DETECTION = "detection"  # anchors x (box, scores): cosine per head, confident-anchor agreement
+    REGRESSION = "regression"  # a few values (a score, a flag, a box): error over the output's range
+
+
 class BundleStatus(enum.StrEnum):
     """Outcome of one target's build."""
 
@@ -108,6 +121,7 @@ class TensorSpec(_Model):
     # the source model's shape where the artifact's differs (channels-last, squeezed axes):
     # callers and golden.npz use the source's shape, the runtime takes ``shape``
     source_shape: list[int] | None = None
+    kind: OutputKind | None = None  # outputs only: how the build judged it (and a device should)
 
 
 class FrozenInput(_Model):
@@ -137,8 +151,30 @@ class SourceRef(_Model):
     sha256: str
 
 
+class OutputMetrics(_Model):
+    """One output of the artifact against the source's, by its kind. ``None`` where the
+    figure does not apply to the kind (or the data gave nothing to measure it on)."""
+
+    name: str
+    kind: OutputKind
+    max_abs_err: float | None = None
+    mean_abs_err: float | None = None
+    cosine: float | None = None  # mean over samples of each sample's cosine similarity
+    psnr_db: float | None = None  # over the reference's range (peak-to-peak), capped at 200
+    top1_agreement: float | None = None  # classification (integer outputs: equal values)
+    map_iou: float | None = None  # dense maps in [0, 1]: IoU of the maps thresholded at 0.5
+    sequence_agreement: float | None = None  # sequence: per-step argmax (integers: equal values)
+    anchor_agreement: float | None = None  # detection: confident anchors found by both
+    rel_err: float | None = None  # regression: max abs error over the reference's range
+
+
 class Metrics(_Model):
-    """Artifact vs source model on the same inputs. ``None`` where it does not apply."""
+    """Artifact vs source model on the same inputs. ``None`` where it does not apply.
+
+    The top-level figures summarise ``outputs``: the largest error, the worst cosine (of the
+    outputs that are not regression), the worst top-1 agreement of the classification outputs;
+    accuracy is the first classification output's against the labels.
+    """
 
     samples: int
     max_abs_err: float | None = None
@@ -147,6 +183,7 @@ class Metrics(_Model):
     top1_agreement: float | None = None
     accuracy: float | None = None
     source_accuracy: float | None = None
+    outputs: list[OutputMetrics] = []
 
 
 class Verification(_Model):

@@ -77,6 +77,16 @@ def register(commands: Any) -> None:
         "files may still hold it: it is ignored with a warning. Repeat per input",
     )
     parser.add_argument(
+        "--output-kind",
+        action="append",
+        default=[],
+        metavar="NAME=KIND",
+        help="how output NAME is judged against the source, where the kind found from its shape "
+        "and values is wrong: classification (top-1), dense (cosine, PSNR, map IoU), sequence "
+        "(per-step argmax), detection (cosine, confident anchors), regression (error over range). "
+        "Repeat per output",
+    )
+    parser.add_argument(
         "--max-samples",
         type=int,
         default=DEFAULT_MAX_SAMPLES,
@@ -146,6 +156,39 @@ def _trail_table(trail: list[dict[str, Any]]) -> str:
     return render_table(headers, rows, right=(2, 3, 4, 5))
 
 
+def _judged_by_kind(outputs: list[Any]) -> bool:
+    """More than the main table shows: several outputs, or one that is not a classifier's."""
+    return len(outputs) > 1 or any(o.kind.value != "classification" for o in outputs)
+
+
+# the figure each kind is judged on, after cosine: (attribute, label, format)
+_KIND_FIGURE = {
+    "classification": ("top1_agreement", "top-1", ".4f"),
+    "dense": ("psnr_db", "PSNR dB", ".1f"),
+    "sequence": ("sequence_agreement", "per-step", ".4f"),
+    "detection": ("anchor_agreement", "anchors", ".4f"),
+    "regression": ("rel_err", "err/range", ".2e"),
+}
+
+
+def _outputs_table(outputs: list[Any]) -> str:
+    rows = []
+    for o in outputs:
+        attribute, label, spec = _KIND_FIGURE[o.kind.value]
+        value = getattr(o, attribute)
+        extra = f" IoU {o.map_iou:.4f}" if o.map_iou is not None else ""
+        rows.append(
+            (
+                o.name,
+                o.kind.value,
+                _fmt(o.max_abs_err, ".2e"),
+                _fmt(o.cosine, ".5f"),
+                "-" if value is None else f"{label} {value:{spec}}{extra}",
+            )
+        )
+    return render_table(("output", "kind", "max err", "cosine", "judged on"), rows, right=(2, 3))
+
+
 def render(result: BuildResult) -> str:
     rows = []
     for b in result.bundles:
@@ -179,6 +222,10 @@ def render(result: BuildResult) -> str:
     )
     lines = [render_table(headers, rows, right=(4, 5, 6, 7, 8))]
     for b in result.bundles:
+        if b.metrics is not None and _judged_by_kind(b.metrics.outputs):
+            lines.append(f"\n{b.profile} {b.format.value} {b.precision.value}: outputs by kind")
+            lines.append(_outputs_table(b.metrics.outputs))
+    for b in result.bundles:
         if b.search:
             lines.append(f"\n{b.profile} {b.format.value}: configurations tried")
             lines.append(_trail_table(b.search))
@@ -205,6 +252,7 @@ def _precision(value: str | None) -> Precision | Literal["auto"] | None:
 def run(args: argparse.Namespace) -> int:
     from compiler.build import BuildRequest, build
     from compiler.freeze import parse_freeze
+    from compiler.kinds import parse_output_kinds
     from compiler.limits import parse_size
     from compiler.prepare import parse_input_shapes
 
@@ -218,6 +266,7 @@ def run(args: argparse.Namespace) -> int:
         eval=args.eval,
         input_shapes=parse_input_shapes(args.input_shape),
         freeze=parse_freeze(args.freeze),
+        output_kinds=parse_output_kinds(args.output_kind),
         name=args.name,
         version=args.version,
         force=args.force,

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from edgec._table import render_table
+from edgec.manifest import OutputKind
 
 __all__ = ["register"]
 
@@ -21,6 +22,21 @@ def register(commands: Any) -> None:
     show.add_argument("profile", help="a profile id or the path of a .toml profile")
     show.add_argument("--json", action="store_true", help="print JSON")
     show.set_defaults(run=run_show)
+
+
+_THRESHOLD_LABELS = {
+    "min_cosine": "cos>=",
+    "min_psnr_db": "PSNR>=",
+    "min_top1_agreement": "top1>=",
+    "min_map_iou": "IoU>=",
+    "min_sequence_agreement": "steps>=",
+    "min_anchor_agreement": "anchors>=",
+    "max_rel_err": "err/range<=",
+}
+
+
+def _thresholds(found: dict[str, float]) -> str:
+    return "  ".join(f"{_THRESHOLD_LABELS[name]} {value:g}" for name, value in found.items())
 
 
 def _gib(n: int) -> str:
@@ -72,12 +88,14 @@ def run_show(args: argparse.Namespace) -> int:
     print(f"  latency budget {profile.max_latency_ms:g} ms")
     print(f"  max artifact   {_gib(profile.max_artifact_bytes)}")
     rows = [
-        (p.value, f"{g.min_cosine:g}", f"{g.min_top1_agreement:g}", f"{g.max_accuracy_drop_points:g}")
+        (
+            p.value,
+            f"{g.max_accuracy_drop_points:g}",
+            *(_thresholds(g.for_kind(kind)) for kind in OutputKind),
+        )
         for p, g in profile.gates.items()
     ]
-    print("  gates:")
-    table = render_table(
-        ("precision", "min cosine", "min top-1 agree", "max acc drop (pts)"), rows, right=(1, 2, 3)
-    )
+    print("  gates (per output kind; acc drop in points where labels are given):")
+    table = render_table(("precision", "acc drop", *(k.value for k in OutputKind)), rows, right=(1,))
     print("\n".join("    " + line for line in table.splitlines()))
     return 0
