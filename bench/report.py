@@ -174,6 +174,7 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict[str, Any]], str]]] = [
     ("fleet", "Fleet rollouts with simulated devices", "bench_fleet.py", fleet),
     ("cache", "Build cache", "bench_cache.py", cache),
     ("kdf", "Key files: passphrase guesses per second", "bench_kdf.py", markdown("kdf")),
+    ("zoo", "Real models from PyPI wheels through edgec build", "bench_zoo.py", markdown("zoo")),
 ]  # fmt: skip
 
 

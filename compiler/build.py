@@ -43,9 +43,17 @@ from compiler.report import BuildResult, TargetResult
 from compiler.runtime import Runner, first_line
 from compiler.search import Context, Trial, best, search, with_layer_errors
 from compiler.source import SourceModel, identify, import_source
+from compiler.stateful import (
+    Sequences,
+    find_sequences,
+    run_carrying,
+    state_kinds,
+    stored_inputs,
+    with_zero_states,
+)
 from compiler.stats import tensor_stats
 from compiler.tensors import SampleSet, generate_samples, load_samples
-from compiler.verify import Outputs, run_samples
+from compiler.verify import Outputs
 from device_profiles import DeviceProfile, load_profile
 from edgec.errors import (
     BuildError,
@@ -94,7 +102,7 @@ CONVERTERS = (
     "tensorrt",
 )
 LAYER_ERRORS_KEPT = 20
-VERIFY_VERSION = 2  # bump when figures or layer tables are measured differently: cached ones are stale
+VERIFY_VERSION = 3  # bump when figures or layer tables are measured differently: cached ones are stale
 Progress = Callable[[str], None]
 
 
@@ -112,6 +120,10 @@ class BuildRequest:
     freeze: Mapping[str, str] = field(default_factory=dict)
     # how outputs are judged, where the kind found from shape and values is not the right one
     output_kinds: Mapping[str, OutputKind] = field(default_factory=dict)
+    # stateful models: state input -> state output (``--state``; else found by name), and the
+    # steps per sequence in data files (None: a whole file is one sequence; see compiler.stateful)
+    states: Mapping[str, str] = field(default_factory=dict)
+    sequence_length: int | None = None
     name: str | None = None
     version: str = "1.0.0"
     force: bool = False
@@ -142,6 +154,7 @@ class _Shared:
     kinds: Kinds
     stats: list[TensorStats]
     cache_parts: dict[str, object]
+    sequences: Sequences | None = None  # a stateful model: run over sequences carrying its state
 
 
 def _formats(request: BuildRequest, profile: DeviceProfile) -> list[TargetFormat]:
@@ -223,7 +236,7 @@ _SHAPE_FIX = "set a smaller --input-shape (or export the model with smaller inpu
 
 
 def _samples(
-    request: BuildRequest, prepared: PreparedModel, budget: MemoryBudget
+    request: BuildRequest, prepared: PreparedModel, budget: MemoryBudget, sequences: Sequences | None
 ) -> tuple[SampleSet | None, SampleSet]:
     """Calibration data and the verification set, each checked against the budget from the
     declared shapes (and data file headers) before it is allocated."""
@@ -233,16 +246,14 @@ def _samples(
     budget.check(one, f"one sample of {inputs} needs {format_size(one)} with the model's outputs", _SHAPE_FIX)
     limit = request.max_samples
     frozen = list(prepared.frozen)
-    calibration = (
-        load_samples(request.calibration, prepared.inputs, "calibration", budget, limit, frozen=frozen)
-        if request.calibration
-        else None
-    )
-    evaluation = (
-        load_samples(request.eval, prepared.inputs, "eval", budget, limit, frozen=frozen)
-        if request.eval
-        else None
-    )
+
+    def load(path: Path, origin: str) -> SampleSet:  # a stateful model's data may leave states out
+        specs = stored_inputs(path, prepared.inputs, sequences)
+        found = load_samples(path, specs, origin, budget, limit, frozen=frozen)
+        return with_zero_states(found, prepared.inputs)
+
+    calibration = load(request.calibration, "calibration") if request.calibration else None
+    evaluation = load(request.eval, "eval") if request.eval else None
     verify_set = evaluation or calibration
     if verify_set is None:
         count = min(GENERATED_SAMPLES, limit)
@@ -267,17 +278,24 @@ def _prepare_shared(
     progress(f"preparing {source.path.name}")
     prepared = prepare(source.onnx_path, request.input_shapes, workdir, source.imported, request.freeze)
     check_kind_names(request.output_kinds, [o.name for o in prepared.outputs])
-    calibration, verify_set = _samples(request, prepared, budget)
+    sequences = find_sequences(prepared.inputs, prepared.outputs, request.states, request.sequence_length)
+    calibration, verify_set = _samples(request, prepared, budget, sequences)
     progress(f"running the source model on {len(verify_set)} {verify_set.origin} samples")
     runner = _FrozenFeeds(source.runner(), prepared.frozen)
-    reference = run_samples(runner, verify_set)
+    same = calibration is verify_set
+    # a stateful model runs its sequences carrying its state; the sets then hold the states fed
+    reference, verify_set = run_carrying(runner, verify_set, sequences)
+    if sequences is not None:
+        progress(sequences.describe(len(verify_set)))
     prepared = dataclasses.replace(prepared, outputs=_with_shapes(prepared.outputs, reference[0]))
     names = [o.name for o in prepared.outputs]
-    kinds = detect_kinds(reference, names, request.output_kinds)
+    kinds = detect_kinds(reference, names, {**state_kinds(sequences), **request.output_kinds})
     progress("outputs judged as " + ", ".join(f"{n}: {k.value}" for n, k in kinds.items()))
-    if calibration is not None and calibration is not verify_set:
-        stats = _reference_stats(calibration, run_samples(runner, calibration), names)
+    if calibration is not None and not same:
+        calibrated, calibration = run_carrying(runner, calibration, sequences)
+        stats = _reference_stats(calibration, calibrated, names)
     else:
+        calibration = verify_set if same else None
         stats = _reference_stats(verify_set, reference, names)
     cache_parts: dict[str, object] = {
         "edgec": edgec.__version__,
@@ -288,7 +306,11 @@ def _prepare_shared(
         "verification": _data_digest(verify_set),
         "tools": _installed_versions(),
     }
-    return _Shared(request, source, prepared, calibration, verify_set, reference, kinds, stats, cache_parts)
+    if sequences is not None:
+        cache_parts["sequences"] = sequences.key()
+    return _Shared(
+        request, source, prepared, calibration, verify_set, reference, kinds, stats, cache_parts, sequences
+    )
 
 
 class _FrozenFeeds:
@@ -408,6 +430,7 @@ def _build_timed(plan: _Plan, shared: _Shared, progress: Progress, timings: dict
                 progress,
                 cache=BuildCache(shared.request.cache) if shared.request.cache else None,
                 cache_parts=shared.cache_parts,
+                sequences=shared.sequences,
             )
             searching = not shared.request.ignore_gates
             trials = search(ctx, precisions, searching)
@@ -422,7 +445,7 @@ def _build_timed(plan: _Plan, shared: _Shared, progress: Progress, timings: dict
                     "metrics": chosen.metrics,
                     "size_bytes": chosen.size_bytes,
                     "gate_failures": chosen.failures,
-                    "notes": chosen.artifact.notes,
+                    "notes": chosen.artifact.notes + _sequence_notes(shared),
                     "search": _trail(trials, chosen if chosen.passed else None, plan.precision is None),
                     "cached": chosen.cached,
                     "layer_errors": [e.as_dict() for e in chosen.layer_errors[:LAYER_ERRORS_KEPT]],
@@ -447,6 +470,12 @@ def _build_timed(plan: _Plan, shared: _Shared, progress: Progress, timings: dict
     return result
 
 
+def _sequence_notes(shared: _Shared) -> list[str]:
+    if shared.sequences is None:
+        return []
+    return [shared.sequences.describe(len(shared.verify_set))]
+
+
 def _gate_error(chosen: Trial, trials: list[Trial]) -> str:
     message = f"missed the {chosen.precision.value} gate: {'; '.join(chosen.failures)}"
     if len(trials) > 1:
@@ -454,8 +483,14 @@ def _gate_error(chosen: Trial, trials: list[Trial]) -> str:
             f"no configuration met the gate in {len(trials)} tries; best {chosen.label()}: "
             + "; ".join(chosen.failures)
         )
-    if chosen.layer_errors:
-        worst = ", ".join(f"{e.tensor} ({e.qdq_db:.1f} dB)" for e in chosen.layer_errors[:3])
+    layers = chosen.layer_errors or next((t.layer_errors for t in trials if t.layer_errors), [])
+    if layers:
+        worst = ", ".join(
+            f"{e.tensor} ({e.harm_db:.1f} dB lost)"
+            if e.drop_db is not None
+            else f"{e.tensor} ({e.qdq_db:.1f} dB)"
+            for e in layers[:3]
+        )
         message += f"; layers that hurt most: {worst}"
     return message
 
@@ -541,6 +576,8 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
         raise OptionError("no target: pass --target PROFILE (see edgec profiles list)")
     if request.max_samples < 1:
         raise OptionError(f"--max-samples must be at least 1, got {request.max_samples}")
+    if request.sequence_length is not None and request.sequence_length < 1:
+        raise OptionError(f"--sequence-length must be at least 1, got {request.sequence_length}")
     budget = memory_budget(request.memory_budget_bytes)
     profiles = [load_profile(t) for t in request.targets]
     plans = _plan(request, profiles, _name(request))

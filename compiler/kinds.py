@@ -9,10 +9,13 @@ scores hides a changed character. The rules, on one sample's output (``kind_of``
   ``classification`` (a class index); both judged by equal values;
 - a single value: ``regression`` (a score, a flag);
 - one axis of length C that is the last: ``classification`` when the values are a
-  distribution (non-negative, summing to 1) or have negatives (logits), ``regression`` when
-  C <= 4 (a box), else ``dense`` (features, embeddings, landmarks: non-negative, not a
-  distribution); one axis that is not the last (``[1, 896, 1]``): ``detection`` scores per
-  anchor when it is long (>= 64), else ``regression``;
+  distribution (non-negative, summing to 1); else what the output's name says
+  (``logits``/``prob``/``class``: classification; ``landmarks``/``embedding``/``features``/...:
+  dense); else ``regression`` when C <= 4 (a box); else ``classification`` when the values
+  centre on zero (logits: |mean| <= std, a quarter or more negative), ``dense`` when they
+  sit away from it (coordinates, ReLU features, embeddings); one axis that is not the last
+  (``[1, 896, 1]``): ``detection`` scores per anchor when it is long (>= 64), else
+  ``regression``;
 - four or more axes with at least two left after squeezing: ``dense`` (maps, masks);
 - two axes: ``sequence`` when the last is a distribution; ``detection`` when one axis is
   long (>= 64 anchors) and the other short (<= 128 features), anchors first (``[3549, 6]``)
@@ -58,7 +61,24 @@ def _yolo_features_first(values: np.ndarray) -> bool:
     return bool(scores.min() >= 0.0 and scores.max() <= 1.0 and values[:4].min() >= 0.0)
 
 
-def kind_of(values: Sequence[np.ndarray]) -> OutputKind:
+_NAME_HINTS = (
+    (("logit", "prob", "softmax", "class", "label"), OutputKind.CLASSIFICATION),
+    (
+        ("landmark", "keypoint", "contour", "coord", "mesh", "embed", "feature", "iris", "depth", "mask"),
+        OutputKind.DENSE,
+    ),
+)
+
+
+def _hinted(name: str) -> OutputKind | None:
+    lowered = name.lower()
+    for words, kind in _NAME_HINTS:
+        if any(word in lowered for word in words):
+            return kind
+    return None
+
+
+def kind_of(values: Sequence[np.ndarray], name: str = "") -> OutputKind:
     """The kind of an output from its values on several samples (same shape each)."""
     first = np.asarray(values[0])
     if first.dtype.kind != "f":
@@ -74,9 +94,16 @@ def kind_of(values: Sequence[np.ndarray]) -> OutputKind:
         rows = stacked.reshape(len(values), length)
         if axis != len(shape) - 1:
             return OutputKind.DETECTION if length >= ANCHORS_MIN else OutputKind.REGRESSION
-        if _is_distribution(rows) or (length > 4 and rows.min() < 0.0):
+        if _is_distribution(rows):
             return OutputKind.CLASSIFICATION
-        return OutputKind.REGRESSION if length <= 4 else OutputKind.DENSE
+        if (hint := _hinted(name)) is not None:
+            return hint
+        if length <= 4:
+            return OutputKind.REGRESSION
+        # logits centre on zero; coordinates and ReLU features sit away from it
+        negative = float(np.mean(rows < 0.0))
+        centred = abs(float(rows.mean())) <= float(rows.std()) and negative >= 0.25
+        return OutputKind.CLASSIFICATION if centred else OutputKind.DENSE
     if len(shape) >= 4 or len(long_axes) >= 3:
         return OutputKind.DENSE
     a, b = (shape[axis] for axis in long_axes)
@@ -112,9 +139,9 @@ def detect_kinds(
         if name in given:
             found[name] = given[name]
         elif len(shapes) > 1:  # the shape changes per sample (a variable length): judged on one
-            found[name] = kind_of(values[:1])
+            found[name] = kind_of(values[:1], name)
         else:
-            found[name] = kind_of(values)
+            found[name] = kind_of(values, name)
     return found
 
 

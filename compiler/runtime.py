@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -26,22 +27,25 @@ class Runner(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
-# Session settings a bundle's model needs for faithful results; recorded in the manifest so
-# the agent opens its session the same way. On x86 CPUs without VNNI, onnxruntime's fast
-# u8s8 int8 kernels saturate 16-bit intermediates and can wreck a quantized model's output;
-# this switches them to exact u8u8 kernels (no effect on ARM or VNNI CPUs).
-ORT_SESSION_CONFIG = {"session.x64quantprecision": "1"}
+# Session settings an int8 model with 8-bit GEMM weights needs for faithful results on x86;
+# recorded in the manifest so the agent opens its session the same way. Without VNNI,
+# onnxruntime's fast u8s8 kernels saturate 16-bit intermediates and can wreck such a model's
+# output; this moves every weight outside [-64, 64] to exact but slower u8u8 kernels, on
+# every x86 CPU, VNNI included (no effect on ARM). Models whose GEMM weights are 7-bit do not
+# need it (compiler/backends/_ort_x86.py).
+ORT_SESSION_CONFIG: Mapping[str, str] = {"session.x64quantprecision": "1"}
 
 
 class OnnxRuntimeRunner:
-    """An onnxruntime CPU session over a model file."""
+    """An onnxruntime CPU session over a model file, opened with ``config`` (the session
+    settings its bundle records, so the build verifies what the device runs)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, config: Mapping[str, str] = ORT_SESSION_CONFIG) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        for key, value in ORT_SESSION_CONFIG.items():
+        for key, value in config.items():
             options.add_session_config_entry(key, value)
         try:
             self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edgec.manifest import OutputKind, Precision, TargetFormat
 
-__all__ = ["Accelerator", "CpuArch", "DeviceProfile", "Gate", "KindGate", "Runtime"]
+__all__ = ["Accelerator", "CpuArch", "DeviceProfile", "Gate", "KindGate", "Objective", "Runtime"]
 
 _ID_PATTERN = r"^[a-z0-9][a-z0-9-]*$"
 
@@ -24,6 +24,13 @@ class CpuArch(enum.StrEnum):
     ARM64 = "arm64"
     ARMV7 = "armv7"
     X86_64 = "x86_64"
+
+
+class Objective(enum.StrEnum):
+    """What ``--precision auto`` picks among the artifacts that meet the gate."""
+
+    SIZE = "size"  # the smallest
+    LATENCY = "latency"  # the fastest, timed where the build host is the target; else the smallest
 
 
 class Runtime(enum.StrEnum):
@@ -139,6 +146,7 @@ class DeviceProfile(_Model):
     coreml_int8_weights: Literal["linear", "palettize"] = "linear"  # how CoreML int8 compresses
     precisions: Annotated[list[Precision], Field(min_length=1)]
     default_precision: Precision
+    objective: Objective = Objective.SIZE
     gates: dict[Precision, Gate]
     max_latency_ms: Annotated[float, Field(gt=0)]
     max_artifact_bytes: Annotated[int, Field(gt=0)]

@@ -165,7 +165,8 @@ class OutputMetrics(_Model):
     map_iou: float | None = None  # dense maps in [0, 1]: IoU of the maps thresholded at 0.5
     sequence_agreement: float | None = None  # sequence: per-step argmax (integers: equal values)
     anchor_agreement: float | None = None  # detection: confident anchors found by both
-    rel_err: float | None = None  # regression: max abs error over the reference's range
+    rel_err: float | None = None  # regression: max abs error over the reference's scale
+    # (the larger of its range and its largest magnitude)
 
 
 class Metrics(_Model):

@@ -41,8 +41,12 @@ class Int8Config:
     per_channel: bool = True  # weights: one scale per output channel, else per tensor
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     symmetric_activations: bool = False
-    int16_activations: bool = False  # TFLite's 16x8 mode: int16 activations, int8 weights
+    int16_activations: bool = False  # int16 activations, int8 weights (TFLite's 16x8 mode)
     float_nodes: tuple[str, ...] = ()  # mixed precision: nodes kept in float
+    # onnxruntime on x86 (compiler/backends/_ort_x86.py): GEMM weights in 7 bits, which its fast
+    # u8s8 kernels run exactly on every x86 CPU; False: 8 bits, more precise, run on exact but
+    # slower u8u8 kernels (the manifest asks for them)
+    x86_fast_weights: bool = True
 
     def label(self) -> str:
         parts = [
@@ -54,6 +58,8 @@ class Int8Config:
             parts.append("int16 activations")
         if self.float_nodes:
             parts.append(f"{len(self.float_nodes)} node(s) in float")
+        if not self.x86_fast_weights:
+            parts.append("8-bit weights on x86")
         return ", ".join(parts)
 
 
@@ -69,6 +75,8 @@ class BackendSpec:
     int8_default: Int8Config = Int8Config()
     int8_search: tuple[Int8Config, ...] = ()
     mixed_precision: bool = False  # can keep chosen nodes in float (ranked by per-layer error)
+    int8_after_mixed: tuple[Int8Config, ...] = ()  # tried when mixed precision did not pass either
+    fp16_fp32_nodes: bool = False  # fp16 can keep chosen nodes in float32 (ranked by fp16 error)
     profile_fields: tuple[str, ...] = ()  # the DeviceProfile fields compile() reads (cache key)
 
 
@@ -77,6 +85,7 @@ class CompileOptions:
     precision: Precision
     calibration: SampleSet | None = None
     int8: Int8Config = Int8Config()
+    fp16_fp32_nodes: tuple[str, ...] = ()  # fp16: nodes kept in float32 (their fp16 error was largest)
 
 
 @dataclass
@@ -108,6 +117,7 @@ class Backend(Protocol):
 
 
 _ONNX_INT8_SEARCH = (
+    Int8Config(x86_fast_weights=False),
     Int8Config(per_channel=False),
     Int8Config(calibration_method="entropy"),
     Int8Config(calibration_method="percentile"),
@@ -122,9 +132,13 @@ BACKENDS: dict[TargetFormat, BackendSpec] = {
         requires=("onnx", "onnxruntime", "onnxconverter_common"),
         extra="compiler",
         model_file="model.onnx",
-        profile_fields=("onnxruntime_providers",),
+        profile_fields=("onnxruntime_providers", "cpu_arch"),
         int8_search=_ONNX_INT8_SEARCH,
         mixed_precision=True,
+        # int16 activations (com.microsoft Q/DQ): int8's size, but onnxruntime computes between
+        # them in float: after mixed precision, which keeps most of the model in fast int8
+        int8_after_mixed=(Int8Config(int16_activations=True),),
+        fp16_fp32_nodes=True,
     ),
     TargetFormat.TFLITE: BackendSpec(
         format=TargetFormat.TFLITE,
@@ -138,6 +152,7 @@ BACKENDS: dict[TargetFormat, BackendSpec] = {
             Int8Config(per_channel=False),
             Int8Config(int16_activations=True),
         ),
+        mixed_precision=True,  # TFLite's selective quantization (compiler/backends/_tflite_mixed.py)
     ),
     TargetFormat.TENSORRT: BackendSpec(
         format=TargetFormat.TENSORRT,
@@ -155,6 +170,7 @@ BACKENDS: dict[TargetFormat, BackendSpec] = {
             Int8Config(calibration_method="percentile", symmetric_activations=True),
         ),
         mixed_precision=True,
+        fp16_fp32_nodes=True,
     ),
     TargetFormat.COREML: BackendSpec(
         format=TargetFormat.COREML,

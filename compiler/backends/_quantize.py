@@ -1,22 +1,22 @@
-"""Graph-level precision changes shared by the ONNX-based backends (ONNX Runtime, TensorRT)."""
+"""int8 graph changes shared by the ONNX-based backends (ONNX Runtime, TensorRT); fp16 is in
+``_fp16``."""
 
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto
 
 from compiler._capture import captured_output
 from compiler.backends import CompileOptions
+from compiler.backends._ort_x86 import CHANNEL_BLOCK, narrow_convs, seven_bit_overrides
 from compiler.runtime import first_line
 from edgec.errors import ConversionError, OptionError, QuantizedSourceError
 from edgec.manifest import Precision
 
-__all__ = ["refuse_quantized", "to_dynamic_int8", "to_fp16", "to_int8"]
+__all__ = ["refuse_quantized", "to_dynamic_int8", "to_int8"]
 
 logger = logging.getLogger(__name__)
 _METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -65,43 +65,6 @@ class _CalibrationReader:
         return next(self._feeds, None)
 
 
-def to_fp16(source: Path, target: Path) -> list[str]:
-    """Convert to float16 with float32 inputs and outputs; returns notes for the report."""
-    from onnxconverter_common import float16
-
-    model = onnx.load(str(source))
-    refuse_quantized(model, Precision.FP16)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            converted = float16.convert_float_to_float16(model, keep_io_types=True)
-    except Exception as e:
-        raise ConversionError(f"fp16 conversion failed: {first_line(e)}") from e
-    _retarget_float_casts(converted)
-    onnx.save(converted, str(target))
-    truncated = sum("truncated" in str(w.message) for w in caught)
-    if truncated:
-        return [f"{truncated} weight value(s) outside float16's range were clamped"]
-    return []
-
-
-def _retarget_float_casts(model: onnx.ModelProto) -> None:
-    """Make inner ``Cast(to=float)`` nodes cast to float16, as the converter typed their outputs.
-
-    onnxconverter-common retypes a Cast's output to float16 but leaves ``to=FLOAT`` (an
-    int64 -> float cast feeding an fp16 MatMul, say), which onnxruntime rejects.
-    """
-    fp16_tensors = {
-        vi.name for vi in model.graph.value_info if vi.type.tensor_type.elem_type == TensorProto.FLOAT16
-    }
-    for node in model.graph.node:
-        if node.op_type != "Cast" or node.output[0] not in fp16_tensors:
-            continue
-        for attr in node.attribute:
-            if attr.name == "to" and attr.i == TensorProto.FLOAT:
-                attr.i = TensorProto.FLOAT16
-
-
 def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
@@ -135,12 +98,20 @@ def per_channel_source(source: Path, workdir: Path) -> tuple[Path, bool, list[st
 
 
 def to_int8(
-    source: Path, target: Path, options: CompileOptions, workdir: Path, tensorrt: bool = False
+    source: Path,
+    target: Path,
+    options: CompileOptions,
+    workdir: Path,
+    *,
+    tensorrt: bool = False,
+    x86: bool = False,
 ) -> list[str]:
     """Static int8 QDQ as ``options.int8`` says: symmetric int8 weights (per channel by
     default), activation ranges from the calibration set, chosen nodes left in float.
-    TensorRT takes only symmetric activations (zero point 0). A graph older than opset 13
-    is upgraded first (per-channel Q/DQ needs it). Returns notes for the report."""
+    TensorRT takes only symmetric int8 activations (zero point 0). For onnxruntime on an
+    ``x86`` CPU, activations are uint8 and GEMM weights 7-bit unless the configuration asks
+    for 8 (see ``_ort_x86``). A graph older than opset 13 is upgraded first (per-channel Q/DQ
+    needs it). Returns notes for the report."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -153,8 +124,18 @@ def to_int8(
     if per_channel:
         source, per_channel, notes = per_channel_source(source, workdir)
     preprocessed = workdir / "int8-pre.onnx"
+    wide = config.int16_activations and not tensorrt  # A16W8: Q/DQ in the com.microsoft domain
+    for_x86 = x86 and not tensorrt and not wide
+    float_nodes, narrow = list(config.float_nodes), []
     try:
         quant_pre_process(str(source), str(preprocessed), skip_optimization=True, skip_symbolic_shape=True)
+        overrides: dict[str, list[dict[str, object]]] = {}
+        if for_x86:
+            model = onnx.load(str(preprocessed), load_external_data=False)
+            narrow = [n for n in narrow_convs(model) if n not in float_nodes]
+            float_nodes += narrow
+            if config.x86_fast_weights:
+                overrides = seven_bit_overrides(model, per_channel, tuple(float_nodes))
         with captured_output():  # the entropy and percentile calibrators print progress
             quantize_static(
                 str(preprocessed),
@@ -162,18 +143,37 @@ def to_int8(
                 _CalibrationReader(list(options.calibration)),
                 quant_format=QuantFormat.QDQ,
                 per_channel=per_channel,
-                activation_type=QuantType.QInt8,
+                activation_type=QuantType.QInt16
+                if wide
+                else QuantType.QUInt8
+                if for_x86
+                else QuantType.QInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod[_METHODS[config.calibration_method]],
-                nodes_to_exclude=list(config.float_nodes),
+                nodes_to_exclude=float_nodes,
                 extra_options={
                     "ActivationSymmetric": config.symmetric_activations or tensorrt,
                     "WeightSymmetric": True,
                     "CalibMovingAverage": False,
+                    "TensorQuantOverrides": overrides,
+                    "UseQDQContribOps": wide,
                 },
             )
     except Exception as e:
         raise ConversionError(f"int8 quantization failed: {first_line(e)}") from e
+    if wide:
+        notes.append(
+            "int16 activations, int8 weights: onnxruntime has no int16 kernels and computes between "
+            "the Q/DQ pairs in float (int8's size, not its speed)"
+        )
+    if for_x86:
+        weights = f"{len(overrides)} GEMM weight tensor(s) in 7 bits" if overrides else "8-bit weights"
+        notes.append(f"x86: uint8 activations, {weights}")
+    if narrow:
+        notes.append(
+            f"x86: kept in float, fewer than {CHANNEL_BLOCK} input channels (faster than int8 there): "
+            + ", ".join(narrow)
+        )
     return notes
 
 

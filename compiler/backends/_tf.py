@@ -19,6 +19,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from compiler._capture import call_quietly, captured_output
 from compiler.backends._onnx2tf_log import explain
@@ -111,16 +112,35 @@ def saved_model_for(prepared: PreparedModel, samples: SampleSet | None) -> TfMod
     return TfModel(model.path, model.inputs, model.outputs, versions)
 
 
+def _simplified(graph: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with its shape computations folded to constants (onnx-simplifier), as onnx2tf
+    expects: YOLOv8's Reshape/Concat of anchors and an LSTM's Shape->Gather chains otherwise
+    reach it unfolded and fail ("Dimension 0 in both shapes must be equal, but are 400 and
+    100"). The graph as it is when onnxsim is missing or fails, with a warning."""
+    try:
+        import onnxsim
+    except ImportError:
+        logger.warning("onnxsim is not installed: onnx2tf gets the graph without its shapes folded")
+        return graph
+    try:
+        with captured_output():
+            simplified, checked = onnxsim.simplify(graph)
+    except Exception as e:  # a simplifier's failure is not the conversion's
+        logger.warning("onnxsim could not simplify the graph (%s); onnx2tf gets it as it is", e)
+        return graph
+    if not checked:
+        logger.warning("onnxsim's result did not match the graph; onnx2tf gets it as it is")
+        return graph
+    return simplified
+
+
 def _run_onnx2tf(prepared: PreparedModel, samples: SampleSet | None, folder: Path) -> ConversionError | None:
     """onnx2tf on a copy of the prepared graph whose inputs and outputs have names it takes."""
-    import onnx
     import onnx2tf
 
     graph, renamed = converter_copy(prepared)
-    source = prepared.path
-    if any(new != old for old, new in renamed.items()):
-        source = prepared.path.with_name(_INPUT)
-        onnx.save(graph, str(source))
+    source = prepared.path.with_name(_INPUT)  # onnx2tf rewrites its input: never the prepared graph
+    onnx.save(_simplified(graph), str(source))
     names = [renamed[t.name] for t in prepared.inputs]
     with tempfile.TemporaryDirectory(prefix="edgec-onnx2tf-") as cwd, contextlib.chdir(cwd):
         _write_sample_images(Path(cwd), prepared, samples)
@@ -129,6 +149,7 @@ def _run_onnx2tf(prepared: PreparedModel, samples: SampleSet | None, folder: Pat
                 input_onnx_file_path=str(source),
                 output_folder_path=str(folder),
                 non_verbose=True,
+                not_use_onnxsim=True,  # done above, in this process (onnx2tf runs it from $PATH)
                 output_signaturedefs=True,
                 # a TensorFlow-family source's graph is NHWC already: keep it that way
                 keep_nwc_or_nhwc_or_ndhwc_input_names=names if prepared.channels_last else None,

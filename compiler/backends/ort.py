@@ -6,19 +6,26 @@ import logging
 from importlib.metadata import version
 from pathlib import Path
 
+import onnx
 import onnxruntime as ort
 
 from compiler.backends import BACKENDS, Artifact, CompileOptions
-from compiler.backends._quantize import to_dynamic_int8, to_fp16, to_int8
+from compiler.backends._fp16 import StorageTwinRunner, to_fp16
+from compiler.backends._ort_x86 import saturation_free
+from compiler.backends._quantize import to_dynamic_int8, to_int8
 from compiler.prepare import PreparedModel
 from compiler.runtime import ORT_SESSION_CONFIG, OnnxRuntimeRunner, Runner, first_line
-from device_profiles import DeviceProfile, Runtime
+from device_profiles import CpuArch, DeviceProfile, Runtime
 from edgec.errors import ConversionError
 from edgec.manifest import Precision, TargetFormat
 
 __all__ = ["BACKEND", "OnnxRuntimeBackend"]
 
 logger = logging.getLogger(__name__)
+FP16_VERIFIED = (
+    "verified with onnxruntime's CPU provider, float16 storage emulated: float32 arithmetic, "
+    "every tensor the model holds in float16 rounded to float16 as a device stores it"
+)
 
 
 def _optimization_level(profile: DeviceProfile) -> ort.GraphOptimizationLevel:
@@ -27,6 +34,11 @@ def _optimization_level(profile: DeviceProfile) -> ort.GraphOptimizationLevel:
     if profile.onnxruntime_providers == [Runtime.CPU]:
         return ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     return ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+
+
+def _x86_cpu(profile: DeviceProfile) -> bool:
+    """The device runs the model on onnxruntime's x86 CPU kernels (compiler/backends/_ort_x86.py)."""
+    return profile.cpu_arch is CpuArch.X86_64 and profile.onnxruntime_providers == [Runtime.CPU]
 
 
 def optimize(source: Path, target: Path, level: ort.GraphOptimizationLevel) -> None:
@@ -58,8 +70,8 @@ class OnnxRuntimeBackend:
             # Not optimized offline: onnxruntime's CPU provider would bake in Casts back to
             # float32 around every op it has no fp16 kernel for, and a GPU device would then
             # compute in float32. The device's runtime optimizes the graph when it loads it.
-            notes = to_fp16(prepared.path, target)
-            notes.append("verified with onnxruntime's CPU provider: fp16 weights, float32 compute")
+            notes = to_fp16(prepared.path, target, options.fp16_fp32_nodes)
+            notes.append(FP16_VERIFIED)
             tools["onnxconverter-common"] = version("onnxconverter-common")
         elif options.precision is Precision.DYNAMIC:
             to_dynamic_int8(prepared.path, target, workdir)
@@ -68,8 +80,9 @@ class OnnxRuntimeBackend:
         else:
             # Quantize the unfused graph so the device's runtime can fuse QDQ itself.
             notes = [f"int8 static QDQ: {options.int8.label()}"]
-            notes += to_int8(prepared.path, target, options, workdir)
-            runtime_config = dict(ORT_SESSION_CONFIG)
+            notes += to_int8(prepared.path, target, options, workdir, x86=_x86_cpu(profile))
+            if not saturation_free(onnx.load(str(target))):
+                runtime_config = dict(ORT_SESSION_CONFIG)  # 8-bit GEMM weights: exact u8u8 kernels
         return Artifact(
             format=TargetFormat.ONNX,
             precision=options.precision,
@@ -85,7 +98,16 @@ class OnnxRuntimeBackend:
         )
 
     def open(self, artifact: Artifact) -> Runner:
-        return OnnxRuntimeRunner(artifact.path)
+        if artifact.precision is Precision.FP16:
+            try:
+                return StorageTwinRunner(artifact.path, artifact.path.parent)
+            except ConversionError as e:  # our emulation's limit, not the artifact's: say so
+                runner = OnnxRuntimeRunner(artifact.path, artifact.runtime_config)
+                artifact.notes.append(
+                    f"verified as onnxruntime's CPU provider runs it (float32 compute): {first_line(e)}"
+                )
+                return runner
+        return OnnxRuntimeRunner(artifact.path, artifact.runtime_config)
 
 
 BACKEND = OnnxRuntimeBackend()

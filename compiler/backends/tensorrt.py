@@ -20,7 +20,8 @@ import numpy as np
 import onnx
 
 from compiler.backends import BACKENDS, Artifact, CompileOptions
-from compiler.backends._quantize import to_fp16, to_int8
+from compiler.backends._fp16 import StorageTwinRunner, to_fp16
+from compiler.backends._quantize import to_int8
 from compiler.prepare import PreparedModel
 from compiler.runtime import OnnxRuntimeRunner, Runner
 from device_profiles import DeviceProfile
@@ -190,7 +191,7 @@ class TensorRtBackend:
         if options.precision is Precision.FP32:
             shutil.copyfile(prepared.path, graph)
         elif options.precision is Precision.FP16:
-            notes = to_fp16(prepared.path, graph) + notes
+            notes = to_fp16(prepared.path, graph, options.fp16_fp32_nodes) + notes
         else:
             notes += to_int8(prepared.path, graph, options, workdir, tensorrt=True)
             notes.append(f"int8 as explicit symmetric Q/DQ (zero points 0): {options.int8.label()}")
@@ -237,6 +238,8 @@ class TensorRtBackend:
         engine = artifact.path / ENGINE_FILE
         if engine.exists():
             return TensorRtRunner(engine)
+        if artifact.precision is Precision.FP16:  # TensorRT computes in float16: so does the check
+            return StorageTwinRunner(artifact.path / ONNX_FILE, artifact.path.parent)
         return OnnxRuntimeRunner(artifact.path / ONNX_FILE)
 
 

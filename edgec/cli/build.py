@@ -87,6 +87,24 @@ def register(commands: Any) -> None:
         "Repeat per output",
     )
     parser.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        metavar="INPUT=OUTPUT",
+        help="a stateful model's state: OUTPUT is fed back into INPUT at the next step. Found by "
+        "name when not given (state/stateN, h0/hn, c0/cn, X_in/X_out, past_X/present_X); giving any "
+        "replaces what names suggest. Data samples are then steps in order: int8 calibrates on the "
+        "states the source carries and every artifact is verified carrying its own. Repeat per state",
+    )
+    parser.add_argument(
+        "--sequence-length",
+        type=int,
+        metavar="N",
+        help="stateful models: every N samples of a data file are one sequence, each starting from "
+        "the state its first sample holds (zeros if the file has no state input) (default: the whole "
+        "file is one sequence; 1: every sample alone, as a stateless model)",
+    )
+    parser.add_argument(
         "--max-samples",
         type=int,
         default=DEFAULT_MAX_SAMPLES,
@@ -255,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
     from compiler.kinds import parse_output_kinds
     from compiler.limits import parse_size
     from compiler.prepare import parse_input_shapes
+    from compiler.stateful import parse_states
 
     request = BuildRequest(
         model=args.model,
@@ -267,6 +286,8 @@ def run(args: argparse.Namespace) -> int:
         input_shapes=parse_input_shapes(args.input_shape),
         freeze=parse_freeze(args.freeze),
         output_kinds=parse_output_kinds(args.output_kind),
+        states=parse_states(args.state),
+        sequence_length=args.sequence_length,
         name=args.name,
         version=args.version,
         force=args.force,

@@ -50,12 +50,23 @@ def run(args: argparse.Namespace) -> int:
         print("no per-layer figures: they are measured for int8 ONNX Runtime and TensorRT bundles")
         return 0
     rows = [
-        (i + 1, e["tensor"], e["op"], e["producer"] or "-", _db(e["qdq_sqnr_db"]), _db(e["model_sqnr_db"]))
+        (
+            i + 1,
+            e["tensor"],
+            e["op"],
+            e["producer"] or "-",
+            _db(e.get("drop_db")),
+            _db(e["qdq_sqnr_db"]),
+            _db(e["model_sqnr_db"]),
+        )
         for i, e in enumerate(layers[: args.top])
     ]
-    print("\nquantized tensors, worst first (SQNR in dB, mean over channels; lower is worse):")
-    headers = ("#", "tensor", "op", "produced by", "at its Q/DQ", "vs float model")
-    print(render_table(headers, rows, right=(0, 4, 5)))
+    print(
+        "\nquantized tensors, most harmful first (dB; 'lost' is the model SQNR lost on the way to "
+        "the tensor,\nthe others SQNR per channel, lower is worse):"
+    )
+    headers = ("#", "tensor", "op", "produced by", "lost", "at its Q/DQ", "vs float model")
+    print(render_table(headers, rows, right=(0, 4, 5, 6)))
     search = report.get("search") or []
     if search:
         chosen = next((s for s in search if s["chosen"]), None)

@@ -525,6 +525,87 @@ def make_reid_crops(images: Images) -> Maker:
     return make
 
 
+# --- synthetic audio -----------------------------------------------------------------------
+
+# No wheel we have ships recorded speech, so the VAD's audio is made here, and says so: a
+# voiced-like source (a glottal pulse train: harmonics of a wandering f0, up to 4 kHz) shaped
+# by vowel-like formant resonances into syllables, with short fricative hisses, grouped into
+# phrases separated by pauses, over background noise (brown and white noise, mains hum) at
+# -45..-25 dBFS. It exercises the model as audio does (onsets, pauses, noise floors); it is
+# not speech, and the model's probabilities on it are not a measure of its accuracy.
+VAD_RATE = 16000
+VAD_CHUNK = 512  # samples per step at 16 kHz, as silero-vad's OnnxWrapper feeds them
+VAD_CONTEXT = 64  # ...after the last 64 samples of the step before (zeros at the start)
+_VOWELS = ((730, 1090, 2440), (270, 2290, 3010), (530, 1840, 2480), (570, 840, 2410), (300, 870, 2240))
+
+
+def _syllable(rng: np.random.Generator, f0: float, seconds: float) -> np.ndarray:
+    from scipy.signal import lfilter
+
+    t = np.arange(int(seconds * VAD_RATE)) / VAD_RATE
+    drift = rng.uniform(-0.15, 0.1) * t / seconds
+    pitch = f0 * (1 + 0.06 * np.sin(2 * np.pi * rng.uniform(3, 6) * t) + drift)
+    phase = 2 * np.pi * np.cumsum(pitch) / VAD_RATE
+    source = sum(np.sin(k * phase) / k for k in range(1, int(4000 / f0)))
+    source = source + 0.02 * rng.standard_normal(len(t))
+    voiced = np.zeros_like(t)
+    for i, freq in enumerate(_VOWELS[rng.integers(len(_VOWELS))]):
+        r = np.exp(-np.pi * (80 + 40 * i) / VAD_RATE)  # a two-pole resonator: one formant
+        voiced += lfilter([1 - r], [1, -2 * r * np.cos(2 * np.pi * freq / VAD_RATE), r * r], source) / (i + 1)
+    return voiced * np.sin(np.pi * t / seconds) ** 0.6
+
+
+def _hiss(rng: np.random.Generator, seconds: float) -> np.ndarray:
+    noise = rng.standard_normal(int(seconds * VAD_RATE))
+    return (noise - np.convolve(noise, np.ones(4) / 4, mode="same")) * np.hanning(len(noise))
+
+
+def synthetic_recording(rng: np.random.Generator, samples: int) -> np.ndarray:
+    """Phrases of voiced-like syllables and pauses over background noise, float32 in [-1, 1]."""
+    audio = np.zeros(samples)
+    pos = int(rng.uniform(0.2, 0.6) * VAD_RATE)
+    f0 = rng.uniform(95, 240)  # one "voice" per recording
+
+    def add(piece: np.ndarray, at: int) -> int:
+        end = min(samples, at + len(piece))
+        if end > at:
+            audio[at:end] += piece[: end - at]
+        return max(end, at)
+
+    while pos < samples:
+        if rng.random() < 0.5:
+            for _ in range(int(rng.integers(2, 7))):
+                if rng.random() < 0.3:
+                    pos = add(_hiss(rng, rng.uniform(0.05, 0.12)) * 0.15, pos)
+                syllable = _syllable(rng, f0 * rng.uniform(0.9, 1.1), rng.uniform(0.12, 0.3))
+                pos = add(syllable / (np.abs(syllable).max() + 1e-9) * rng.uniform(0.2, 0.5), pos)
+                pos += int(rng.uniform(0.01, 0.08) * VAD_RATE)
+        pos += int(rng.uniform(0.3, 1.2) * VAD_RATE)
+    white = rng.standard_normal(samples)
+    brown = np.cumsum(white)
+    brown -= np.convolve(brown, np.ones(801) / 801, mode="same")
+    brown /= np.abs(brown).max() + 1e-9
+    t = np.arange(samples) / VAD_RATE
+    hum = np.sin(2 * np.pi * 50 * t) + 0.5 * np.sin(2 * np.pi * 150 * t)
+    level = 10 ** (rng.uniform(-45, -25) / 20)
+    return np.clip(audio + level * (0.6 * brown + 0.1 * white + 0.1 * hum), -1, 1).astype(np.float32)
+
+
+def make_vad_audio(images: Images) -> Maker:
+    """silero-vad at 16 kHz: one continuous synthetic recording per file, cut into steps of
+    64 context + 512 new samples, [N, 1, 576], in order (the build carries the model's state
+    from step to step: the file is one sequence). ``state`` is left out: it starts at zeros;
+    ``sr`` is frozen (``--freeze sr=16000``)."""
+
+    def make(rng: np.random.Generator, part: str, count: int) -> dict[str, np.ndarray]:
+        audio = synthetic_recording(rng, count * VAD_CHUNK)
+        padded = np.concatenate([np.zeros(VAD_CONTEXT, np.float32), audio])
+        steps = [padded[i * VAD_CHUNK : i * VAD_CHUNK + VAD_CHUNK + VAD_CONTEXT] for i in range(count)]
+        return {"input": np.stack(steps)[:, None]}
+
+    return make
+
+
 MAKERS: dict[str, Callable[[Images], Maker]] = {
     "ocr_lines": make_ocr_lines,
     "text_scenes": make_text_scenes,
@@ -533,6 +614,7 @@ MAKERS: dict[str, Callable[[Images], Maker]] = {
     "face_landmark_192": make_face_landmark,
     "iris_landmark_64": make_iris_landmark,
     "reid_crops_224": make_reid_crops,
+    "vad_audio_16k": make_vad_audio,
 }
 
 
@@ -606,18 +688,35 @@ def source_runner(model: dict[str, Any], path: Path) -> Runner:
     return run_torch
 
 
+def _frozen_feeds(model: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The inputs a build freezes (``freeze``: NAME=VALUE), as the model takes them."""
+    found = {}
+    for spec in model.get("freeze", []):
+        name, _, value = spec.partition("=")
+        found[name] = np.array(int(value), np.int64) if value.lstrip("-").isdigit() else np.float32(value)
+    return found
+
+
 def smoke(model: dict[str, Any], zoo: Path, wheel: Path) -> str:
-    """Run the model on every evaluation sample in its own runtime; a one-line summary."""
+    """Run the model on every evaluation sample in its own runtime; a one-line summary. A
+    stateful model (``state``: input -> output) runs the samples in order carrying its state
+    from zeros, as it is deployed."""
     with np.load(zoo / f"{model['name']}-evaluation.npz") as npz:
         data = {k: npz[k] for k in npz.files}
     run = source_runner(model, zoo / model["file"])
     count = len(next(iter(data.values())))
+    fixed = _frozen_feeds(model)
+    states = model.get("state", {})
+    carried = {name: np.zeros(model["inputs"][name], np.float32) for name in states}
     started = time.perf_counter()
-    outputs = [run({k: v[i] for k, v in data.items()}) for i in range(count)]
+    outputs = []
+    for i in range(count):
+        outputs.append(run({**{k: v[i] for k, v in data.items()}, **fixed, **carried}))
+        carried = {name: outputs[-1][output] for name, output in states.items()}
     per_sample = (time.perf_counter() - started) / count * 1000
     shapes = {k: list(v.shape) for k, v in outputs[0].items()}
     finite = all(np.isfinite(v).all() for out in outputs for v in out.values())
-    check = task_check(model, outputs, wheel)
+    check = task_check(model, outputs, wheel, data)
     return f"{count} samples, {per_sample:.1f} ms each, outputs {shapes}, all finite: {finite}; {check}"
 
 
@@ -625,9 +724,21 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return np.asarray(1 / (1 + np.exp(-np.clip(x, -80, 80))))
 
 
-def task_check(model: dict[str, Any], outputs: list[dict[str, np.ndarray]], wheel: Path) -> str:
+def task_check(
+    model: dict[str, Any], outputs: list[dict[str, np.ndarray]], wheel: Path, inputs: dict[str, np.ndarray]
+) -> str:
     """A sign that the inputs are prepared as the model expects."""
     task = model["data"]
+    if task == "vad_audio_16k":  # louder steps hold the voiced-like syllables
+        prob = np.array([float(o["output"].ravel()[0]) for o in outputs])
+        rms = np.sqrt(np.mean(inputs["input"][:, 0, VAD_CONTEXT:] ** 2, axis=1))
+        order = np.argsort(rms)
+        quarter = max(1, len(order) // 4)
+        loud, quiet = prob[order[-quarter:]].mean(), prob[order[:quarter]].mean()
+        return (
+            f"speech probability > 0.5 on {int((prob > 0.5).sum())}/{len(prob)} steps; mean on the "
+            f"loudest quarter {loud:.2f}, on the quietest {quiet:.2f}"
+        )
     first = [next(iter(o.values())) for o in outputs]
     if task == "ocr_lines":
         charset = _charset(wheel, model["charset"])

@@ -182,7 +182,9 @@ def test_names_onnx2tf_rejects_still_convert(tmp_path):
     assert result.returncode == 0, result.stderr
     (bundle,) = result.json()["bundles"]
     assert bundle["status"] == "ok", bundle["error"]
-    assert bundle["metrics"]["cosine"] > 0.9999
+    # both outputs judged (by their kinds) under the source's names, and fp32-close
+    assert [o["name"] for o in bundle["metrics"]["outputs"]] == ["out put", "387"]
+    assert bundle["metrics"]["max_abs_err"] < 1e-4
     manifest = json.loads((Path(bundle["path"]) / "manifest.json").read_text())
     assert [t["name"] for t in manifest["inputs"]] == ["0"]
     assert [t["name"] for t in manifest["outputs"]] == ["out put", "387"]
@@ -243,7 +245,8 @@ def test_node_onnx2tf_fails_on_is_named_not_the_noise(tmp_path):
     error = bundle["error"]
     assert error.startswith("onnx2tf "), error
     assert "rnn_lstm (source: rnn/lstm) (op LSTM)" in error
-    assert "Can't convert Python sequence with mixed types to Tensor" in error
+    # onnx2tf's own exception in its LSTM converter (this one after onnxsim folded the shapes)
+    assert "TypeError: 'NoneType' object is not subscriptable" in error
     assert "try --format onnx" in error
     assert not any(noise in error for noise in ("cuInit", "NonMaxSuppression", "Read this"))
     assert "onnx_op_name: rnn_lstm" in bundle["converter_log"]

@@ -68,6 +68,8 @@ def test_several_integer_and_scalar_inputs(multi, tmp_path, precision):
 def test_one_target_missing_its_gate_does_not_stop_the_others(tmp_path):
     strict = tmp_path / "strict-box.toml"
     text = X86.read_text().replace('id = "x86-64-cpu"', 'id = "strict-box"')
+    # mixed precision reaches that cosine with the convolutions in float: too big for this box
+    text = text.replace("max_artifact_bytes = 2_147_483_648", "max_artifact_bytes = 100_000")
     strict.write_text(text.replace("min_cosine = 0.98", "min_cosine = 0.99999"))
     out = tmp_path / "out"
     args = (
@@ -89,9 +91,11 @@ def test_one_target_missing_its_gate_does_not_stop_the_others(tmp_path):
     failed, ok = result.json()["bundles"]
     assert failed["profile"] == "strict-box"
     assert failed["status"] == "failed"
-    assert "cosine" in failed["error"]
+    assert "no configuration met the gate" in failed["error"]
+    # the closest try misses on its cosine (int8) or its size (the convolutions in float)
+    assert failed["gate_failures"]
+    assert all(f.startswith(("cosine", "size")) for f in failed["gate_failures"])
     assert failed["path"] is None
-    assert failed["metrics"]["cosine"] < 0.99999
     assert ok["status"] == "ok"
     assert Path(ok["path"]).is_dir()
     assert sorted(p.name for p in out.iterdir()) == ["model-1.0.0-x86-64-cpu"]

@@ -14,7 +14,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from compiler.backends import BackendSpec, CompileOptions, Int8Config
-from compiler.backends._quantize import to_fp16, to_int8
+from compiler.backends._fp16 import to_fp16
+from compiler.backends._quantize import to_int8
 from compiler.layer_error import channel_sqnr, layer_errors
 from compiler.runtime import OnnxRuntimeRunner, first_line
 from compiler.tensors import SampleSet
@@ -200,7 +201,7 @@ def test_a_converter_failure_mid_search_is_recorded_and_the_search_goes_on(monke
         backend=SimpleNamespace(spec=spec), prepared=prepared, workdir=Path("."), progress=lambda _: None
     )
 
-    def fake_trial(ctx, precision, config=None):
+    def fake_trial(ctx, precision, config=None, fp32_nodes=()):
         if config.int16_activations:
             raise ConversionError("Quantization to 16x8-bit not yet supported for op: 'PRELU'.")
         return search_mod.Trial(
@@ -240,11 +241,11 @@ def test_mixed_precision_does_not_try_the_same_float_nodes_twice(monkeypatch):
 
     spec = BackendSpec(TargetFormat.ONNX, "x", (Precision.INT8,), (), "", "model.onnx", mixed_precision=True)
     ctx = SimpleNamespace(
-        backend=SimpleNamespace(spec=spec), prepared=SimpleNamespace(model=None), progress=lambda _: None
+        backend=SimpleNamespace(spec=spec), prepared=SimpleNamespace(model=onnx.ModelProto()), progress=lambda _: None
     )
     tried: list[tuple[str, ...]] = []
 
-    def fake_trial(ctx, precision, config=None):
+    def fake_trial(ctx, precision, config=None, fp32_nodes=()):
         tried.append(config.float_nodes)
         return search_mod.Trial(precision, config, SimpleNamespace(notes=[]), 10, None, ["missed"], None)
 

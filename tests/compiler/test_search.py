@@ -72,7 +72,7 @@ def test_chosen_artifact_is_smaller_than_fp16(outlier_int8, tmp_path):
 def test_explain_prints_the_layer_table(outlier_int8):
     shown = run_edgec("explain", outlier_int8["path"])
     assert shown.returncode == 0, shown.stderr
-    assert "worst first" in shown.stdout
+    assert "most harmful first" in shown.stdout
     assert "configurations tried" in shown.stdout
     assert "kept in float" in shown.stdout
     data = run_edgec("explain", outlier_int8["path"], "--json", "--top", "3").json()
@@ -86,6 +86,8 @@ def test_nothing_passes_exit_3_with_the_best_figures_and_the_worst_layers(tmp_pa
         X86.read_text()
         .replace('id = "x86-64-cpu"', 'id = "strict"')
         .replace("min_cosine = 0.98", "min_cosine = 0.9999999")
+        # mixed precision reaches that cosine with most of the model in float: too big here
+        .replace("max_artifact_bytes = 2_147_483_648", "max_artifact_bytes = 100_000")
     )
     result = _build(DIGITS / "model.onnx", tmp_path / "out", "--target", strict, "--precision", "int8")
     assert result.returncode == 3

@@ -224,3 +224,46 @@ def test_kind_tables_override_defaults_and_refuse_foreign_thresholds():
             max_accuracy_drop_points=1.0,
             detection={"min_top1_agreement": 0.9},
         )
+
+
+def test_landmarks_with_negative_depth_are_dense_and_names_decide_first():
+    """MediaPipe's iris model writes [1, 213]: x, y in pixels and z around zero. Judged as
+    class scores, the argmax of two nearly equal coordinates flips; they are dense."""
+    points = [
+        np.stack([rng.uniform(0, 64, 71), rng.uniform(0, 64, 71), rng.normal(0, 3, 71)], 1).reshape(1, 213)
+        for _ in range(3)
+    ]
+    assert kind_of([p.astype(np.float32) for p in points]) is OutputKind.DENSE
+    logits = [np.abs(rng.normal(size=(1, 10))).astype(np.float32) for _ in range(3)]
+    assert kind_of(logits) is OutputKind.DENSE
+    assert kind_of(logits, name="class_logits") is OutputKind.CLASSIFICATION
+    centred = [rng.normal(size=(1, 10)).astype(np.float32) for _ in range(3)]
+    assert kind_of(centred, name="output_iris") is OutputKind.DENSE
+
+
+def test_nan_outputs_miss_the_gate():
+    """A NaN cosine compares false with every limit: it must fail the gate, not slip past it."""
+    ref = [{"emb": np.abs(rng.normal(size=(1, 64))).astype(np.float32)}]
+    cand = [{"emb": np.full((1, 64), np.nan, np.float32)}]
+    m = compare(ref, cand, None, {"emb": OutputKind.DENSE})
+    gate = Gate(min_cosine=0.98, min_top1_agreement=0.97, max_accuracy_drop_points=1.0)
+    assert gate_failures(m, gate) == ["cosine nan < 0.98"]
+
+
+def test_box_head_is_judged_on_the_anchors_the_scores_call_confident():
+    """BlazeFace's regressors hold noise for the 890-odd background anchors; int8 moves that
+    noise a lot and the faces' boxes little. The box head's cosine is over confident anchors;
+    the score head's over their probabilities (logits near 0 flip sign for nothing)."""
+    scores = np.full((1, 896, 1), -6.0)
+    scores[0, [5, 6, 7], 0] = 3.0
+    boxes = rng.normal(0, 50, (1, 896, 16))
+    moved = boxes + rng.normal(0, 40, boxes.shape)  # background boxes: anything
+    moved[0, [5, 6, 7]] = boxes[0, [5, 6, 7]] * 1.001  # the faces' boxes: kept
+    near = scores + 0.05
+    ref = [{"boxes": boxes.astype(np.float32), "scores": scores.astype(np.float32)}]
+    cand = [{"boxes": moved.astype(np.float32), "scores": near.astype(np.float32)}]
+    kinds = {"boxes": OutputKind.DETECTION, "scores": OutputKind.DETECTION}
+    by_name = {o.name: o for o in compare(ref, cand, None, kinds).outputs}
+    assert by_name["boxes"].cosine == pytest.approx(1.0, abs=1e-6)
+    assert by_name["scores"].cosine == pytest.approx(1.0, abs=1e-4)
+    assert by_name["scores"].anchor_agreement == 1.0
