@@ -549,11 +549,12 @@ class InferenceServer:
         return self._core.connections
 
     def _dispatch(self, request: Request) -> Response | asyncio.Future[Response]:
-        endpoint, arguments = self._api.route(request.method, request.target)
+        method, target, headers, body, _keep_alive, _http10, _reserved = request
+        endpoint, arguments = self._api.route(method, target)
         if endpoint != "infer" or self._executor is None:
-            return _handle(self._api, endpoint, arguments, request.headers, request.body)
+            return _handle(self._api, endpoint, arguments, headers, body)
         return asyncio.get_running_loop().run_in_executor(
-            self._executor, _handle, self._api, endpoint, arguments, request.headers, request.body
+            self._executor, _handle, self._api, endpoint, arguments, headers, body
         )
 
     def start(self) -> int:
