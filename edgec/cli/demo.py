@@ -95,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
     workdir = _workdir(args.workdir)
     demo = Demo(workdir, devices, broker)
     outcome = "failed"
-    previous = signal.getsignal(signal.SIGINT), signal.signal(signal.SIGTERM, _raise_interrupt)
+    # both set here: a shell that starts a job in the background (``edgec demo &``, CI) makes
+    # it ignore SIGINT, and Python then keeps ignoring it
+    previous = signal.signal(signal.SIGINT, _raise_interrupt), signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         demo.run()
         outcome = "done"
