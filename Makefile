@@ -81,7 +81,8 @@ mobilenet: $(STAMP)
 	$(PY) samples/mobilenet/make_mobilenetv2.py
 
 # Every benchmark, side by side with its baseline, then bench/REPORT.md (about 17 minutes on
-# 2 cores; the serving benchmark makes MLServer's own venv under build/ the first time).
+# 2 cores, and 16 more for the instruction counts under valgrind, skipped without it; the
+# serving benchmark makes MLServer's own venv under build/ the first time).
 bench: $(STAMP) zoo
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[bench]"
 	$(PY) bench/bench_compile_matrix.py
@@ -89,6 +90,7 @@ bench: $(STAMP) zoo
 	$(PY) bench/bench_formats.py
 	$(PY) bench/bench_cache.py
 	$(PY) bench/bench_agent_serving.py
+	$(PY) bench/bench_agent_instructions.py
 	$(PY) bench/bench_hot_swap.py
 	$(PY) bench/bench_delivery.py
 	$(PY) bench/bench_fleet.py

@@ -166,6 +166,52 @@ def test_stalled_body_is_timed_out(agent_bundle, tmp_path):  # noqa: F811
         _still_serves(agent)
 
 
+@pytest.mark.parametrize(
+    ("begins", "byte", "part"),
+    [
+        (f"POST {INFER} HTTP/1.1\r\nContent-Length: 100000\r\n\r\n{{".encode(), b" ", "body"),
+        (b"GET /v2/health/live?", b"a", "head"),  # the URL
+        (b"GET /v2/health/live HTTP/1.1\r\nX-Slow: ", b"a", "head"),  # a header's value
+    ],
+    ids=["body", "url", "header"],
+)
+def test_request_dribbled_a_byte_at_a_time_is_timed_out_at_its_deadline(
+    agent_bundle,  # noqa: F811
+    tmp_path,
+    begins: bytes,
+    byte: bytes,
+    part: str,
+):
+    """A byte every 0.1 s keeps the connection far from its idle timeout (5 s), but does not
+    move the deadline of the head or body it belongs to: 408 one header/body timeout (1 s)
+    after the packet that began that part, not one after the last byte (then no answer would
+    come while the bytes do)."""
+    limits = {"header_timeout_s": 1, "body_timeout_s": 1, "idle_timeout_s": 5}
+    with agent_process(agent_bundle, tmp_path / "agent.log", **limits) as agent:
+        with socket.create_connection(("127.0.0.1", agent.port), timeout=10) as sock:
+            began = time.monotonic()
+            sock.sendall(begins)
+            sock.settimeout(0.1)
+            received = b""
+            while not received and time.monotonic() - began < 6:
+                try:
+                    sock.sendall(byte)
+                    received = sock.recv(1 << 16)
+                except TimeoutError:
+                    continue
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+            answered_after = time.monotonic() - began
+            sock.settimeout(10)
+            answer = read_answer(sock, bytearray(received)) if received else None
+        assert answer is not None, f"no answer in {answered_after:.1f} s: each byte moved the deadline"
+        assert answer.status == 408
+        assert answer.json()["error"] == f"the request's {part} did not arrive within 1 s"
+        # the deadline, checked a few times per second, on a busy machine
+        assert 1.0 <= answered_after < 2.5, f"408 after {answered_after:.2f} s, not about 1 s"
+        _still_serves(agent)
+
+
 def test_client_that_never_reads_its_answers_is_cut_off(agent_bundle, tmp_path):  # noqa: F811
     """Pipelined requests whose answers are never read: the server stops reading, and once
     the client has not read for the idle timeout, closes the connection."""
