@@ -32,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compiler._capture import captured_output
 from compiler.backends._quantize import refuse_quantized
-from compiler.runtime import OnnxRuntimeRunner, first_line
+from compiler.runtime import OnnxRuntimeRunner, Runner, first_line
 from compiler.tensors import SampleSet
 from edgec.errors import ConversionError, OptionError
 from edgec.manifest import Precision
@@ -40,7 +40,15 @@ from edgec.manifest import Precision
 if TYPE_CHECKING:
     import onnxruntime as ort
 
-__all__ = ["FP16_MAX", "NodeError", "StorageTwinRunner", "node_errors", "storage_twin", "to_fp16"]
+__all__ = [
+    "FP16_MAX",
+    "NodeError",
+    "StorageTwinRunner",
+    "fp16_runner",
+    "node_errors",
+    "storage_twin",
+    "to_fp16",
+]
 
 logger = logging.getLogger(__name__)
 FP16_MAX = 65504.0  # the largest finite float16
@@ -406,3 +414,19 @@ def _ranked(model: onnx.ModelProto, stats: dict[str, _Stats]) -> list[NodeError]
             if peak > FP16_MAX:  # clamped by the conversion: its consumers must keep it float32
                 found.append(NodeError(init.name, "", "weight", peak, SQNR_FLOOR_DB, 0.0))
     return sorted(found, key=lambda e: (not e.overflows, -e.max_abs if e.overflows else -e.added_db))
+
+
+def fp16_runner(
+    path: Path, workdir: Path, notes: list[str], runtime_config: dict[str, str] | None = None
+) -> Runner:
+    """The runner an fp16 artifact is verified with: float16 storage emulated; where the
+    emulation cannot load the graph (our limit, not the artifact's), onnxruntime as it runs
+    the artifact, with a note that says so."""
+    try:
+        return StorageTwinRunner(path, workdir)
+    except ConversionError as e:
+        runner = (
+            OnnxRuntimeRunner(path) if runtime_config is None else OnnxRuntimeRunner(path, runtime_config)
+        )
+        notes.append(f"verified as onnxruntime's CPU provider runs it (float32 compute): {first_line(e)}")
+        return runner

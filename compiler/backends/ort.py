@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 
 from compiler.backends import BACKENDS, Artifact, CompileOptions
-from compiler.backends._fp16 import StorageTwinRunner, to_fp16
+from compiler.backends._fp16 import fp16_runner, to_fp16
 from compiler.backends._ort_x86 import saturation_free
 from compiler.backends._quantize import to_dynamic_int8, to_int8
 from compiler.prepare import PreparedModel
@@ -99,14 +99,7 @@ class OnnxRuntimeBackend:
 
     def open(self, artifact: Artifact) -> Runner:
         if artifact.precision is Precision.FP16:
-            try:
-                return StorageTwinRunner(artifact.path, artifact.path.parent)
-            except ConversionError as e:  # our emulation's limit, not the artifact's: say so
-                runner = OnnxRuntimeRunner(artifact.path, artifact.runtime_config)
-                artifact.notes.append(
-                    f"verified as onnxruntime's CPU provider runs it (float32 compute): {first_line(e)}"
-                )
-                return runner
+            return fp16_runner(artifact.path, artifact.path.parent, artifact.notes, artifact.runtime_config)
         return OnnxRuntimeRunner(artifact.path, artifact.runtime_config)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from compiler.backends import BACKENDS, Artifact, CompileOptions
-from compiler.backends._fp16 import StorageTwinRunner, to_fp16
+from compiler.backends._fp16 import fp16_runner, to_fp16
 from compiler.backends._quantize import to_int8
 from compiler.prepare import PreparedModel
 from compiler.runtime import OnnxRuntimeRunner, Runner
@@ -239,7 +239,7 @@ class TensorRtBackend:
         if engine.exists():
             return TensorRtRunner(engine)
         if artifact.precision is Precision.FP16:  # TensorRT computes in float16: so does the check
-            return StorageTwinRunner(artifact.path / ONNX_FILE, artifact.path.parent)
+            return fp16_runner(artifact.path / ONNX_FILE, artifact.path.parent, artifact.notes)
         return OnnxRuntimeRunner(artifact.path / ONNX_FILE)
 
 
