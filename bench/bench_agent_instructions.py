@@ -67,6 +67,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from bench._common import ResponseFramer  # noqa: E402
 from bench.bench_agent_serving import (  # noqa: E402
     baseline_tree,
     binary_request,
@@ -94,9 +95,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.need: int | None = None
-        self.status = 0
+        self.framer = ResponseFramer()
         self.request = b""
         self.left = 0
         self.errors = 0
@@ -116,22 +115,8 @@ class _Connection(asyncio.Protocol):
         return self.done
 
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while True:
-            if self.need is None:
-                end = self.buffer.find(b"\r\n\r\n")
-                if end < 0:
-                    return
-                head = bytes(self.buffer[:end]).decode("latin-1").lower()
-                self.status = int(head[9:12])
-                length = int(head.split("content-length:", 1)[1].split("\r\n", 1)[0])
-                self.need = end + 4 + length
-            if len(self.buffer) < self.need:
-                return
-            body = bytes(self.buffer[: self.need])
-            del self.buffer[: self.need]
-            self.need = None
-            self.errors += self.status != 200
+        for status, body in self.framer.feed(data):
+            self.errors += status != 200
             if self.first_body is None:
                 self.first_body = body
             self.left -= 1

@@ -81,7 +81,7 @@ from pydantic import BaseModel
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from bench._common import library_versions  # noqa: E402
+from bench._common import ResponseFramer, library_versions  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 DIGITS = ROOT / "samples" / "digits"
@@ -440,9 +440,7 @@ class _Client(asyncio.Protocol):
         self.record_from = record_from
         self.deadline = deadline
         self.run = run
-        self.buffer = bytearray()
-        self.need: int | None = None
-        self.status = 0
+        self.framer = ResponseFramer()
         self.sent = 0.0
         self.transport: asyncio.Transport | None = None
 
@@ -457,23 +455,9 @@ class _Client(asyncio.Protocol):
         self.transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while True:
-            if self.need is None:
-                end = self.buffer.find(b"\r\n\r\n")
-                if end < 0:
-                    return
-                head = bytes(self.buffer[:end]).decode("latin-1").lower()
-                self.status = int(head[9:12])
-                length = int(head.split("content-length:", 1)[1].split("\r\n", 1)[0])
-                self.need = end + 4 + length
-            if len(self.buffer) < self.need:
-                return
-            body = bytes(self.buffer[: self.need])
-            del self.buffer[: self.need]
-            self.need = None
+        for status, body in self.framer.feed(data):
             now = time.perf_counter()
-            self.run.answered(self.status, body, now - self.sent, now >= self.record_from)
+            self.run.answered(status, body, now - self.sent, now >= self.record_from)
             if now < self.deadline:
                 self.send()
             else:
@@ -483,7 +467,7 @@ class _Client(asyncio.Protocol):
                 return
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.need is not None or self.buffer:
+        if self.framer.partial:
             self.run.closed(error=True)
 
 
