@@ -283,3 +283,58 @@ def lstm_model(path: Path) -> Path:
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
+
+
+_CANCEL_CHANNELS = 8
+
+
+def cancelling_model(path: Path, *, stem_and_tail: bool = True) -> Path:
+    """A folded-BatchNorm channel that int8 cannot hold: [stem (1x1 conv, ReLU) ->] project ->
+    expand (+-1000 on two nearly equal channels of ``y``, and a bias: they cancel in float,
+    not after rounding) -> ReLU6 (``z``) -> head [(ReLU) -> tail]. Input ``x`` [1, 4, 8, 8].
+    The deep-sort re-identification MobileNetV2 has such a channel (weights ~127, bias ~1974)."""
+    rng = np.random.default_rng(7)
+    stem = rng.normal(0, 0.5, (4, 4, 1, 1)).astype(np.float32)
+    project = rng.normal(0, 0.5, (_CANCEL_CHANNELS, 4, 1, 1)).astype(np.float32)
+    project[1] = project[0] + rng.normal(0, 1e-3, (4, 1, 1))  # two channels nearly equal
+    expand = rng.normal(0, 0.5, (_CANCEL_CHANNELS, _CANCEL_CHANNELS, 1, 1)).astype(np.float32)
+    bias = np.zeros(_CANCEL_CHANNELS, np.float32)
+    expand[0] = 0.0
+    expand[0, 0], expand[0, 1] = 1000.0, -1000.0  # cancels in float, not after rounding
+    bias[0] = 3.0
+    head = rng.normal(0, 0.5, (4, _CANCEL_CHANNELS, 1, 1)).astype(np.float32)
+    tail = rng.normal(0, 0.5, (4, 4, 1, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["s_relu", "w_project"], ["y"], name="project"),
+        helper.make_node("Conv", ["y", "w_expand", "b_expand"], ["pre"], name="expand"),
+        helper.make_node("Clip", ["pre", "low", "high"], ["z"], name="relu6"),
+        helper.make_node("Conv", ["z", "w_head"], ["h"], name="head"),
+    ]
+    weights = [project, expand, bias, head]
+    names = ["w_project", "w_expand", "b_expand", "w_head"]
+    if stem_and_tail:
+        nodes[:0] = [
+            helper.make_node("Conv", ["x", "w_stem"], ["s"], name="stem"),
+            helper.make_node("Relu", ["s"], ["s_relu"], name="stem_relu"),
+        ]
+        nodes += [
+            helper.make_node("Relu", ["h"], ["h_relu"], name="head_relu"),
+            helper.make_node("Conv", ["h_relu", "w_tail"], ["out"], name="tail"),
+        ]
+        weights, names = [stem, *weights, tail], ["w_stem", *names, "w_tail"]
+    else:
+        nodes[0].input[0] = "x"
+        nodes[-1].output[0] = "out"
+    graph = helper.make_graph(
+        nodes,
+        "ill-conditioned",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [
+            *(numpy_helper.from_array(w, n) for w, n in zip(weights, names, strict=True)),
+            numpy_helper.from_array(np.array(0.0, np.float32), "low"),
+            numpy_helper.from_array(np.array(6.0, np.float32), "high"),
+        ],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path

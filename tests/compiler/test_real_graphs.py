@@ -241,7 +241,9 @@ def test_mixed_precision_does_not_try_the_same_float_nodes_twice(monkeypatch):
 
     spec = BackendSpec(TargetFormat.ONNX, "x", (Precision.INT8,), (), "", "model.onnx", mixed_precision=True)
     ctx = SimpleNamespace(
-        backend=SimpleNamespace(spec=spec), prepared=SimpleNamespace(model=onnx.ModelProto()), progress=lambda _: None
+        backend=SimpleNamespace(spec=spec),
+        prepared=SimpleNamespace(model=onnx.ModelProto()),
+        progress=lambda _: None,
     )
     tried: list[tuple[str, ...]] = []
 

@@ -19,7 +19,6 @@ import numpy as np
 import onnx
 import pytest
 from ai_edge_litert.interpreter import Interpreter
-from onnx import TensorProto, helper, numpy_helper
 
 from compiler.backends import CompileOptions, Int8Config, get_backend
 from compiler.prepare import prepare
@@ -28,6 +27,8 @@ from compiler.tensors import SampleSet
 from device_profiles import load_profile
 from edgec.manifest import Precision, TargetFormat
 from tests.conftest import run_edgec
+
+from .models import cancelling_model
 
 # TensorFlow's int8 calibrator and quantization debugger run models in its deprecated tf.lite
 # interpreter (the CLI never shows the warning: converters run with their output captured)
@@ -38,47 +39,7 @@ INT8_NODES = {"stem", "stem_relu", "tail"}
 
 
 def _model(path: Path) -> Path:
-    """stem (1x1 conv, ReLU) -> project -> expand (+-1000 on two near-equal channels, bias)
-    -> ReLU6 -> head (1x1 conv, ReLU) -> tail."""
-    rng = np.random.default_rng(7)
-    stem = rng.normal(0, 0.5, (4, 4, 1, 1)).astype(np.float32)
-    project = rng.normal(0, 0.5, (CHANNELS, 4, 1, 1)).astype(np.float32)
-    project[1] = project[0] + rng.normal(0, 1e-3, (4, 1, 1))  # two channels nearly equal
-    expand = rng.normal(0, 0.5, (CHANNELS, CHANNELS, 1, 1)).astype(np.float32)
-    bias = np.zeros(CHANNELS, np.float32)
-    expand[0] = 0.0
-    expand[0, 0], expand[0, 1] = 1000.0, -1000.0  # cancels in float, not after rounding
-    bias[0] = 3.0
-    head = rng.normal(0, 0.5, (4, CHANNELS, 1, 1)).astype(np.float32)
-    tail = rng.normal(0, 0.5, (4, 4, 1, 1)).astype(np.float32)
-    nodes = [
-        helper.make_node("Conv", ["x", "w_stem"], ["s"], name="stem"),
-        helper.make_node("Relu", ["s"], ["s_relu"], name="stem_relu"),
-        helper.make_node("Conv", ["s_relu", "w_project"], ["y"], name="project"),
-        helper.make_node("Conv", ["y", "w_expand", "b_expand"], ["pre"], name="expand"),
-        helper.make_node("Clip", ["pre", "low", "high"], ["z"], name="relu6"),
-        helper.make_node("Conv", ["z", "w_head"], ["h"], name="head"),
-        helper.make_node("Relu", ["h"], ["h_relu"], name="head_relu"),
-        helper.make_node("Conv", ["h_relu", "w_tail"], ["out"], name="tail"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "ill-conditioned",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 4, 8, 8])],
-        [
-            numpy_helper.from_array(stem, "w_stem"),
-            numpy_helper.from_array(project, "w_project"),
-            numpy_helper.from_array(expand, "w_expand"),
-            numpy_helper.from_array(bias, "b_expand"),
-            numpy_helper.from_array(head, "w_head"),
-            numpy_helper.from_array(tail, "w_tail"),
-            numpy_helper.from_array(np.array(0.0, np.float32), "low"),
-            numpy_helper.from_array(np.array(6.0, np.float32), "high"),
-        ],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
+    return cancelling_model(path, stem_and_tail=True)
 
 
 def _data(path: Path, count: int, seed: int) -> Path:

@@ -76,7 +76,8 @@ def _no_shared_sample(calibration: Path, evaluation: Path) -> bool:
 def test_real_model_builds_to_int8_within_the_gate(source, fmt, tmp_path):
     name = MODELS[source]
     request = _request(name, fmt, tmp_path)
-    assert request.calibration is not None and request.eval is not None
+    assert request.calibration is not None
+    assert request.eval is not None
     assert _no_shared_sample(request.calibration, request.eval), "calibration and evaluation overlap"
 
     result = build(request)
