@@ -579,9 +579,9 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
     if request.sequence_length is not None and request.sequence_length < 1:
         raise OptionError(f"--sequence-length must be at least 1, got {request.sequence_length}")
     budget = memory_budget(request.memory_budget_bytes)
+    ref = identify(request.model)  # a missing model is said first, not as missing calibration
     profiles = [load_profile(t) for t in request.targets]
     plans = _plan(request, profiles, _name(request))
-    ref = identify(request.model)
     created = not request.out.exists()
     _check_out_dir(request.out, plans, request.force)
     try:

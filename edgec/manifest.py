@@ -285,7 +285,11 @@ def read_manifest(bundle: Path) -> Manifest:
         with path.open("rb") as f:
             data = f.read(MAX_MANIFEST_BYTES + 1)  # parse_manifest refuses one byte more
     except FileNotFoundError:
+        if not bundle.exists():
+            raise BundleError(f"{bundle} does not exist; give the path of a bundle folder") from None
         raise BundleError(f"{bundle} is not a bundle: it has no {MANIFEST_NAME}") from None
+    except NotADirectoryError:
+        raise BundleError(f"{bundle} is a file; a bundle is a folder with {MANIFEST_NAME}") from None
     except OSError as e:
         raise BundleError(f"cannot read {path}: {e}") from e
     return parse_manifest(data, str(path))

@@ -27,7 +27,12 @@ def register(commands: Any) -> None:
         description="Convert and quantize MODEL for each --target profile, verify every "
         "artifact against MODEL, and write one bundle per target.",
     )
-    parser.add_argument("model", type=Path, help="the trained model (.onnx)")
+    parser.add_argument(
+        "model",
+        type=Path,
+        help="the trained model: .onnx, .tflite, Keras .keras/.h5, a SavedModel folder, or a "
+        "torch.export program .pt2",
+    )
     parser.add_argument(
         "--target",
         "-t",

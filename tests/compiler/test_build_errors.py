@@ -47,6 +47,25 @@ def test_missing_model_and_unknown_suffix(tmp_path):
     _no_bundles(out)
 
 
+def test_missing_model_is_named_before_missing_calibration(tmp_path):
+    """raspberry-pi-4 builds int8 by default, which needs --calibration: a model that is not
+    there is the first thing to fix, and the one the message names."""
+    out = tmp_path / "out"
+    result = _build(out, tmp_path / "absent.onnx", "--target", "raspberry-pi-4")
+    _bad(result, "absent.onnx does not exist")
+    assert "calibration" not in result.stderr
+    _no_bundles(out)
+
+
+def test_inspect_of_a_path_that_is_not_a_bundle(tmp_path):
+    missing = run_edgec("inspect", tmp_path / "nowhere")
+    _bad(missing, "nowhere does not exist")
+    file = tmp_path / "model.onnx"
+    file.write_bytes(b"\0")
+    _bad(run_edgec("inspect", file), "model.onnx is a file; a bundle is a folder with manifest.json")
+    _bad(run_edgec("inspect", tmp_path), "is not a bundle: it has no manifest.json")
+
+
 def test_unknown_profile_lists_known_ones(tmp_path):
     out = tmp_path / "out"
     result = _build(out, MODEL, "--target", "x86-64-cpu", "--target", "raspbery-pi-4")
