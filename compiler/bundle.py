@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgec._atomic import fsync_path
 from edgec.errors import OutputDirError
 from edgec.manifest import MANIFEST_NAME, FileEntry, Manifest, file_entry
 from edgec.names import check_name, check_version, resolve_inside
@@ -40,14 +41,6 @@ def bundle_dir_name(name: str, version: str, profile_id: str, suffix: str = "") 
     if suffix:
         parts.append(check_name(suffix, "bundle folder suffix"))
     return "-".join(parts)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _umask() -> int:
@@ -98,7 +91,7 @@ def write_bundle(
         text = manifest.model_dump_json(indent=2, exclude=unused)
         (tmp / MANIFEST_NAME).write_text(text + "\n", encoding="utf-8")
         for path in _files_under(tmp):
-            _fsync(path)
+            fsync_path(path)
         if destination.exists():
             old = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=parent))
             os.replace(destination, old / "old")
@@ -106,7 +99,7 @@ def write_bundle(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, destination)
-        _fsync(parent)
+        fsync_path(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -101,12 +101,13 @@ def _probabilities(
     return ref_p, cand_p
 
 
-def _confident_cosine(pairs: Pairs, scores: Pairs, own: bool) -> float | None:
+def _confident_cosine(
+    pairs: Pairs, ref_p: Sequence[np.ndarray], cand_p: Sequence[np.ndarray], own: bool
+) -> float | None:
     """Mean over samples of the cosine of the rows of the anchors the reference is confident
     about (background anchors' boxes are noise a detector never reports); a head of scores
     alone is compared as probabilities (logits near 0 flip sign for a change that decides
     nothing). None when no sample has a confident anchor."""
-    ref_p, cand_p = _probabilities([r for r, _ in scores], [c for _, c in scores])
     if own and _to_anchors(pairs[0][0]).shape[1] == 1:
         pairs = [(r.reshape(-1, 1), c.reshape(-1, 1)) for r, c in zip(ref_p, cand_p, strict=True)]
     cosines = []
@@ -118,12 +119,11 @@ def _confident_cosine(pairs: Pairs, scores: Pairs, own: bool) -> float | None:
     return float(np.mean(cosines)) if cosines else None
 
 
-def _anchor_agreement(ref_scores: list[np.ndarray], cand_scores: list[np.ndarray]) -> float | None:
+def _anchor_agreement(ref_p: Sequence[np.ndarray], cand_p: Sequence[np.ndarray]) -> float | None:
     """Of the anchors either side is confident about (the top ``_MAX_ANCHORS`` at
     ``DETECTION_SCORE`` or more), the share the other side also scores as likely
     (``_SLACK`` of the threshold: an anchor at 0.26 against 0.20 is not a disagreement).
     ``None`` when neither side is confident about any anchor on any sample."""
-    ref_p, cand_p = _probabilities(ref_scores, cand_scores)
     found = total = 0
     for r, c in zip(ref_p, cand_p, strict=True):
         for mine, theirs in ((r, c), (c, r)):
@@ -253,14 +253,12 @@ def compare(reference: Outputs, candidate: Outputs, labels: np.ndarray | None, k
         if kind is OutputKind.DETECTION and pairs[0][0].dtype.kind == "f":
             scores, own = _detection_scores(name, pairs_by_name, score_heads)
             if scores is not None:
-                ref_scores = [r for r, _ in scores]
-                confident = _confident_cosine(pairs, scores, own)
+                ref_p, cand_p = _probabilities([r for r, _ in scores], [c for _, c in scores])
+                confident = _confident_cosine(pairs, ref_p, cand_p, own)
                 found = found.model_copy(
                     update={
                         "cosine": found.cosine if confident is None else confident,
-                        "anchor_agreement": _anchor_agreement(ref_scores, [c for _, c in scores])
-                        if own
-                        else None,
+                        "anchor_agreement": _anchor_agreement(ref_p, cand_p) if own else None,
                     }
                 )
         outputs.append(found)
