@@ -29,6 +29,7 @@ import edgec
 from compiler.backends import BACKENDS, Artifact, get_backend
 from compiler.bundle import bundle_dir_name, write_bundle
 from compiler.cache import BuildCache, default_cache_dir
+from compiler.dequantize import agreement_failures, agreement_note, described
 from compiler.kinds import Kinds, check_kind_names, detect_kinds
 from compiler.limits import (
     DEFAULT_MAX_SAMPLES,
@@ -40,7 +41,7 @@ from compiler.limits import (
 )
 from compiler.prepare import PreparedModel, prepare
 from compiler.report import BuildResult, TargetResult
-from compiler.runtime import Runner, first_line
+from compiler.runtime import OnnxRuntimeRunner, Runner, first_line
 from compiler.search import Context, Trial, best, search, with_layer_errors
 from compiler.source import SourceModel, identify, import_source
 from compiler.stateful import (
@@ -53,13 +54,14 @@ from compiler.stateful import (
 )
 from compiler.stats import tensor_stats
 from compiler.tensors import SampleSet, generate_samples, load_samples
-from compiler.verify import Outputs
+from compiler.verify import Outputs, compare
 from device_profiles import DeviceProfile, load_profile
 from edgec.errors import (
     BuildError,
     ConversionError,
     OptionError,
     OutputDirError,
+    QuantizedSourceError,
     ResourceLimitError,
     UserInputError,
 )
@@ -69,6 +71,7 @@ from edgec.manifest import (
     FileEntry,
     FrozenInput,
     Manifest,
+    Metrics,
     OutputKind,
     Precision,
     ProfileRef,
@@ -155,6 +158,8 @@ class _Shared:
     stats: list[TensorStats]
     cache_parts: dict[str, object]
     sequences: Sequences | None = None  # a stateful model: run over sequences carrying its state
+    # a quantized source built from its float equivalent: that graph against the source
+    dequantized: Metrics | None = None
 
 
 def _formats(request: BuildRequest, profile: DeviceProfile) -> list[TargetFormat]:
@@ -281,8 +286,13 @@ def _prepare_shared(
     sequences = find_sequences(prepared.inputs, prepared.outputs, request.states, request.sequence_length)
     calibration, verify_set = _samples(request, prepared, budget, sequences)
     progress(f"running the source model on {len(verify_set)} {verify_set.origin} samples")
-    runner = _FrozenFeeds(source.runner(), prepared.frozen)
+    runner: Runner = _FrozenFeeds(source.runner(), prepared.frozen)
     same = calibration is verify_set
+    quantized: Outputs | None = None
+    if prepared.dequantized:  # the float graph is the reference; its distance to the source is reported
+        progress(f"the source is quantized ({described(prepared.dequantized)}): building its float graph")
+        quantized, _ = run_carrying(runner, verify_set, sequences)
+        runner = OnnxRuntimeRunner(prepared.path)
     # a stateful model runs its sequences carrying its state; the sets then hold the states fed
     reference, verify_set = run_carrying(runner, verify_set, sequences)
     if sequences is not None:
@@ -308,8 +318,19 @@ def _prepare_shared(
     }
     if sequences is not None:
         cache_parts["sequences"] = sequences.key()
+    dequantized = compare(quantized, reference, None, kinds) if quantized is not None else None
     return _Shared(
-        request, source, prepared, calibration, verify_set, reference, kinds, stats, cache_parts, sequences
+        request,
+        source,
+        prepared,
+        calibration,
+        verify_set,
+        reference,
+        kinds,
+        stats,
+        cache_parts,
+        sequences,
+        dequantized,
     )
 
 
@@ -414,6 +435,7 @@ def _build_timed(plan: _Plan, shared: _Shared, progress: Progress, timings: dict
         gate=_gate(plan.profile, precisions[0] if precisions else Precision.FP32),
     )
     try:
+        _refuse_unequal_float(plan, shared)
         progress(f"{label}: converting")
         backend = get_backend(plan.format)
         with tempfile.TemporaryDirectory(prefix="edgec-target-") as tmp:
@@ -445,7 +467,7 @@ def _build_timed(plan: _Plan, shared: _Shared, progress: Progress, timings: dict
                     "metrics": chosen.metrics,
                     "size_bytes": chosen.size_bytes,
                     "gate_failures": chosen.failures,
-                    "notes": chosen.artifact.notes + _sequence_notes(shared),
+                    "notes": chosen.artifact.notes + _shared_notes(shared),
                     "search": _trail(trials, chosen if chosen.passed else None, plan.precision is None),
                     "cached": chosen.cached,
                     "layer_errors": [e.as_dict() for e in chosen.layer_errors[:LAYER_ERRORS_KEPT]],
@@ -470,10 +492,26 @@ def _build_timed(plan: _Plan, shared: _Shared, progress: Progress, timings: dict
     return result
 
 
-def _sequence_notes(shared: _Shared) -> list[str]:
-    if shared.sequences is None:
-        return []
-    return [shared.sequences.describe(len(shared.verify_set))]
+def _shared_notes(shared: _Shared) -> list[str]:
+    notes = []
+    if shared.dequantized is not None:
+        notes.append(agreement_note(shared.prepared.dequantized, shared.dequantized))
+    if shared.sequences is not None:
+        notes.append(shared.sequences.describe(len(shared.verify_set)))
+    return notes
+
+
+def _refuse_unequal_float(plan: _Plan, shared: _Shared) -> None:
+    """A quantized source's float graph must agree with the source as its precision's gate asks."""
+    if shared.dequantized is None:
+        return
+    failures = agreement_failures(plan.profile, shared.dequantized)
+    if failures:
+        raise QuantizedSourceError(
+            f"the source is quantized and the float graph it computes differs from it beyond "
+            f"the gate ({'; '.join(failures)}): give the float model it was made from",
+            sorted(shared.prepared.dequantized),
+        )
 
 
 def _gate_error(chosen: Trial, trials: list[Trial]) -> str:

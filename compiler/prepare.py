@@ -5,7 +5,8 @@ node and tensor names (converters such as onnx2tf choke on names that collide on
 rewrites ``:`` and ``/``, and on names TensorFlow refuses), and runs shape inference so every
 tensor has a static shape. What was renamed is kept, to name things as the source does in
 reports. Inputs a deployment fixes (``--freeze``) become constants, and what they decide is
-folded away (``compiler.freeze``).
+folded away (``compiler.freeze``). A source that ships quantized is rewritten to the float
+graph it computes (``compiler.dequantize``), so it can be halved, requantized or converted.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from compiler.dequantize import dequantize
 from compiler.freeze import fold_frozen, freeze_inputs
 from compiler.importers import Imported
 from compiler.runtime import first_line
@@ -57,6 +59,8 @@ class PreparedModel:
     renamed_tensors: dict[str, str] = field(default_factory=dict)
     # inputs of the source replaced by constants (--freeze): no longer inputs of the graph
     frozen: dict[str, np.ndarray] = field(default_factory=dict)
+    # a quantized source rewritten to its float equivalent: op type -> nodes rewritten
+    dequantized: dict[str, int] = field(default_factory=dict)
 
     def node_label(self, name: str) -> str:
         """A node's name, with its name in the source model when prepare renamed it."""
@@ -304,6 +308,8 @@ def prepare(
     ``workdir/prepared.onnx``. ``freeze`` maps inputs to their values as written on the
     command line (``--freeze``)."""
     model = load_onnx(source)
+    # None: some quantized op has no rewrite (refused later, by the precisions that cannot take it)
+    dequantized: Mapping[str, int] = dequantize(model) or {}
     frozen: dict[str, np.ndarray] = {}
     if freeze:
         frozen = freeze_inputs(model, graph_inputs(model), freeze, input_shapes)
@@ -343,4 +349,5 @@ def prepare(
         renamed_nodes=renamed_nodes,
         renamed_tensors=renamed_tensors,
         frozen=frozen,
+        dequantized=dict(dequantized),
     )

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from compiler._capture import call_quietly, captured_output
+from compiler.backends._onnx2tf_fixes import explicit_rnn_states, fold_shape_decided_ifs
 from compiler.backends._onnx2tf_log import explain
 from compiler.prepare import PreparedModel, converter_copy, converter_names
 from compiler.tensors import SampleSet
@@ -135,12 +136,16 @@ def _simplified(graph: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _run_onnx2tf(prepared: PreparedModel, samples: SampleSet | None, folder: Path) -> ConversionError | None:
-    """onnx2tf on a copy of the prepared graph whose inputs and outputs have names it takes."""
+    """onnx2tf on a copy of the prepared graph whose inputs and outputs have names it takes,
+    simplified and patched where onnx2tf is known to fail (``_onnx2tf_fixes``)."""
     import onnx2tf
 
     graph, renamed = converter_copy(prepared)
+    graph = _simplified(graph)
+    if fold_shape_decided_ifs(graph):
+        graph = _simplified(graph)
     source = prepared.path.with_name(_INPUT)  # onnx2tf rewrites its input: never the prepared graph
-    onnx.save(_simplified(graph), str(source))
+    onnx.save(explicit_rnn_states(graph), str(source))
     names = [renamed[t.name] for t in prepared.inputs]
     with tempfile.TemporaryDirectory(prefix="edgec-onnx2tf-") as cwd, contextlib.chdir(cwd):
         _write_sample_images(Path(cwd), prepared, samples)
@@ -151,6 +156,8 @@ def _run_onnx2tf(prepared: PreparedModel, samples: SampleSet | None, folder: Pat
                 non_verbose=True,
                 not_use_onnxsim=True,  # done above, in this process (onnx2tf runs it from $PATH)
                 output_signaturedefs=True,
+                # recurrent layers as plain ops: TensorFlow's int8 calibrator crashes on its LSTM
+                enable_rnn_unroll=any(n.op_type in ("LSTM", "GRU", "RNN") for n in graph.graph.node),
                 # a TensorFlow-family source's graph is NHWC already: keep it that way
                 keep_nwc_or_nhwc_or_ndhwc_input_names=names if prepared.channels_last else None,
             )
