@@ -23,7 +23,7 @@ import onnx
 from onnx import helper
 
 from compiler.dequantize import dequantize
-from compiler.freeze import fold_frozen, freeze_inputs
+from compiler.freeze import fold_frozen, fold_shape_decided_ifs, freeze_inputs
 from compiler.importers import Imported
 from compiler.runtime import first_line
 from edgec.errors import ModelLoadError, ShapeSpecError
@@ -315,6 +315,7 @@ def prepare(
         frozen = freeze_inputs(model, graph_inputs(model), freeze, input_shapes)
         fold_frozen(model, frozen)
     _fix_input_dims(model, {k: v for k, v in input_shapes.items() if k not in frozen})
+    fold_shape_decided_ifs(model)  # the shapes are static now
     renamed_nodes = _sanitize_node_names(model.graph)
     renamed_tensors = _sanitize_tensor_names(model)
     del model.graph.value_info[:]
