@@ -9,9 +9,29 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["explicit_rnn_states"]
+__all__ = ["constants_as_initializers", "explicit_rnn_states"]
 
 logger = logging.getLogger(__name__)
+
+
+def constants_as_initializers(graph: onnx.ModelProto) -> onnx.ModelProto:
+    """Top-level ``Constant`` nodes (onnxsim leaves many) as initializers. onnx2tf transposes
+    an initializer to the channels-last layout of the tensor it meets, but takes a Constant
+    node's value as it is: YOLOv8's anchor points ([1,2,2100], a Constant) were subtracted
+    from channels-last box distances, and every box came out wrong (scores right)."""
+    kept: list[onnx.NodeProto] = []
+    for node in graph.graph.node:
+        value = node.attribute[0] if len(node.attribute) == 1 else None
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value and value.name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value.t)
+            tensor.name = node.output[0]
+            graph.graph.initializer.append(tensor)
+        else:
+            kept.append(node)
+    del graph.graph.node[:]
+    graph.graph.node.extend(kept)
+    return graph
 
 
 _RNN_STATES = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}  # input positions of initial_h (, initial_c)

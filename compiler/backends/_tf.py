@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from compiler._capture import call_quietly, captured_output
-from compiler.backends._onnx2tf_fixes import explicit_rnn_states
+from compiler.backends._onnx2tf_fixes import constants_as_initializers, explicit_rnn_states
 from compiler.backends._onnx2tf_log import explain
 from compiler.prepare import PreparedModel, converter_copy, converter_names
 from compiler.tensors import SampleSet
@@ -143,7 +143,7 @@ def _run_onnx2tf(prepared: PreparedModel, samples: SampleSet | None, folder: Pat
     graph, renamed = converter_copy(prepared)
     graph = _simplified(graph)
     source = prepared.path.with_name(_INPUT)  # onnx2tf rewrites its input: never the prepared graph
-    onnx.save(explicit_rnn_states(graph), str(source))
+    onnx.save(explicit_rnn_states(constants_as_initializers(graph)), str(source))
     names = [renamed[t.name] for t in prepared.inputs]
     with tempfile.TemporaryDirectory(prefix="edgec-onnx2tf-") as cwd, contextlib.chdir(cwd):
         _write_sample_images(Path(cwd), prepared, samples)

@@ -338,3 +338,75 @@ def cancelling_model(path: Path, *, stem_and_tail: bool = True) -> Path:
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
+
+
+def yolov8_head_model(path: Path, classes: int = 6) -> Path:
+    """The decoding head of a YOLOv8 detector as ultralytics exports it and onnxsim leaves it
+    (nudenet's 320n), on three feature maps p3 [1,C,8,8], p4 [1,C,4,4], p5 [1,C,2,2] with
+    C = 64 + classes: each Reshape [1,C,HW] -> Concat (84 anchors) -> Split -> scores =
+    Sigmoid; boxes = DFL (Reshape [1,4,16,A], Transpose, Softmax, a 1x1 Conv with weights
+    0..15, Reshape [1,4,A]) -> Slice into lt / rb -> anchor points (a ``Constant`` node) -/+
+    -> centre and size -> Concat -> * strides -> Concat with the scores -> y [1,4+classes,A].
+    onnx2tf 1.28 takes the Constant's value as it is beside channels-last tensors."""
+    channels = 64 + classes
+    sides = (8, 4, 2)
+    anchors = sum(side * side for side in sides)
+    grids = [np.stack(np.meshgrid(np.arange(s) + 0.5, np.arange(s) + 0.5)).reshape(2, -1) for s in sides]
+    points = np.concatenate(grids, axis=1)[None].astype(np.float32)
+    strides = np.concatenate([np.full(s * s, 320 / s, np.float32) for s in sides])[None]
+
+    def i64(name: str, value: list[int]) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.array(value, np.int64), name)
+
+    initializers = [
+        *(i64(f"flat{s}", [1, channels, s * s]) for s in sides),
+        i64("split", [64, classes]),
+        i64("dfl_shape", [1, 4, 16, anchors]),
+        i64("box_shape", [1, 4, anchors]),
+        i64("zero", [0]),
+        i64("two", [2]),
+        i64("four", [4]),
+        i64("axis1", [1]),
+        numpy_helper.from_array(np.arange(16, dtype=np.float32).reshape(1, 16, 1, 1), "dfl_w"),
+        numpy_helper.from_array(np.array(2.0, np.float32), "half"),
+        numpy_helper.from_array(strides, "strides"),
+    ]
+    nodes = [
+        *(helper.make_node("Reshape", [f"p{i + 3}", f"flat{s}"], [f"f{i + 3}"]) for i, s in enumerate(sides)),
+        helper.make_node("Concat", ["f3", "f4", "f5"], ["x"], axis=2, name="concat_levels"),
+        helper.make_node(
+            "Constant", [], ["anchor_points"], value=numpy_helper.from_array(points), name="anchors"
+        ),
+        helper.make_node("Split", ["x", "split"], ["box", "cls"], axis=1, name="split"),
+        helper.make_node("Sigmoid", ["cls"], ["scores"], name="scores"),
+        helper.make_node("Reshape", ["box", "dfl_shape"], ["dfl"], name="dfl/reshape"),
+        helper.make_node("Transpose", ["dfl"], ["dfl_t"], perm=[0, 2, 1, 3], name="dfl/transpose"),
+        helper.make_node("Softmax", ["dfl_t"], ["dfl_p"], axis=1, name="dfl/softmax"),
+        helper.make_node("Conv", ["dfl_p", "dfl_w"], ["dist4"], name="dfl/conv"),
+        helper.make_node("Reshape", ["dist4", "box_shape"], ["dist"], name="dfl/reshape_1"),
+        helper.make_node("Slice", ["dist", "zero", "two", "axis1"], ["lt"], name="slice_lt"),
+        helper.make_node("Slice", ["dist", "two", "four", "axis1"], ["rb"], name="slice_rb"),
+        helper.make_node("Sub", ["anchor_points", "lt"], ["x1y1"], name="sub"),
+        helper.make_node("Add", ["anchor_points", "rb"], ["x2y2"], name="add"),
+        helper.make_node("Add", ["x1y1", "x2y2"], ["sum"], name="add_1"),
+        helper.make_node("Sub", ["x2y2", "x1y1"], ["wh"], name="sub_1"),
+        helper.make_node("Div", ["sum", "half"], ["centre"], name="div"),
+        helper.make_node("Concat", ["centre", "wh"], ["xywh"], axis=1, name="concat_box"),
+        helper.make_node("Mul", ["xywh", "strides"], ["boxes"], name="mul_strides"),
+        helper.make_node("Concat", ["boxes", "scores"], ["y"], axis=1, name="concat_out"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "yolov8_head",
+        [
+            helper.make_tensor_value_info(f"p{i + 3}", TensorProto.FLOAT, [1, channels, s, s])
+            for i, s in enumerate(sides)
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4 + classes, anchors])],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path

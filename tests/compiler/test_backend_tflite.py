@@ -18,6 +18,7 @@ from .models import (
     multi_input_data,
     multi_input_model,
     rgb_model,
+    yolov8_head_model,
 )
 
 PI4 = Path(__file__).resolve().parents[2] / "device_profiles" / "data" / "raspberry-pi-4.toml"
@@ -221,6 +222,33 @@ def test_op_onnx2tf_cannot_convert_is_named_with_what_to_try(tmp_path):
         assert "try --format onnx" in error
         assert "cuInit" not in error
         assert "DFT OP is not yet implemented" in bundle["converter_log"]
+
+
+def test_a_yolov8_head_with_a_constant_node_of_anchors_converts(tmp_path):
+    """onnx2tf took the anchor points (a Constant node) as they were beside channels-last box
+    distances and failed at the last Concat ("Dimension 0 in both shapes must be equal", as
+    on nudenet's YOLOv8n); as an initializer they are transposed with the rest."""
+    result = run_edgec(
+        "build",
+        yolov8_head_model(tmp_path / "head.onnx"),
+        "--target",
+        "raspberry-pi-4",
+        "--format",
+        "tflite",
+        "--precision",
+        "fp32",
+        "--output-kind",
+        "y=detection",
+        "--json",
+        "--out",
+        tmp_path / "out",
+    )
+    assert result.returncode == 0, result.stderr
+    (bundle,) = result.json()["bundles"]
+    assert bundle["status"] == "ok", bundle.get("error")
+    (figures,) = bundle["metrics"]["outputs"]
+    assert figures["cosine"] > 0.9999
+    assert figures["max_abs_err"] < 0.01  # boxes in pixels up to 320
 
 
 def test_int8_of_an_lstm_builds_unrolled(tmp_path):
