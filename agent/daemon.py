@@ -37,7 +37,7 @@ from agent.telemetry import TelemetryBuffer, WindowRecorder
 from agent.trust import TrustedRepository
 from edgec._service import run_until_signalled
 from edgec.director import SignedDirectorDocument, parse_signed_document
-from edgec.errors import TrustError
+from edgec.errors import NewerSchemaError, TrustError
 from edgec.topics import device_topics
 
 __all__ = ["Agent"]
@@ -170,7 +170,8 @@ class Agent:
             envelope = parse_signed_document(message.payload)  # bounded, every name checked
         except TrustError as e:
             logger.warning("dropped a director document: %s", e)
-            self.reporter.event("refused", None, str(e), step="accept")
+            release = e.release if isinstance(e, NewerSchemaError) else None  # settles its rollout
+            self.reporter.event("refused", release, str(e), step="accept")
             return
         with self._work:
             self._desired = envelope  # the newest wins

@@ -19,7 +19,7 @@ from securesystemslib.exceptions import UnverifiedSignatureError
 from securesystemslib.signer import Key, Signature
 
 from edgec._atomic import atomic_write
-from edgec.director import DirectorDocument, SignedDirectorDocument, canonical
+from edgec.director import DirectorDocument, SignedDirectorDocument
 from edgec.errors import TrustError
 
 __all__ = ["DirectorState", "RepositoryFile", "check_against_repository"]
@@ -84,7 +84,7 @@ class DirectorState:
         return cls(key=key, device=device, profile=profile, version=int(data["version"]))
 
     def _check_signature(self, envelope: SignedDirectorDocument) -> None:
-        data = canonical(envelope.signed)
+        data = envelope.signed_bytes()  # as received, unknown fields included
         for sig in envelope.signatures:
             if sig.keyid != self.key.keyid:
                 continue

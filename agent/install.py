@@ -34,7 +34,14 @@ from agent.slot import LoadedModel, ModelSlot
 from agent.store import ActivePointer, InstallJournal, StateStore
 from agent.trust import TrustedRepository
 from edgec.director import DirectorDocument, SignedDirectorDocument
-from edgec.errors import BundleError, FetchError, InvalidNameError, PathOutsideRootError, TrustError
+from edgec.errors import (
+    BundleError,
+    FetchError,
+    InvalidNameError,
+    NewerSchemaError,
+    PathOutsideRootError,
+    TrustError,
+)
 from edgec.manifest import check_files, read_manifest, sha256_file
 from edgec.names import check_relative_path, parse_release, resolve_inside
 
@@ -201,7 +208,7 @@ class Installer:
             return None
         try:
             return SignedDirectorDocument.model_validate(stored)
-        except ValueError as e:  # pydantic's ValidationError
+        except (ValueError, NewerSchemaError) as e:  # pydantic's ValidationError; a newer agent's
             logger.error("the stored director document is invalid, ignoring it: %s", str(e).splitlines()[0])
             return None
 
@@ -243,7 +250,7 @@ class Installer:
         # accepted again, never one that looks like a replay of itself
         journal = InstallJournal(doc.version, doc.release, int(Step.ACCEPTED))
         try:
-            self.store.set_document(envelope.model_dump(mode="json"))
+            self.store.set_document(envelope.wire_data())  # `signed` as received: it verifies again
             self.director.save(self.director_path)
             self.store.set_journal(journal)
         except OSError as e:

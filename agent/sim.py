@@ -82,7 +82,7 @@ from agent.store import StateStore
 from agent.telemetry import DriftConfig
 from agent.trust import TrustedRepository
 from edgec.director import SignedDirectorDocument, parse_signed_document
-from edgec.errors import OptionError, TrustError
+from edgec.errors import NewerSchemaError, OptionError, TrustError
 from edgec.manifest import Manifest, read_manifest
 from edgec.reports import DriftVerdict, Telemetry
 from edgec.topics import device_topics
@@ -617,7 +617,8 @@ class SimulatedDevice:
         try:
             envelope = parse_signed_document(message.payload)  # bounded, every name checked
         except TrustError as e:
-            self.reporter.event("refused", None, str(e), step="accept")
+            release = e.release if isinstance(e, NewerSchemaError) else None  # settles its rollout
+            self.reporter.event("refused", release, str(e), step="accept")
             return
         with self._lock:
             self._desired = envelope  # the newest wins

@@ -10,6 +10,10 @@ uses for it, so the CLI never has to guess:
   Other targets are still built.
 - ``ServerError`` (exit 4): the OTA server could not be reached or refused an operator's
   request; its answer is in the message.
+
+A wire document from a newer release (``NewerSchemaError``) is nobody's fault but the
+reader's age: it is refused where that document's other problems are (a bundle's as a
+``BundleError``, a director document's as a ``TrustError``), and its message says to upgrade.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ __all__ = [
     "GateError",
     "InvalidNameError",
     "ModelLoadError",
+    "NewerBundleError",
+    "NewerDirectorDocumentError",
+    "NewerSchemaError",
     "NotFoundError",
     "OptionError",
     "OutputDirError",
@@ -194,3 +201,45 @@ class ServerError(EdgecError):
     """The OTA server's operator API could not be reached or refused the request."""
 
     exit_code = EXIT_SERVER
+
+
+class NewerSchemaError(EdgecError):
+    """A wire document written by a newer release of edgec: its ``schema_version`` has a newer
+    major than this reader supports. Not bad data and not an attack: this reader is too old,
+    and upgrading it is the fix (a fleet is never upgraded at once).
+
+    ``document`` names the document, ``found`` is its ``schema_version`` as given (clipped),
+    ``supported`` the newest major this reader reads, ``release`` the NAME:VERSION it names
+    where that could be read (so a refusal can be reported against its release)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        document: str,
+        found: str,
+        supported: int,
+        release: str | None = None,
+        **rest: str,
+    ) -> None:
+        super().__init__(message, **rest)  # cooperative: TrustError takes ``role``
+        self.document = document
+        self.found = found
+        self.supported = supported
+        self.release = release
+
+
+class NewerBundleError(NewerSchemaError, BundleError):
+    """A bundle file (its manifest, a TensorRT build plan) from a newer compiler."""
+
+
+class NewerDirectorDocumentError(NewerSchemaError, TrustError):
+    """A director document from a newer server (role ``director``); refused before its
+    signature is checked, as a newer major may change what is signed."""
+
+    def __init__(
+        self, message: str, *, document: str, found: str, supported: int, release: str | None = None
+    ) -> None:
+        super().__init__(
+            message, document=document, found=found, supported=supported, release=release, role="director"
+        )

@@ -4,6 +4,10 @@ A bundle is one folder per model x version x profile (see DESIGN.md, "Bundle"). 
 manifest lists every other file with its sha256 and length, the tensors the model takes
 and gives (with layout, so a runtime feeds it right), the verification figures, and the
 reference statistics the agent compares live traffic against for drift.
+
+A wire document read tolerantly: fields a newer compiler adds, at any level, are kept and
+ignored (the director and the image repository sign the file's bytes, not this model). Only a
+newer major ``schema_version`` is refused (``NewerBundleError``: upgrade the reader).
 """
 
 from __future__ import annotations
@@ -13,15 +17,19 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from edgec._bounded_json import json_depth
+from edgec._schema import check_schema_version
+from edgec.errors import BundleError, NewerBundleError
 from edgec.names import Name, RelativePath, Version
 
 __all__ = [
     "MANIFEST_NAME",
     "MAX_MANIFEST_BYTES",
+    "MAX_MANIFEST_DEPTH",
     "SCHEMA_VERSION",
     "BundleStatus",
     "FileEntry",
@@ -45,9 +53,10 @@ __all__ = [
     "sha256_file",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # the major this reader reads; additive changes do not bump it
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest is tens of KB; anything near this is not one
+MAX_MANIFEST_DEPTH = 64  # a manifest nests 6 deep; unknown fields get room, not a stack's worth
 _CHUNK = 1 << 20
 
 
@@ -105,7 +114,8 @@ class BundleStatus(enum.StrEnum):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # a wire document: unknown fields are kept and ignored, at every level
+    model_config = ConfigDict(extra="allow", frozen=True)
 
 
 class TensorSpec(_Model):
@@ -234,11 +244,28 @@ class Manifest(_Model):
     source: SourceRef
     frozen_inputs: list[FrozenInput] = []  # source inputs fixed at build time (--freeze)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _readable_version(cls, data: Any) -> Any:
+        """A newer major is refused before any field is read (it may have changed them)."""
+        return _check_version(data, "bundle manifest")
+
     def file(self, path: str) -> FileEntry:
         for entry in self.files:
             if entry.path == path:
                 return entry
         raise KeyError(path)
+
+
+def _check_version(data: Any, document: str) -> Any:
+    return check_schema_version(
+        data,
+        document=document,
+        supported=SCHEMA_VERSION,
+        writer="compiler",
+        upgrade="agent or server reading it",
+        error=NewerBundleError,
+    )
 
 
 def sha256_file(path: Path) -> str:
@@ -260,15 +287,18 @@ def file_entry(root: Path, path: Path) -> FileEntry:
 
 def parse_manifest(data: bytes | bytearray | str, source: str = MANIFEST_NAME) -> Manifest:
     """A manifest from its JSON text. Raises ``BundleError`` (one line: ``source`` and the
-    first problems) for anything that is not a valid manifest; never another exception."""
-    from edgec.errors import BundleError
-
+    first problems) for anything that is not a valid manifest, ``NewerBundleError`` (a
+    ``BundleError``) for one from a newer compiler; never another exception."""
     if len(data) > MAX_MANIFEST_BYTES:
         raise BundleError(f"{source} is {len(data)} bytes, over the limit of {MAX_MANIFEST_BYTES}")
+    encoded = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    if json_depth(encoded, MAX_MANIFEST_DEPTH) > MAX_MANIFEST_DEPTH:  # kept unknown fields must dump
+        raise BundleError(f"cannot read {source}: it nests deeper than {MAX_MANIFEST_DEPTH} levels")
     try:
         raw = json.loads(data)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise BundleError(f"cannot read {source}: {type(e).__name__}: {str(e)[:200]}") from e
+    raw = _check_version(raw, source)  # named by its path; raises NewerBundleError
     try:
         return Manifest.model_validate(raw)
     except ValueError as e:  # pydantic's ValidationError
@@ -278,8 +308,6 @@ def parse_manifest(data: bytes | bytearray | str, source: str = MANIFEST_NAME) -
 
 def read_manifest(bundle: Path) -> Manifest:
     """Load and validate ``bundle/manifest.json``. Raises ``BundleError``."""
-    from edgec.errors import BundleError
-
     path = bundle / MANIFEST_NAME
     try:
         with path.open("rb") as f:

@@ -3,6 +3,9 @@
 Reports are wire documents read tolerantly: a newer agent's unknown fields are kept and
 ignored. They come from devices, so every field is bounded: identifiers by length, free text
 (``detail``) clipped, numbers finite, and unknown fields few, short-named and small.
+
+Reports carry no ``schema_version`` yet (major 1); one with a newer major is refused with a
+``NewerSchemaError`` (upgrade the server), before its fields are read.
 """
 
 from __future__ import annotations
@@ -13,7 +16,11 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-__all__ = ["DeviceState", "DriftVerdict", "Event", "Telemetry"]
+from edgec._schema import check_schema_version
+
+__all__ = ["SCHEMA_VERSION", "DeviceState", "DriftVerdict", "Event", "Telemetry"]
+
+SCHEMA_VERSION = 1  # the major this reader reads (a report without the field is major 1)
 
 MAX_EXTRA_FIELDS = 16  # unknown fields a report may carry
 MAX_KEY_CHARS = 64  # the length of an unknown field's name (and of a key inside its value)
@@ -72,12 +79,28 @@ def _check_extras(extra: dict[str, Any] | None) -> None:
             )
 
 
+def _readable(data: Any, document: str) -> Any:
+    return check_schema_version(
+        data, document=document, supported=SCHEMA_VERSION, writer="agent", upgrade="server"
+    )
+
+
 class DeviceState(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     status: Annotated[str, Field(max_length=64)]  # serving, installing, rolled-back, error, ...
     installed: Text | None = None  # NAME:VERSION of the committed model
     detail: Detail | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _readable_version(cls, data: Any) -> Any:
+        return _readable(data, "device state report")
+
+    @model_validator(mode="after")
+    def _bounded_extras(self) -> DeviceState:
+        _check_extras(self.model_extra)
+        return self
 
 
 class DriftVerdict(enum.StrEnum):
@@ -108,6 +131,11 @@ class Telemetry(BaseModel):
     # per tensor that saw enough values (tensor names can be long: the report's size cap bounds them)
     psi: dict[Annotated[str, Field(max_length=1024)], float] | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _readable_version(cls, data: Any) -> Any:
+        return _readable(data, "telemetry window")
+
     @model_validator(mode="after")
     def _bounded_extras(self) -> Telemetry:
         _check_extras(self.model_extra)
@@ -129,6 +157,11 @@ class Event(BaseModel):
     detail: Detail | None = None
     step: Annotated[str, Field(max_length=64)] | None = None  # where a refusal happened
     at: Moment | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _readable_version(cls, data: Any) -> Any:
+        return _readable(data, "device event")
 
     @model_validator(mode="after")
     def _bounded_extras(self) -> Event:

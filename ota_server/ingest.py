@@ -23,6 +23,7 @@ from typing import Literal
 from pydantic import ValidationError
 
 from edgec._bounded_json import JsonInputError, loads
+from edgec.errors import NewerSchemaError
 from edgec.reports import DeviceState, Event, Telemetry
 
 __all__ = ["ReportLimits", "ReportRefused", "WindowRateLimiter", "parse_report"]
@@ -75,6 +76,8 @@ def parse_report(
         return model.model_validate(data)
     except JsonInputError as e:
         raise ReportRefused(f"{kind} report is {e}", "not JSON") from None
+    except NewerSchemaError as e:  # a newer agent's: says to upgrade the server
+        raise ReportRefused(str(e)[:300], "newer schema") from None
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or kind
