@@ -32,11 +32,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from edgec._bounded_json import JsonInputError, loads
 from edgec.director import Action, SignedDirectorDocument
 from edgec.errors import NotFoundError, UserInputError
+from edgec.rollout_spec import RolloutSpec
 from ota_server import _http_server
 from ota_server._http_server import ApiLimits, HttpError, Response
 from ota_server.registry import Registry
 from ota_server.repository import ImageRepository
-from ota_server.rollouts import Rollouts, RolloutSpec
+from ota_server.rollouts import Rollouts
 from ota_server.served import served_file
 
 __all__ = ["ApiLimits", "AssignRequest", "HttpApi", "Role", "openapi"]

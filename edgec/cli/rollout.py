@@ -74,7 +74,7 @@ def register(commands: Any) -> None:
 
 
 def run_start(args: argparse.Namespace) -> int:
-    from ota_server.rollouts import parse_duration
+    from edgec.rollout_spec import parse_duration
 
     spec = {
         "release": args.release,

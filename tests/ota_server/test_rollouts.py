@@ -10,8 +10,9 @@ import pytest
 
 from edgec.director import Action
 from edgec.errors import OptionError, UserInputError
+from edgec.rollout_spec import RolloutSpec, parse_duration, parse_rule
 from ota_server.registry import Registry
-from ota_server.rollouts import Rollouts, RolloutSpec, parse_duration, parse_rule
+from ota_server.rollouts import Rollouts
 
 START = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)
 

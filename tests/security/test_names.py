@@ -36,10 +36,10 @@ from edgec.errors import BundleError, InvalidNameError, PathOutsideRootError, Pr
 from edgec.fetch_protocol import decode_request, decode_response, encode_response
 from edgec.manifest import parse_manifest
 from edgec.names import parse_release, remove_inside, resolve_inside
+from edgec.rollout_spec import RolloutSpec
 from edgec.topics import device_topics
 from ota_server.registry import Registry
 from ota_server.repository import ImageRepository
-from ota_server.rollouts import RolloutSpec
 from tests._cli import DIGITS, run_edgec
 from tests.security.test_image_repository import bundle  # noqa: F401  (fixture)
 
