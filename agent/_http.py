@@ -49,6 +49,7 @@ from typing import Any, NamedTuple
 import httptools
 
 from agent.config import ServingLimits
+from edgec.errors import EdgecError
 
 __all__ = [
     "ACCEPT_PAUSE_S",
@@ -103,8 +104,8 @@ def default_max_connections() -> int:
     return max(1, min(4096, soft - max(FD_HEADROOM, soft // 8)))
 
 
-class HttpError(Exception):
-    """A request that gets a 4xx/5xx JSON error."""
+class HttpError(EdgecError):
+    """A request that gets a 4xx/5xx JSON error; ``status`` says whose fault it is."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -277,7 +278,7 @@ class HttpCore:
 _IDLE, _HEAD, _BODY, _UPGRADE_BODY, _CLOSING = range(5)
 
 
-class _Stop(Exception):
+class _Stop(EdgecError):
     """Raised in a parser callback after a refusal is queued: stop parsing this connection."""
 
 

@@ -2,8 +2,10 @@
 
 ``DirectorState`` holds what the device trusts (the director's public key, its own id and
 profile, the highest document version it has accepted). ``accept`` checks a document and
-returns the new state, or raises ``TrustError`` and leaves the old state as it was. The
-install decision then needs the image repository to agree: ``check_against_repository``.
+returns the new state, or raises a ``TrustError`` (by fault: ``BadSignatureError``,
+``RollbackError``, ``ExpiredError``; another device's or profile's document is a plain one)
+and leaves the old state as it was. The install decision then needs the image repository to
+agree: ``check_against_repository`` (``HashMismatchError`` where they disagree).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from securesystemslib.signer import Key, Signature
 
 from edgec._atomic import atomic_write
 from edgec.director import DirectorDocument, SignedDirectorDocument
-from edgec.errors import TrustError
+from edgec.errors import BadSignatureError, ExpiredError, HashMismatchError, RollbackError, TrustError
 
 __all__ = ["DirectorState", "RepositoryFile", "check_against_repository"]
 
@@ -51,12 +53,14 @@ class DirectorState:
                 f"director document is for device {doc.device!r}, not {self.device!r}", "director"
             )
         if doc.version <= self.version:
-            raise TrustError(
+            raise RollbackError(
                 f"director document version {doc.version} is not newer than {self.version} (replay?)",
                 "director",
             )
         if doc.expires <= now:
-            raise TrustError(f"director document version {doc.version} expired at {doc.expires}", "director")
+            raise ExpiredError(
+                f"director document version {doc.version} expired at {doc.expires}", "director"
+            )
         if doc.profile != self.profile:
             raise TrustError(
                 f"director document names profile {doc.profile!r}, the device is {self.profile!r}", "director"
@@ -93,7 +97,7 @@ class DirectorState:
                 return
             except UnverifiedSignatureError:
                 break
-        raise TrustError("director document is not signed by the trusted director key", "director")
+        raise BadSignatureError("director document is not signed by the trusted director key", "director")
 
 
 def check_against_repository(doc: DirectorDocument, signed: Mapping[str, RepositoryFile]) -> None:
@@ -106,7 +110,7 @@ def check_against_repository(doc: DirectorDocument, signed: Mapping[str, Reposit
                 f"director names {file.path}, which the image repository does not sign", "targets"
             )
         if (target.sha256, target.length) != (file.sha256, file.length):
-            raise TrustError(
+            raise HashMismatchError(
                 f"director and image repository disagree on {file.path}'s hash or length", "targets"
             )
         if target.profile != doc.profile:

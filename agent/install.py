@@ -36,6 +36,7 @@ from agent.trust import TrustedRepository
 from edgec.director import DirectorDocument, SignedDirectorDocument
 from edgec.errors import (
     BundleError,
+    EdgecError,
     FetchError,
     InvalidNameError,
     NewerSchemaError,
@@ -62,8 +63,10 @@ class Step(enum.IntEnum):
     COMMITTED = 9
 
 
-class Refused(Exception):
-    """The install of this document ends here (reported; the current model keeps serving)."""
+class Refused(EdgecError):
+    """The install of this document ends here (reported; the current model keeps serving).
+    Whose fault it was is in ``__cause__`` (a ``TrustError``, a ``BundleError``...) or the
+    step that refused it (a self-test, a probation)."""
 
     def __init__(self, step: str, reason: str) -> None:
         super().__init__(f"{step}: {reason}")
@@ -71,7 +74,7 @@ class Refused(Exception):
         self.reason = reason
 
 
-class _Stopping(Exception):
+class _Stopping(EdgecError):
     """The agent is stopping in the middle of an install; its journal resumes it."""
 
 

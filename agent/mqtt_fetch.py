@@ -22,7 +22,8 @@ import paho.mqtt.client as mqtt
 from tuf.api import exceptions as tuf_errors
 from tuf.ngclient import FetcherInterface
 
-from edgec.errors import FetchError, TrustError
+from edgec._atomic import atomic_replace
+from edgec.errors import FetchError, HashMismatchError
 from edgec.fetch_protocol import decode_response, encode_request
 from edgec.topics import fetch_request, fetch_response
 
@@ -197,7 +198,9 @@ class ResumableDownload:
                 _, data = self.chunks.chunk(self.path, offset)
                 expected = min(self.chunk_bytes, self.length - offset)
                 if len(data) != expected or hashlib.sha256(data).hexdigest() != self.hashes[index]:
-                    raise TrustError(f"{self.path}: chunk {index} does not match its signed hash", "target")
+                    raise HashMismatchError(
+                        f"{self.path}: chunk {index} does not match its signed hash", "target"
+                    )
                 out.write(data)
                 out.flush()
                 os.fsync(out.fileno())
@@ -208,6 +211,8 @@ class ResumableDownload:
                 digest.update(block)
         if digest.hexdigest() != self.sha256:
             self.partial.unlink()
-            raise TrustError(f"{self.path}: the assembled file does not match its signed sha256", "target")
-        os.replace(self.partial, self.dest)
+            raise HashMismatchError(
+                f"{self.path}: the assembled file does not match its signed sha256", "target"
+            )
+        atomic_replace(self.partial, self.dest)
         return self.dest

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edgec.errors import BundleError
+from edgec.errors import BundleError, UserInputError
 from edgec.manifest import Manifest, OutputKind, TargetFormat, TensorSpec, check_files, read_manifest
 
 __all__ = [
@@ -72,7 +72,7 @@ class NotRunnableHereError(LoadError):
     """The bundle's format has no runtime on this device (CoreML, TensorRT, a missing package)."""
 
 
-class InputError(ValueError):
+class InputError(UserInputError, ValueError):
     """A request's tensors do not fit the model; ``str()`` is one line naming the tensor."""
 
 

@@ -54,7 +54,6 @@ import heapq
 import json
 import logging
 import math
-import os
 import queue
 import random
 import selectors
@@ -81,8 +80,9 @@ from agent.slot import ModelSlot
 from agent.store import StateStore
 from agent.telemetry import DriftConfig
 from agent.trust import TrustedRepository
+from edgec._atomic import atomic_write
 from edgec.director import SignedDirectorDocument, parse_signed_document
-from edgec.errors import NewerSchemaError, OptionError, TrustError
+from edgec.errors import EdgecError, NewerSchemaError, OptionError, TrustError
 from edgec.manifest import Manifest, read_manifest
 from edgec.reports import DriftVerdict, Telemetry
 from edgec.topics import device_topics
@@ -237,7 +237,7 @@ class SimBehaviours:
 
 
 # --- the runtime stand-in --------------------------------------------------------------------
-class SimulatedFailure(RuntimeError):
+class SimulatedFailure(EdgecError, RuntimeError):
     """A failure the behaviour asked for (a request's error, a load that fails)."""
 
 
@@ -727,10 +727,8 @@ class SimulatedDevice:
 
     def save_seq(self) -> None:
         """Keep window numbers increasing across runs (written once, at stop)."""
-        tmp = self._seq_path.with_name(f".{self._seq_path.name}.tmp")
         with contextlib.suppress(OSError):
-            tmp.write_text(json.dumps({"next_seq": self._seq}), encoding="utf-8")
-            os.replace(tmp, self._seq_path)
+            atomic_write(self._seq_path, json.dumps({"next_seq": self._seq}).encode())
 
 
 # --- the fleet ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
+from edgec.errors import EdgecError
 from edgec.manifest import Manifest
 
 __all__ = ["LoadedModel", "ModelSlot", "NoModelError"]
@@ -23,8 +24,9 @@ __all__ = ["LoadedModel", "ModelSlot", "NoModelError"]
 logger = logging.getLogger(__name__)
 
 
-class NoModelError(Exception):
-    """No model is installed yet."""
+class NoModelError(EdgecError):
+    """No model is installed yet: nobody's fault, the device waits for its first install
+    (the inference API answers 503)."""
 
 
 class LoadedModel(Protocol):

@@ -3,9 +3,11 @@
 ngclient does the verification TUF specifies (signatures and thresholds, versions that never
 go back, expiry, snapshot/targets consistency, hashes and lengths of every download, with the
 download stopped at the signed length); this module feeds it bytes and turns its exceptions
-into edgec's: ``TrustError`` for anything the repository got wrong, ``FetchError`` for a
-transport failure worth retrying. Trusted metadata is persisted by ngclient under the state
-folder (written atomically) and survives every refusal untouched.
+into edgec's, by type: a ``TrustError`` for anything the repository got wrong (its subclass
+names the check: ``ExpiredError``, ``RollbackError``, ``BadSignatureError``,
+``HashMismatchError``), a ``FetchError`` for a transport failure worth retrying. Trusted
+metadata is persisted by ngclient under the state folder (written atomically) and survives
+every refusal untouched.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from pathlib import Path
 from tuf.api import exceptions as tuf_errors
 from tuf.ngclient import FetcherInterface, TargetFile, Updater, UpdaterConfig
 
-from edgec.errors import FetchError, TrustError
+from edgec._atomic import atomic_write
+from edgec.errors import (
+    BadSignatureError,
+    ExpiredError,
+    FetchError,
+    HashMismatchError,
+    RollbackError,
+    TrustError,
+)
 
 __all__ = ["FolderFetcher", "TrustedRepository"]
 
@@ -47,11 +57,29 @@ class FolderFetcher(FetcherInterface):
 
 
 def _role_of(error: Exception) -> str:
+    """The role a refusal names (python-tuf's errors carry no role, only their text); only a
+    label for the report, never what decides how the refusal is handled."""
     text = str(error).lower()
     for role in ("timestamp", "snapshot", "targets", "root"):
         if role in text:
             return role
     return "target"
+
+
+# python-tuf's refusals and ours, most specific first (EqualVersionNumberError is a
+# BadVersionNumberError); any other RepositoryError is a plain TrustError.
+_BY_TYPE: tuple[tuple[type[Exception], type[TrustError]], ...] = (
+    (tuf_errors.ExpiredMetadataError, ExpiredError),
+    (tuf_errors.BadVersionNumberError, RollbackError),
+    (tuf_errors.UnsignedMetadataError, BadSignatureError),
+    (tuf_errors.LengthOrHashMismatchError, HashMismatchError),
+)
+
+
+def _refused(message: str, role: str, error: tuf_errors.RepositoryError) -> TrustError:
+    """python-tuf's refusal ``error`` as the ``TrustError`` subclass of its type."""
+    kind = next((ours for theirs, ours in _BY_TYPE if isinstance(error, theirs)), TrustError)
+    return kind(message, role)
 
 
 class TrustedRepository:
@@ -92,14 +120,14 @@ class TrustedRepository:
     def provision(state: Path, root: bytes) -> None:
         """Install the first trusted root (shipped with the device image or its config)."""
         (state / "metadata").mkdir(parents=True, exist_ok=True)
-        (state / "metadata" / "root.json").write_bytes(root)
+        atomic_write(state / "metadata" / "root.json", root)
 
     def refresh(self) -> None:
         self._updater = self._new_updater()
         try:
             self._updater.refresh()
         except tuf_errors.RepositoryError as e:
-            raise TrustError(f"repository metadata refused: {type(e).__name__}: {e}", _role_of(e)) from e
+            raise _refused(f"repository metadata refused: {type(e).__name__}: {e}", _role_of(e), e) from e
         except tuf_errors.DownloadError as e:
             raise FetchError(f"cannot fetch repository metadata: {e}") from e
 
@@ -112,7 +140,7 @@ class TrustedRepository:
             cached = self._updater.find_cached_target(info)
             return Path(cached or self._updater.download_target(info))
         except tuf_errors.RepositoryError as e:
-            raise TrustError(f"{target_path} refused: {type(e).__name__}: {e}", "target") from e
+            raise _refused(f"{target_path} refused: {type(e).__name__}: {e}", "target", e) from e
         except tuf_errors.DownloadError as e:
             raise FetchError(f"cannot download {target_path}: {e}") from e
 
@@ -121,7 +149,7 @@ class TrustedRepository:
         try:
             info = self._updater.get_targetinfo(target_path)
         except tuf_errors.RepositoryError as e:
-            raise TrustError(f"{target_path} refused: {type(e).__name__}: {e}", "targets") from e
+            raise _refused(f"{target_path} refused: {type(e).__name__}: {e}", "targets", e) from e
         except tuf_errors.DownloadError as e:
             raise FetchError(f"cannot fetch the metadata for {target_path}: {e}") from e
         if info is None:

@@ -8,53 +8,41 @@ reported with its figures; the other targets are still built.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
-import hashlib
 import logging
 import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError
+from dataclasses import dataclass
 from importlib.metadata import version as dist_version
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 import edgec
 from compiler.backends import BACKENDS, Artifact, get_backend
 from compiler.bundle import bundle_dir_name, write_bundle
-from compiler.cache import BuildCache, default_cache_dir
-from compiler.dequantize import agreement_failures, agreement_note, described
-from compiler.kinds import Kinds, check_kind_names, detect_kinds
+from compiler.cache import BuildCache
+from compiler.dequantize import agreement_failures
 from compiler.limits import (
-    DEFAULT_MAX_SAMPLES,
     MemoryBudget,
-    describe_tensors,
     format_size,
     memory_budget,
-    sample_bytes,
 )
-from compiler.prepare import PreparedModel, prepare
+from compiler.prepare import PreparedModel
 from compiler.report import BuildResult, TargetResult
-from compiler.runtime import OnnxRuntimeRunner, Runner, first_line
+from compiler.runtime import first_line
 from compiler.search import Context, Trial, best, search, with_layer_errors
-from compiler.source import SourceModel, identify, import_source
-from compiler.stateful import (
-    Sequences,
-    find_sequences,
-    run_carrying,
-    state_kinds,
-    stored_inputs,
-    with_zero_states,
+from compiler.shared import (
+    BuildRequest,
+    Progress,
+    Shared,
+    prepare_shared,
+    shared_notes,
+    with_shapes,
 )
-from compiler.stats import tensor_stats
-from compiler.tensors import SampleSet, generate_samples, load_samples
-from compiler.verify import Outputs, compare
+from compiler.source import identify
 from device_profiles import DeviceProfile, load_profile
 from edgec.errors import (
     BuildError,
@@ -66,74 +54,22 @@ from edgec.errors import (
     UserInputError,
 )
 from edgec.manifest import (
-    SCHEMA_VERSION,
     BundleStatus,
     FileEntry,
     FrozenInput,
     Manifest,
-    Metrics,
-    OutputKind,
     Precision,
     ProfileRef,
-    SourceRef,
     TargetFormat,
-    TensorSpec,
-    TensorStats,
     Verification,
-    sha256_file,
 )
 
 __all__ = ["BuildRequest", "build"]
 
 logger = logging.getLogger(__name__)
 
-GENERATED_SAMPLES = 32  # when the user gives no data (fewer if --max-samples is lower)
 GOLDEN_SAMPLES = 8
-CONVERTERS = (
-    "numpy",
-    "onnx",
-    "onnxruntime",
-    "onnxconverter-common",
-    "tensorflow",
-    "tf_keras",
-    "tf2onnx",
-    "onnx2tf",
-    "ai-edge-litert",
-    "coremltools",
-    "torch",
-    "onnxscript",
-    "tensorrt",
-)
 LAYER_ERRORS_KEPT = 20
-VERIFY_VERSION = 3  # bump when figures or layer tables are measured differently: cached ones are stale
-Progress = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class BuildRequest:
-    model: Path
-    targets: Sequence[str | Path]
-    out: Path
-    format: TargetFormat | Literal["all"] | None = None  # None: each profile's first format
-    precision: Precision | Literal["auto"] | None = None  # None: each profile's default
-    calibration: Path | None = None
-    eval: Path | None = None
-    input_shapes: Mapping[str, list[int]] = field(default_factory=dict)
-    # inputs replaced by constants, values as written (``--freeze``; see compiler.freeze)
-    freeze: Mapping[str, str] = field(default_factory=dict)
-    # how outputs are judged, where the kind found from shape and values is not the right one
-    output_kinds: Mapping[str, OutputKind] = field(default_factory=dict)
-    # stateful models: state input -> state output (``--state``; else found by name), and the
-    # steps per sequence in data files (None: a whole file is one sequence; see compiler.stateful)
-    states: Mapping[str, str] = field(default_factory=dict)
-    sequence_length: int | None = None
-    name: str | None = None
-    version: str = "1.0.0"
-    force: bool = False
-    ignore_gates: bool = False
-    cache: Path | None = field(default_factory=default_cache_dir)  # None: no build cache
-    memory_budget_bytes: int | None = None  # None: EDGEC_MEMORY_BUDGET, else half the memory available
-    max_samples: int = DEFAULT_MAX_SAMPLES  # of calibration and eval data each; the first ones are used
 
 
 @dataclass(frozen=True)
@@ -142,24 +78,6 @@ class _Plan:
     format: TargetFormat
     precision: Precision | None  # None: auto
     bundle: Path
-
-
-@dataclass
-class _Shared:
-    """Everything the targets of one build have in common, computed once."""
-
-    request: BuildRequest
-    source: SourceModel
-    prepared: PreparedModel
-    calibration: SampleSet | None
-    verify_set: SampleSet
-    reference: Outputs
-    kinds: Kinds
-    stats: list[TensorStats]
-    cache_parts: dict[str, object]
-    sequences: Sequences | None = None  # a stateful model: run over sequences carrying its state
-    # a quantized source built from its float equivalent: that graph against the source
-    dequantized: Metrics | None = None
 
 
 def _formats(request: BuildRequest, profile: DeviceProfile) -> list[TargetFormat]:
@@ -224,128 +142,6 @@ def _check_out_dir(out: Path, plans: list[_Plan], force: bool) -> None:
                 )
 
 
-def _with_shapes(specs: list[TensorSpec], sample: Mapping[str, np.ndarray]) -> list[TensorSpec]:
-    """Fill dimensions shape inference left unknown from an actual run."""
-    return [
-        s if -1 not in s.shape else s.model_copy(update={"shape": list(sample[s.name].shape)}) for s in specs
-    ]
-
-
-def _reference_stats(samples: SampleSet, outputs: Outputs, output_names: Sequence[str]) -> list[TensorStats]:
-    stats = [tensor_stats(name, list(array)) for name, array in samples.arrays.items()]
-    stats += [tensor_stats(name, [o[name] for o in outputs]) for name in output_names]
-    return [s for s in stats if s is not None]
-
-
-_SHAPE_FIX = "set a smaller --input-shape (or export the model with smaller inputs)"
-
-
-def _samples(
-    request: BuildRequest, prepared: PreparedModel, budget: MemoryBudget, sequences: Sequences | None
-) -> tuple[SampleSet | None, SampleSet]:
-    """Calibration data and the verification set, each checked against the budget from the
-    declared shapes (and data file headers) before it is allocated."""
-    inputs = describe_tensors(prepared.inputs)
-    per_input, per_output = sample_bytes(prepared.inputs), sample_bytes(prepared.outputs)
-    one = per_input + per_output
-    budget.check(one, f"one sample of {inputs} needs {format_size(one)} with the model's outputs", _SHAPE_FIX)
-    limit = request.max_samples
-    frozen = list(prepared.frozen)
-
-    def load(path: Path, origin: str) -> SampleSet:  # a stateful model's data may leave states out
-        specs = stored_inputs(path, prepared.inputs, sequences)
-        found = load_samples(path, specs, origin, budget, limit, frozen=frozen)
-        return with_zero_states(found, prepared.inputs)
-
-    calibration = load(request.calibration, "calibration") if request.calibration else None
-    evaluation = load(request.eval, "eval") if request.eval else None
-    verify_set = evaluation or calibration
-    if verify_set is None:
-        count = min(GENERATED_SAMPLES, limit)
-        need = count * per_input
-        head = f"{count} generated samples of {inputs} need {format_size(need)}"
-        budget.reserve(need, head, f"{_SHAPE_FIX}, use fewer samples (--max-samples N)")
-        verify_set = generate_samples(prepared.inputs, count)
-    apart = calibration is not None and calibration is not verify_set  # run again for its statistics
-    runs = len(verify_set) + (len(calibration) if calibration is not None and apart else 0)
-    need = runs * per_output
-    head = f"the model's outputs for {runs} samples need {format_size(need)}"
-    budget.reserve(need, head, f"{_SHAPE_FIX}, use fewer samples (--max-samples N)")
-    return calibration, verify_set
-
-
-def _prepare_shared(
-    request: BuildRequest, ref: SourceRef, workdir: Path, progress: Progress, budget: MemoryBudget
-) -> _Shared:
-    if ref.format != "onnx":
-        progress(f"importing {request.model.name} ({ref.format}) to ONNX")
-    source = import_source(request.model, ref, request.input_shapes, workdir, budget)
-    progress(f"preparing {source.path.name}")
-    prepared = prepare(source.onnx_path, request.input_shapes, workdir, source.imported, request.freeze)
-    check_kind_names(request.output_kinds, [o.name for o in prepared.outputs])
-    sequences = find_sequences(prepared.inputs, prepared.outputs, request.states, request.sequence_length)
-    calibration, verify_set = _samples(request, prepared, budget, sequences)
-    progress(f"running the source model on {len(verify_set)} {verify_set.origin} samples")
-    runner: Runner = _FrozenFeeds(source.runner(), prepared.frozen)
-    same = calibration is verify_set
-    quantized: Outputs | None = None
-    if prepared.dequantized:  # the float graph is the reference; its distance to the source is reported
-        progress(f"the source is quantized ({described(prepared.dequantized)}): building its float graph")
-        quantized, _ = run_carrying(runner, verify_set, sequences)
-        runner = OnnxRuntimeRunner(prepared.path)
-    # a stateful model runs its sequences carrying its state; the sets then hold the states fed
-    reference, verify_set = run_carrying(runner, verify_set, sequences)
-    if sequences is not None:
-        progress(sequences.describe(len(verify_set)))
-    prepared = dataclasses.replace(prepared, outputs=_with_shapes(prepared.outputs, reference[0]))
-    names = [o.name for o in prepared.outputs]
-    kinds = detect_kinds(reference, names, {**state_kinds(sequences), **request.output_kinds})
-    progress("outputs judged as " + ", ".join(f"{n}: {k.value}" for n, k in kinds.items()))
-    if calibration is not None and not same:
-        calibrated, calibration = run_carrying(runner, calibration, sequences)
-        stats = _reference_stats(calibration, calibrated, names)
-    else:
-        calibration = verify_set if same else None
-        stats = _reference_stats(verify_set, reference, names)
-    cache_parts: dict[str, object] = {
-        "edgec": edgec.__version__,
-        "manifest_schema": [SCHEMA_VERSION, "source_shape"],  # cached specs carry what manifests need
-        "verify": [VERIFY_VERSION, {n: k.value for n, k in kinds.items()}],  # cached figures: how measured
-        "prepared": sha256_file(prepared.path),
-        "calibration": _data_digest(calibration),
-        "verification": _data_digest(verify_set),
-        "tools": _installed_versions(),
-    }
-    if sequences is not None:
-        cache_parts["sequences"] = sequences.key()
-    dequantized = compare(quantized, reference, None, kinds) if quantized is not None else None
-    return _Shared(
-        request,
-        source,
-        prepared,
-        calibration,
-        verify_set,
-        reference,
-        kinds,
-        stats,
-        cache_parts,
-        sequences,
-        dequantized,
-    )
-
-
-class _FrozenFeeds:
-    """The source model with its frozen inputs fed their values: the reference a graph
-    with those inputs folded away is verified against."""
-
-    def __init__(self, runner: Runner, frozen: Mapping[str, np.ndarray]) -> None:
-        self._runner = runner
-        self._frozen = dict(frozen)
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._runner.run({**feeds, **self._frozen})
-
-
 def _frozen_inputs(prepared: PreparedModel) -> list[FrozenInput]:
     return [
         FrozenInput(
@@ -353,30 +149,6 @@ def _frozen_inputs(prepared: PreparedModel) -> list[FrozenInput]:
         )
         for name, value in prepared.frozen.items()
     ]
-
-
-def _data_digest(samples: SampleSet | None) -> str | None:
-    if samples is None:
-        return None
-    digest = hashlib.sha256()
-    for name in sorted(samples.arrays):
-        array = np.ascontiguousarray(samples.arrays[name])
-        digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
-        digest.update(array.tobytes())
-    if samples.labels is not None:
-        digest.update(np.ascontiguousarray(samples.labels).tobytes())
-    return digest.hexdigest()
-
-
-def _installed_versions() -> dict[str, str]:
-    """Versions of every converter and runtime that can shape an artifact (cache key)."""
-    found = {}
-    for package in CONVERTERS:
-        try:
-            found[package] = dist_version(package)
-        except PackageNotFoundError:
-            continue
-    return found
 
 
 def _gate(profile: DeviceProfile, precision: Precision) -> dict[str, float]:
@@ -395,7 +167,7 @@ def _tool_versions(artifact: Artifact) -> dict[str, str]:
     return versions
 
 
-def _golden(shared: _Shared) -> dict[str, np.ndarray]:
+def _golden(shared: Shared) -> dict[str, np.ndarray]:
     count = min(GOLDEN_SAMPLES, len(shared.verify_set))
     golden = {f"inputs/{k}": v[:count] for k, v in shared.verify_set.arrays.items()}
     for spec in shared.prepared.outputs:
@@ -403,7 +175,7 @@ def _golden(shared: _Shared) -> dict[str, np.ndarray]:
     return golden
 
 
-def _candidates(plan: _Plan, shared: _Shared) -> list[Precision]:
+def _candidates(plan: _Plan, shared: Shared) -> list[Precision]:
     """The precisions to try: the one asked for, or for ``auto`` the smallest first."""
     if plan.precision is not None:
         return [plan.precision]
@@ -414,7 +186,7 @@ def _candidates(plan: _Plan, shared: _Shared) -> list[Precision]:
     return [p for p in order if p in plan.profile.precisions and p in spec.precisions]
 
 
-def _build_target(plan: _Plan, shared: _Shared, progress: Progress) -> TargetResult:
+def _build_target(plan: _Plan, shared: Shared, progress: Progress) -> TargetResult:
     timings: dict[str, float] = {}
     result = _build_timed(plan, shared, progress, timings)
     return result.model_copy(update={"timings_s": {k: round(v, 3) for k, v in timings.items()}})
@@ -424,7 +196,7 @@ def _trail(trials: list[Trial], chosen: Trial | None, auto: bool) -> list[dict[s
     return [t.as_dict(t is chosen) for t in trials] if len(trials) > 1 or auto else []
 
 
-def _build_timed(plan: _Plan, shared: _Shared, progress: Progress, timings: dict[str, float]) -> TargetResult:
+def _build_timed(plan: _Plan, shared: Shared, progress: Progress, timings: dict[str, float]) -> TargetResult:
     precisions = _candidates(plan, shared)
     label = f"{plan.profile.id} {plan.format.value} {plan.precision.value if plan.precision else 'auto'}"
     result = TargetResult(
@@ -467,7 +239,7 @@ def _build_timed(plan: _Plan, shared: _Shared, progress: Progress, timings: dict
                     "metrics": chosen.metrics,
                     "size_bytes": chosen.size_bytes,
                     "gate_failures": chosen.failures,
-                    "notes": chosen.artifact.notes + _shared_notes(shared),
+                    "notes": chosen.artifact.notes + shared_notes(shared),
                     "search": _trail(trials, chosen if chosen.passed else None, plan.precision is None),
                     "cached": chosen.cached,
                     "layer_errors": [e.as_dict() for e in chosen.layer_errors[:LAYER_ERRORS_KEPT]],
@@ -492,16 +264,7 @@ def _build_timed(plan: _Plan, shared: _Shared, progress: Progress, timings: dict
     return result
 
 
-def _shared_notes(shared: _Shared) -> list[str]:
-    notes = []
-    if shared.dequantized is not None:
-        notes.append(agreement_note(shared.prepared.dequantized, shared.dequantized))
-    if shared.sequences is not None:
-        notes.append(shared.sequences.describe(len(shared.verify_set)))
-    return notes
-
-
-def _refuse_unequal_float(plan: _Plan, shared: _Shared) -> None:
+def _refuse_unequal_float(plan: _Plan, shared: Shared) -> None:
     """A quantized source's float graph must agree with the source as its precision's gate asks."""
     if shared.dequantized is None:
         return
@@ -533,7 +296,7 @@ def _gate_error(chosen: Trial, trials: list[Trial]) -> str:
     return message
 
 
-def _write(plan: _Plan, shared: _Shared, chosen: Trial, result: TargetResult) -> TargetResult:
+def _write(plan: _Plan, shared: Shared, chosen: Trial, result: TargetResult) -> TargetResult:
     reasons = [chosen.unverified] if chosen.unverified else []
     if chosen.failures:
         reasons.append("gate missed, bundle written because of --ignore-gates")
@@ -566,7 +329,7 @@ def _write(plan: _Plan, shared: _Shared, chosen: Trial, result: TargetResult) ->
 
 
 def _manifest(
-    plan: _Plan, shared: _Shared, chosen: Trial, verification: Verification, files: list[FileEntry]
+    plan: _Plan, shared: Shared, chosen: Trial, verification: Verification, files: list[FileEntry]
 ) -> Manifest:
     request = shared.request
     artifact = chosen.artifact
@@ -582,7 +345,7 @@ def _manifest(
         inputs=artifact.inputs,
         outputs=[
             o.model_copy(update={"kind": shared.kinds.get(o.name)})
-            for o in _with_shapes(artifact.outputs, shared.reference[0])
+            for o in with_shapes(artifact.outputs, shared.reference[0])
         ],
         verification=verification,
         reference_stats=shared.stats,
@@ -625,7 +388,7 @@ def build(request: BuildRequest, progress: Progress | None = None) -> BuildResul
     try:
         try:
             with tempfile.TemporaryDirectory(prefix="edgec-build-") as tmp:
-                shared = _prepare_shared(request, ref, Path(tmp), say, budget)
+                shared = prepare_shared(request, ref, Path(tmp), say, budget)
                 results = [_build_target(plan, shared, say) for plan in plans]
         except MemoryError as e:  # bundles are written to a temp folder and renamed: none is half-written
             raise _out_of_memory(e, budget) from e

@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from compiler.backends import Artifact
+from edgec._atomic import atomic_write, fsync_path
 from edgec.manifest import Metrics, Precision, TargetFormat, TensorSpec
 
 __all__ = ["BuildCache", "CachedTrial", "default_cache_dir", "fingerprint"]
@@ -142,9 +143,13 @@ class BuildCache:
             else:
                 shutil.copyfile(artifact.path, tmp / artifact.path.name)
             (tmp / RECORD).write_text(record.model_dump_json(), encoding="utf-8")
+            for path in [*tmp.rglob("*"), tmp]:  # durable before the entry exists: none left torn
+                if not path.is_symlink():
+                    fsync_path(path)
             if entry.exists():
                 shutil.rmtree(entry, ignore_errors=True)
             os.replace(tmp, entry)
+            fsync_path(self.root)
         except OSError as e:  # a cache that cannot be written is only slower
             logger.warning("build cache not written (%s): %s", self.root, e)
             if tmp is not None:
@@ -155,6 +160,6 @@ class BuildCache:
         try:
             record = CachedTrial.model_validate_json(path.read_text(encoding="utf-8"))
             record.layer_errors = layers
-            path.write_text(record.model_dump_json(), encoding="utf-8")
+            atomic_write(path, record.model_dump_json().encode())
         except (OSError, ValidationError, ValueError) as e:
             logger.debug("layer errors not cached: %s", e)

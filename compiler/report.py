@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from edgec.errors import EXIT_OK, EXIT_TARGET_FAILED
 from edgec.manifest import BundleStatus, Metrics, Precision, TargetFormat
 
 __all__ = ["BuildResult", "TargetResult"]
@@ -38,7 +37,6 @@ class BuildResult(BaseModel):
     bundles: list[TargetResult]
 
     @property
-    def exit_code(self) -> int:
-        if any(b.status is BundleStatus.FAILED for b in self.bundles):
-            return EXIT_TARGET_FAILED
-        return EXIT_OK
+    def failed(self) -> bool:
+        """A target failed to build or missed its gate (the command line exits 3)."""
+        return any(b.status is BundleStatus.FAILED for b in self.bundles)

@@ -9,16 +9,17 @@ from typing import Protocol
 
 import numpy as np
 
-from edgec.errors import ConversionError
+from edgec.errors import BuildError, ConversionError
 
 __all__ = ["ORT_SESSION_CONFIG", "OnnxRuntimeRunner", "Runner", "RuntimeUnavailableError", "first_line"]
 
 logger = logging.getLogger(__name__)
 
 
-class RuntimeUnavailableError(Exception):
+class RuntimeUnavailableError(BuildError):
     """The artifact's runtime cannot run on this machine (CoreML off macOS, TensorRT with no
-    GPU); ``str()`` says why. The bundle is then reported as unverified, never as passed."""
+    GPU); ``str()`` says why. The bundle is then reported as unverified, never as passed (the
+    search catches it where the runtime is opened; it is a ``BuildError`` only by fault)."""
 
 
 class Runner(Protocol):

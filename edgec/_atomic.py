@@ -1,4 +1,9 @@
-"""Atomic file writes: one helper for the agent's state and the server's keys and metadata."""
+"""Atomic file writes: one mechanism for the agent's state, the server's keys and metadata,
+the build cache and the simulator's files.
+
+``atomic_write`` writes bytes it is given; ``atomic_replace`` puts a file that was streamed
+into a temp file of the same folder (a resumable download) in place the same way.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write", "fsync_path"]
+__all__ = ["atomic_replace", "atomic_write", "fsync_path"]
 
 
 def fsync_path(path: Path) -> None:
@@ -16,6 +21,15 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def atomic_replace(tmp: Path, path: Path) -> None:
+    """Put ``tmp`` (a finished temp file in ``path``'s folder) in place of ``path``: fsync
+    it, rename it, fsync the folder. After a crash ``path`` holds its old content or the
+    new one, never a mix, and the rename is not lost."""
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
 
 
 def atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:

@@ -1,15 +1,24 @@
 """The error tree shared by every part of edgec.
 
-Errors are named by whose fault they are. Each carries the exit code the command line
-uses for it, so the CLI never has to guess:
+Errors are named by whose fault they are, and every exception class edgec defines, in
+any package, is in this one tree. Callers branch on the type, never on the message. The
+library chooses no exit code: the command line maps a branch to its code (by type, in
+``edgec.cli.exit_code``), and the codes are these:
 
 - ``UserInputError`` (exit 2): the user gave something we cannot use: a model that does
   not load, an unknown profile, a bad shape spec, data that does not match the model, an
-  output folder we cannot write. Nothing was built.
+  output folder we cannot write, a device or rollout that is not there (``NotFoundError``)
+  or not in a state that allows the request (``ConflictError``). Nothing was built.
+  ``ProtocolError`` (a wire message that breaks the protocol) is exit 2 as well.
 - ``BuildError`` (exit 3): a target failed to convert or missed its verification gate.
   Other targets are still built.
+- ``TrustError`` and ``FetchError`` (exit 3): signed data was refused (by fault:
+  ``ExpiredError``, ``RollbackError``, ``BadSignatureError``, ``HashMismatchError``), or a
+  transfer broke off and may be retried.
 - ``ServerError`` (exit 4): the OTA server could not be reached or refused an operator's
   request; its answer is in the message.
+- any other ``EdgecError`` (exit 1), like a bug (an exception that is not an
+  ``EdgecError``).
 
 A wire document from a newer release (``NewerSchemaError``) is nobody's fault but the
 reader's age: it is refused where that document's other problems are (a bundle's as a
@@ -25,14 +34,18 @@ __all__ = [
     "EXIT_SERVER",
     "EXIT_TARGET_FAILED",
     "BackendUnavailableError",
+    "BadSignatureError",
     "BuildError",
     "BundleError",
+    "ConflictError",
     "ConversionError",
     "DataMismatchError",
     "EdgecError",
+    "ExpiredError",
     "FetchError",
     "FreezeSpecError",
     "GateError",
+    "HashMismatchError",
     "InvalidNameError",
     "ModelLoadError",
     "NewerBundleError",
@@ -46,6 +59,7 @@ __all__ = [
     "ProtocolError",
     "QuantizedSourceError",
     "ResourceLimitError",
+    "RollbackError",
     "ServerError",
     "ShapeSpecError",
     "TrustError",
@@ -53,6 +67,8 @@ __all__ = [
     "UserInputError",
 ]
 
+# The command line's exit statuses, part of its documented interface (scripts test them);
+# ``edgec.cli.exit_code`` alone decides which error gets which.
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
@@ -63,17 +79,19 @@ EXIT_SERVER = 4
 class EdgecError(Exception):
     """Base of every error edgec raises on purpose. ``str(err)`` is one line for the user."""
 
-    exit_code = EXIT_INTERNAL
-
 
 class UserInputError(EdgecError):
     """The input is unusable; the message says what is wrong and how to fix it."""
 
-    exit_code = EXIT_BAD_INPUT
-
 
 class NotFoundError(UserInputError):
-    """The thing asked for (a device, a rollout) is not there; the message says where to look."""
+    """The thing asked for (a device, a rollout) is not there; the message says where to look.
+    The operator API answers it with 404."""
+
+
+class ConflictError(UserInputError):
+    """The thing asked for is there but its state does not allow the request: it already
+    exists, or a rollout is in a state that cannot be paused. The operator API answers 409."""
 
 
 class ModelLoadError(UserInputError):
@@ -133,13 +151,9 @@ class ProtocolError(EdgecError, ValueError):
     """A wire message (an MQTT topic, a fetch request or response) breaks the protocol: it is
     dropped and logged, never retried as it is."""
 
-    exit_code = EXIT_BAD_INPUT
-
 
 class BuildError(EdgecError):
     """A target could not be built or verified. The other targets go on."""
-
-    exit_code = EXIT_TARGET_FAILED
 
 
 class BackendUnavailableError(BuildError):
@@ -182,25 +196,42 @@ class GateError(BuildError):
 class TrustError(EdgecError):
     """Signed metadata or a target was refused: bad or malicious data, never retried blindly.
 
-    ``role`` names the metadata (or ``target``) that was wrong."""
-
-    exit_code = EXIT_TARGET_FAILED
+    ``role`` names the metadata (or ``target``) that was wrong. The subclasses say which
+    check refused it; a refusal no subclass names (a document for another device, a target
+    the repository does not sign, a file over its size limit) is a plain ``TrustError``."""
 
     def __init__(self, message: str, role: str) -> None:
         super().__init__(message)
         self.role = role
 
 
+class ExpiredError(TrustError):
+    """Signed metadata or a director document past its expiry: a freeze attack, or a
+    repository nobody re-signs (python-tuf's ``ExpiredMetadataError``)."""
+
+
+class RollbackError(TrustError):
+    """A version older than, equal to or other than the one trusted or signed for it: a
+    replay, a rollback, a mix-and-match of metadata (python-tuf's ``BadVersionNumberError``)."""
+
+
+class BadSignatureError(TrustError):
+    """Not signed by enough of the keys trusted for it: a signature missing, invalid or by
+    an untrusted key (python-tuf's ``UnsignedMetadataError``)."""
+
+
+class HashMismatchError(TrustError):
+    """A file's or chunk's hash or length differs from the one signed for it, or the
+    director and the image repository sign different ones (python-tuf's
+    ``LengthOrHashMismatchError``)."""
+
+
 class FetchError(EdgecError):
     """The repository could not be reached or a transfer broke off: retriable."""
-
-    exit_code = EXIT_TARGET_FAILED
 
 
 class ServerError(EdgecError):
     """The OTA server's operator API could not be reached or refused the request."""
-
-    exit_code = EXIT_SERVER
 
 
 class NewerSchemaError(EdgecError):

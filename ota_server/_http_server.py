@@ -33,6 +33,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
+from edgec.errors import EdgecError
+
 __all__ = ["ApiLimits", "App", "HttpError", "Prepared", "Response", "serve"]
 
 logger = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ class ApiLimits:
     max_connections: int = 64
 
 
-class HttpError(Exception):
+class HttpError(EdgecError):
     """An answer with a 4xx status and a one-line message (at most 300 characters)."""
 
     def __init__(self, status: HTTPStatus, message: str) -> None:

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from edgec._bounded_json import JsonInputError, loads
 from edgec.director import Action, SignedDirectorDocument
-from edgec.errors import NotFoundError, UserInputError
+from edgec.errors import ConflictError, NotFoundError, UserInputError
 from edgec.rollout_spec import RolloutSpec
 from ota_server import _http_server
 from ota_server._http_server import ApiLimits, HttpError, Response
@@ -302,8 +302,8 @@ class HttpApi:
     def _device(self, params: Params, _h: dict[str, str], _b: bytes, _who: str) -> Response:
         try:
             return self._json(HTTPStatus.OK, self.registry.get(params["id"]).as_dict())
-        except NotFoundError as e:
-            raise HttpError(HTTPStatus.NOT_FOUND, str(e)) from None
+        except UserInputError as e:
+            raise _refusal(e) from None
 
     def _releases(self, _p: Params, _h: dict[str, str], _b: bytes, _who: str) -> Response:
         return self._json(HTTPStatus.OK, [r.__dict__ for r in self.repository.releases()])
@@ -314,10 +314,8 @@ class HttpApi:
             raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "this server cannot sign director documents")
         try:
             document = self._assign(params["id"], request.release, request.action)
-        except NotFoundError as e:
-            raise HttpError(HTTPStatus.NOT_FOUND, str(e)) from None
         except UserInputError as e:
-            raise HttpError(HTTPStatus.BAD_REQUEST, str(e)) from None
+            raise _refusal(e) from None
         return self._json(HTTPStatus.OK, document.model_dump(mode="json"))
 
     def _scheduler(self) -> Rollouts:
@@ -334,14 +332,14 @@ class HttpApi:
         try:
             created = self._scheduler().start(spec, who)
         except UserInputError as e:
-            raise HttpError(HTTPStatus.BAD_REQUEST, str(e)) from None
+            raise _refusal(e) from None
         return self._json(HTTPStatus.CREATED, created)
 
     def _rollout(self, params: Params, _h: dict[str, str], _b: bytes, _who: str) -> Response:
         try:
             return self._json(HTTPStatus.OK, self._scheduler().status(params["id"]))
-        except NotFoundError as e:
-            raise HttpError(HTTPStatus.NOT_FOUND, str(e)) from None
+        except UserInputError as e:
+            raise _refusal(e) from None
 
     def _steer_rollout(self, params: Params, _h: dict[str, str], _b: bytes, _who: str) -> Response:
         rollouts = self._scheduler()
@@ -353,10 +351,8 @@ class HttpApi:
         }[params["action"]]
         try:
             return self._json(HTTPStatus.OK, steer(params["id"]))
-        except NotFoundError as e:
-            raise HttpError(HTTPStatus.NOT_FOUND, str(e)) from None
-        except UserInputError as e:  # not in a state that allows it
-            raise HttpError(HTTPStatus.CONFLICT, str(e)) from None
+        except UserInputError as e:
+            raise _refusal(e) from None
 
     def _repo_file(self, relative: str, range_header: str | None) -> tuple[int, dict[str, str], bytes]:
         path = served_file(self.repository.folder, relative)  # the allowlist MQTT fetch uses too
@@ -409,6 +405,16 @@ class HttpApi:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+
+
+def _refusal(error: UserInputError) -> HttpError:
+    """The answer to a request the library refused, chosen by the error's type, never by its
+    text: a device or rollout that is not there is 404, one whose state does not allow the
+    request 409, any other bad input 400."""
+    for kind, status in ((NotFoundError, HTTPStatus.NOT_FOUND), (ConflictError, HTTPStatus.CONFLICT)):
+        if isinstance(error, kind):
+            return HttpError(status, str(error))
+    return HttpError(HTTPStatus.BAD_REQUEST, str(error))
 
 
 def _finite(value: Any) -> Any:

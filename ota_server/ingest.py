@@ -23,7 +23,7 @@ from typing import Literal
 from pydantic import ValidationError
 
 from edgec._bounded_json import JsonInputError, loads
-from edgec.errors import NewerSchemaError
+from edgec.errors import NewerSchemaError, ProtocolError
 from edgec.reports import DeviceState, Event, Telemetry
 
 __all__ = ["ReportLimits", "ReportRefused", "WindowRateLimiter", "parse_report"]
@@ -50,7 +50,7 @@ class ReportLimits:
         }[kind]
 
 
-class ReportRefused(Exception):
+class ReportRefused(ProtocolError):
     """A report dropped; ``str()`` is the one-line reason, ``reason`` a short label for counts."""
 
     def __init__(self, message: str, reason: str) -> None:

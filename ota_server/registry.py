@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
-from edgec.errors import NotFoundError, UserInputError
+from edgec.errors import ConflictError, NotFoundError, UserInputError
 from edgec.names import check_name
 
 __all__ = ["SERVER_USER", "Device", "DeviceExistsError", "Registry", "hash_password", "verify_password"]
@@ -123,7 +123,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
 ]
 
 
-class DeviceExistsError(UserInputError):
+class DeviceExistsError(ConflictError):
     """``devices add`` with an id the registry already has."""
 
 

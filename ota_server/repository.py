@@ -44,7 +44,7 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 from edgec._atomic import atomic_write
-from edgec.errors import BundleError, UserInputError
+from edgec.errors import BundleError, ConflictError, UserInputError
 from edgec.manifest import check_files, read_manifest
 from ota_server.keys import KEY_SUFFIX, generate, load_private, load_signer, read_public, write_sealed
 
@@ -80,7 +80,7 @@ DIRECTOR_PUBLIC = "director.pub.json"
 _SERIALIZER = JSONSerializer(compact=False)
 
 
-class RepositoryExistsError(UserInputError):
+class RepositoryExistsError(ConflictError):
     """``keys init`` on a folder that already holds a repository."""
 
 

@@ -33,7 +33,7 @@ from typing import Any
 from sqlalchemy import insert, select, update
 
 from edgec.director import Action
-from edgec.errors import NotFoundError, UserInputError
+from edgec.errors import ConflictError, NotFoundError, UserInputError
 from edgec.rollout_spec import MemberState, RolloutSpec, RolloutState
 from ota_server import rollout_policy as policy
 from ota_server._rollout_tables import MEMBERS, ROLLOUTS, RolloutRow, iso, member_of, moment, stored
@@ -171,7 +171,7 @@ class Rollouts:
     def _require(self, rollout_id: str, verb: str) -> None:
         state = self._rollout(rollout_id).state
         if state not in policy.STEERABLE[verb]:
-            raise UserInputError(f"cannot {verb} rollout {rollout_id}: it is {state}")
+            raise ConflictError(f"cannot {verb} rollout {rollout_id}: it is {state}")
 
     # -- the scheduler ----------------------------------------------------------------------------
     def tick(self) -> None:

@@ -1,7 +1,8 @@
 """The ``edgec`` command line. Thin: parse, call the library, print, set the exit code.
 
 Subcommands import their packages only when they run, so ``edgec --help`` loads no ML
-package. Errors raised on purpose print as one line; ``-v`` adds the traceback.
+package. Errors raised on purpose print as one line; ``-v`` adds the traceback. The exit
+status of an error is chosen here alone, by its type (``exit_code``).
 """
 
 from __future__ import annotations
@@ -12,11 +13,44 @@ import sys
 from collections.abc import Sequence
 
 from edgec import __version__
-from edgec.errors import EXIT_INTERNAL, EdgecError
+from edgec.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERNAL,
+    EXIT_SERVER,
+    EXIT_TARGET_FAILED,
+    BuildError,
+    EdgecError,
+    FetchError,
+    ProtocolError,
+    ServerError,
+    TrustError,
+    UserInputError,
+)
 
-__all__ = ["main"]
+__all__ = ["exit_code", "main"]
 
 OUR_PACKAGES = ("edgec", "compiler", "device_profiles", "agent", "ota_server")
+
+
+# Each branch of the error tree and its exit status, most specific first: an error in two
+# branches (none is, today) gets the first. Bad input is checked first: nothing was built.
+_EXIT_CODES: tuple[tuple[type[EdgecError], int], ...] = (
+    (UserInputError, EXIT_BAD_INPUT),
+    (ProtocolError, EXIT_BAD_INPUT),
+    (BuildError, EXIT_TARGET_FAILED),
+    (TrustError, EXIT_TARGET_FAILED),
+    (FetchError, EXIT_TARGET_FAILED),
+    (ServerError, EXIT_SERVER),
+)
+
+
+def exit_code(error: BaseException) -> int:
+    """The exit status for ``error``, by its branch of ``edgec.errors``' tree; anything else
+    (another ``EdgecError``, a bug) is ``EXIT_INTERNAL``."""
+    for kind, code in _EXIT_CODES:
+        if isinstance(error, kind):
+            return code
+    return EXIT_INTERNAL
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             logging.exception("edgec failed")
         print(f"edgec: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return exit_code(e)
     except KeyboardInterrupt:
         print("edgec: interrupted", file=sys.stderr)
         return 130

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from edgec._table import render_table
+from edgec.errors import EXIT_OK, EXIT_TARGET_FAILED
 from edgec.manifest import Precision, TargetFormat
 
 if TYPE_CHECKING:
@@ -306,4 +307,4 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result.model_dump(mode="json"), indent=2))
     else:
         print(render(result))
-    return result.exit_code
+    return EXIT_TARGET_FAILED if result.failed else EXIT_OK

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgec._atomic import atomic_write
 from edgec.cli.fleet import DB_ENV, DEFAULT_DB
 from edgec.errors import OptionError
 
@@ -141,13 +142,7 @@ def _read_passwords(path: Path) -> dict[str, str]:
 def _write_passwords(path: Path, passwords: dict[str, str]) -> None:
     """Atomically, mode 0600 (they are the devices' MQTT credentials)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(passwords, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(passwords, indent=1, sort_keys=True).encode(), mode=0o600)
 
 
 def _credentials(args: argparse.Namespace, ids: list[str], profile: str) -> tuple[dict[str, str], list[str]]:

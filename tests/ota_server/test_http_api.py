@@ -10,6 +10,7 @@ import urllib.request
 import pytest
 
 from edgec.director import Action, SignedDirectorDocument
+from edgec.errors import ConflictError, NotFoundError, UserInputError
 from ota_server.director import DirectorIssuer, release_files
 from ota_server.http_api import HttpApi, Role
 from ota_server.registry import Registry
@@ -180,3 +181,52 @@ def test_assigning_a_release_needs_an_operator_and_a_matching_bundle(api):
         status, _, answer = _call(api, "POST", f"/v1/devices/{device}/assign", "op-token", payload)
         assert status == expected, answer
         assert fragment in json.loads(answer)["error"]
+
+
+def _refused_by(tmp_path, refuse) -> tuple[int, str]:
+    """The answer to an assign that ``refuse(device_id)`` refuses, through the real HTTP stack."""
+    repo = ImageRepository.init(tmp_path / "repo", PASS, {}, keys=tmp_path / "keys")
+    registry = Registry.open(f"sqlite:///{tmp_path / 'fleet.db'}")
+    registry.add_device("pi-01", "lab", "canary", "x86-64-cpu")
+
+    def assign(
+        device_id: str, release: str, action: Action, rollout: str = "manual"
+    ) -> SignedDirectorDocument:
+        refuse(registry, device_id)
+        raise AssertionError("refuse() must raise")
+
+    server = HttpApi(repo, registry, TOKENS, assign=assign)
+    api = {"base": f"http://127.0.0.1:{server.serve()}"}
+    try:
+        body = json.dumps({"release": "model:1.0.0"}).encode()
+        status, _, answer = _call(api, "POST", "/v1/devices/pi-01/assign", "op-token", body)
+    finally:
+        server.close()
+    return status, json.loads(answer)["error"]
+
+
+def _raise(error: Exception):
+    def refuse(_registry: Registry, _device_id: str) -> None:
+        raise error
+
+    return refuse
+
+
+@pytest.mark.parametrize(
+    ("refuse", "status", "message"),
+    [
+        # the text says the opposite of the type: the type decides
+        (_raise(NotFoundError("it already exists: a conflict")), 404, "it already exists: a conflict"),
+        (_raise(ConflictError("no such device, not found")), 409, "no such device, not found"),
+        (_raise(UserInputError("not found; already exists")), 400, "not found; already exists"),
+        # a real conflict from the registry: the device is there already
+        (
+            lambda registry, device_id: registry.add_device(device_id, "lab", "canary", "x86-64-cpu"),
+            409,
+            "device 'pi-01' already exists; choose another id",
+        ),
+    ],
+    ids=["not-found", "conflict", "bad-input", "device-exists"],
+)
+def test_operator_api_answers_a_refusal_by_its_type_not_its_text(tmp_path, refuse, status, message):
+    assert _refused_by(tmp_path, refuse) == (status, message)
