@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edgec._atomic import atomic_write
+from edgec._atomic import atomic_write, fsync_path
 from edgec.errors import PathOutsideRootError
 from edgec.names import parse_release, remove_inside, resolve_inside
 
@@ -157,6 +157,7 @@ class StateStore:
         models = self._area("models", folder)
         remove_inside(models, folder)
         staging.rename(models / folder)
+        fsync_path(models)  # the rename is durable before the journal says STAGED
         return models / folder
 
     def discard(self, area: str, folder: str) -> None:
