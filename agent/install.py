@@ -22,12 +22,18 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from agent._install_parts import (
+    InstallSettingsView,
+    ProbationMonitor,
+    Reporter,
+    check_names,
+)
 from agent.director import DirectorState, RepositoryFile, check_against_repository
 from agent.mqtt_fetch import ChunkSource, ResumableDownload
 from agent.slot import LoadedModel, ModelSlot
@@ -44,7 +50,7 @@ from edgec.errors import (
     TrustError,
 )
 from edgec.manifest import check_files, read_manifest, sha256_file
-from edgec.names import check_relative_path, parse_release, resolve_inside
+from edgec.names import check_relative_path, resolve_inside
 
 __all__ = ["InstallSettingsView", "Installer", "ProbationMonitor", "Reporter", "Step"]
 
@@ -76,66 +82,6 @@ class Refused(EdgecError):
 
 class _Stopping(EdgecError):
     """The agent is stopping in the middle of an install; its journal resumes it."""
-
-
-class Reporter(Protocol):
-    def event(self, kind: str, release: str | None, detail: str | None = None, **figures: Any) -> None: ...
-
-    def state(self, status: str, installed: str | None, detail: str | None = None) -> None: ...
-
-
-class InstallSettingsView(Protocol):
-    """The parts of ``agent.config.InstallSettings`` the pipeline reads."""
-
-    max_target_bytes: int
-    probation_s: float
-    probation_min_requests: int
-    max_error_rate: float
-    warmup_runs: int
-    max_attempts: int
-
-
-@dataclass
-class ProbationMonitor:
-    """Counts the requests a model on probation answers (fed by the serving callback)."""
-
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _version: str | None = None
-    _latencies_s: list[float] = field(default_factory=list)
-    _errors: int = 0
-
-    def watch(self, version: str | None) -> None:
-        with self._lock:
-            self._version, self._latencies_s, self._errors = version, [], 0
-
-    def record(self, version: str, latency_s: float, ok: bool) -> None:
-        if version != self._version:
-            return
-        with self._lock:
-            if version == self._version and len(self._latencies_s) < 100_000:
-                self._latencies_s.append(latency_s)
-                self._errors += not ok
-
-    def figures(self) -> tuple[int, int, float | None]:
-        """``(requests, errors, p95 ms)``."""
-        with self._lock:
-            n = len(self._latencies_s)
-            p95 = float(np.percentile(self._latencies_s, 95)) * 1e3 if n else None
-            return n, self._errors, p95
-
-
-def _check_names(doc: DirectorDocument) -> None:
-    """The release and file paths the install makes paths of, checked before any path is made.
-
-    ``DirectorDocument`` checks them when a document is parsed; this keeps a document built
-    any other way from getting further. Raises ``InvalidNameError``."""
-    parse_release(doc.release, "director document release")
-    for file in doc.files:
-        check_relative_path(file.path, "director document file path")
-
-
-def _release_of(model: LoadedModel) -> str:
-    return f"{model.manifest.name}:{model.manifest.version}"
 
 
 class Installer:
@@ -220,7 +166,7 @@ class Installer:
         """Act on a director document from the desired topic."""
         doc = envelope.signed
         try:
-            _check_names(doc)
+            check_names(doc)
         except InvalidNameError as e:
             logger.warning("director document refused: %s", e)
             self.reporter.event("refused", None, f"director document: {e}", step="accept")

@@ -18,6 +18,10 @@ the order of the inputs that declare ``parameters.binary_data_size``. Outputs co
 when the request asks (per output ``parameters.binary_data``, or for all of them with
 ``parameters.binary_data_output``).
 
+The module holds the routes and the server's life cycle; the v2 encoding (request and
+response bodies, the binary tensor data extension) is ``agent._v2``, with no I/O, and the
+transport is ``agent._http`` (``HttpServer``), handed ``InferenceServer``'s dispatch.
+
 Client mistakes are 4xx with ``{"error": "..."}`` saying what is wrong (never a 500); no model
 installed is 503; a runtime failure is 500. HTTP/1.1 is parsed by llhttp (httptools) in an
 asyncio protocol (``agent._http``: keep-alive, pipelining, ``Content-Length`` bodies,
@@ -68,11 +72,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import json
 import logging
-import math
-import socket
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -80,45 +80,20 @@ from urllib.parse import unquote
 
 import numpy as np
 
-from agent._http import HttpCore, HttpError, Listener, Request, Response, error_response
+from agent._http import HttpConnection, HttpServer, ListenError
+from agent._http_messages import HttpError, Request, Response, error_response
+from agent._v2 import DATATYPES, InferRequest, infer_response, json_response, model_metadata
 from agent.config import ServingLimits
-from agent.runtime import InputError, convert_dtype
+from agent.runtime import InputError
 from agent.slot import LoadedModel, ModelSlot, NoModelError
 from edgec import __version__
-from edgec.errors import UserInputError
-from edgec.manifest import TensorSpec
 
 __all__ = ["DATATYPES", "InferenceServer", "ListenError", "OnRequest", "ServingLimits"]
 
 logger = logging.getLogger(__name__)
 
 SERVER_NAME = "edgec-agent"
-MAX_DIMS = 32  # of a request's tensor
-MAX_DIM = (1 << 31) - 1
-MAX_ID_CHARS = 1024
 MAX_CACHED_TARGET = 256
-
-# KServe v2 datatypes and their numpy dtypes (BYTES and BF16 are not supported)
-DATATYPES: dict[str, np.dtype[Any]] = {
-    name: np.dtype(dtype)
-    for name, dtype in {
-        "BOOL": "bool",
-        "UINT8": "uint8",
-        "UINT16": "uint16",
-        "UINT32": "uint32",
-        "UINT64": "uint64",
-        "INT8": "int8",
-        "INT16": "int16",
-        "INT32": "int32",
-        "INT64": "int64",
-        "FP16": "float16",
-        "FP32": "float32",
-        "FP64": "float64",
-    }.items()
-}
-_KSERVE_NAMES = {dtype: name for name, dtype in DATATYPES.items()}  # keyed by np.dtype (.name is slow)
-_ENCODER = json.JSONEncoder(separators=(",", ":"))
-_PLATFORMS = {"onnx": "onnxruntime_onnx", "tflite": "tflite", "coreml": "coreml", "tensorrt": "tensorrt_plan"}
 
 OnRequest = Callable[
     [str, float, bool, Mapping[str, np.ndarray] | None, Mapping[str, np.ndarray] | None], None
@@ -129,222 +104,7 @@ request refused for bad input never reaches the model and is not reported). Keep
 it runs on the event loop (``agent.telemetry.WindowRecorder.record`` fits)."""
 
 
-class ListenError(UserInputError):
-    """The server cannot listen on the host and port asked for."""
-
-
-def _json(status: int, document: Any) -> Response:
-    return Response(status, _ENCODER.encode(document).encode())
-
-
-# --------------------------------------------------------------------------- the v2 API
-
-
-def _tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
-    shape = spec.source_shape if spec.source_shape is not None else spec.shape
-    quantized = spec.scale is not None and spec.zero_point is not None
-    dtype = "float32" if quantized else spec.dtype  # the agent (de)quantizes int8 I/O itself
-    return {
-        "name": spec.name,
-        "datatype": _KSERVE_NAMES.get(np.dtype(dtype), dtype.upper()),
-        "shape": list(shape),
-    }
-
-
-def _model_metadata(model: LoadedModel) -> dict[str, Any]:
-    m = model.manifest
-    return {
-        "name": m.name,
-        "versions": [m.version],
-        "platform": _PLATFORMS.get(m.format.value, m.format.value),
-        "inputs": [_tensor_metadata(s) for s in m.inputs],
-        "outputs": [_tensor_metadata(s) for s in m.outputs],
-    }
-
-
-def _shape(name: str, value: Any) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(type(d) is int and d >= 0 for d in value):
-        raise HttpError(400, f"input {name!r}: 'shape' must be a list of non-negative integers")
-    if len(value) > MAX_DIMS or max(value, default=0) > MAX_DIM:
-        raise HttpError(
-            400, f"input {name!r}: 'shape' may have at most {MAX_DIMS} dimensions of at most {MAX_DIM}"
-        )
-    return tuple(value)
-
-
-def _datatype(name: str, value: Any) -> np.dtype[Any]:
-    dtype = DATATYPES.get(value) if isinstance(value, str) else None
-    if dtype is None:
-        raise HttpError(
-            400, f"input {name!r}: unsupported datatype {value!r} (supported: {', '.join(DATATYPES)})"
-        )
-    return dtype
-
-
-def _json_tensor(name: str, data: Any, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
-    datatype = _KSERVE_NAMES[dtype]
-    try:
-        array = np.array(data)
-    except (ValueError, TypeError, OverflowError):
-        array = None
-    if array is None or array.dtype.kind not in "biuf":
-        raise HttpError(400, f"input {name!r}: 'data' is not a regular array of {datatype} values")
-    count = math.prod(shape)
-    if array.size != count:
-        raise HttpError(
-            400, f"input {name!r}: 'data' holds {array.size} values, its shape {list(shape)} needs {count}"
-        )
-    return _reshaped(name, convert_dtype(name, array, dtype, wanted="its datatype is"), shape)
-
-
-def _reshaped(name: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    try:
-        return array.reshape(shape)
-    except ValueError:  # numpy's own bound: an empty array whose other dimensions overflow
-        raise HttpError(400, f"input {name!r}: shape {list(shape)} is too large an array") from None
-
-
-class _Request:
-    """A parsed infer request: its inputs as arrays, and the outputs asked for."""
-
-    def __init__(self, body: bytes | bytearray, headers: Mapping[bytes, bytes]) -> None:
-        header = headers.get(b"inference-header-content-length")
-        self._binary: bytes | bytearray
-        if header is None:
-            json_part, self._binary, self._offset = body, b"", 0
-        else:
-            header_length = header.decode("latin-1")
-            length = int(header) if header.isdigit() else -1
-            if not 0 <= length <= len(body):
-                raise HttpError(
-                    400,
-                    f"Inference-Header-Content-Length {header_length!r} is not a length within "
-                    f"the {len(body)}-byte body",
-                )
-            json_part, self._binary, self._offset = body[:length], body, length
-        try:
-            document = json.loads(json_part)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise HttpError(400, f"request body is not valid JSON: {e}") from None
-        except RecursionError:
-            raise HttpError(400, "request body is JSON nested too deeply to parse") from None
-        if not isinstance(document, dict):
-            raise HttpError(400, "request body must be a JSON object with 'inputs'")
-        self.id = document.get("id")
-        if self.id is not None and not (isinstance(self.id, str) and len(self.id) <= MAX_ID_CHARS):
-            raise HttpError(400, f"'id' must be a string of at most {MAX_ID_CHARS} characters")
-        parameters = self._parameters(document, "request")
-        self.binary_default = bool(parameters.get("binary_data_output", False))
-        self.inputs = self._inputs(document.get("inputs"))
-        self.outputs = self._outputs(document.get("outputs"))
-
-    @staticmethod
-    def _parameters(obj: Mapping[str, Any], where: str) -> Mapping[str, Any]:
-        parameters = obj.get("parameters", {})
-        if not isinstance(parameters, dict):
-            raise HttpError(400, f"{where}: 'parameters' must be an object")
-        return parameters
-
-    def _inputs(self, inputs: Any) -> dict[str, np.ndarray]:
-        if not isinstance(inputs, list) or not inputs:
-            raise HttpError(400, "'inputs' must be a non-empty list of tensors")
-        arrays: dict[str, np.ndarray] = {}
-        for tensor in inputs:
-            if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
-                raise HttpError(400, "each input must be an object with a 'name'")
-            name = tensor["name"]
-            if name in arrays:
-                raise HttpError(400, f"input {name!r} is given twice")
-            shape = _shape(name, tensor.get("shape"))
-            dtype = _datatype(name, tensor.get("datatype"))
-            size = self._parameters(tensor, f"input {name!r}").get("binary_data_size")
-            if size is not None:
-                arrays[name] = self._binary_tensor(name, size, shape, dtype)
-            elif "data" in tensor:
-                arrays[name] = _json_tensor(name, tensor["data"], shape, dtype)
-            else:
-                raise HttpError(400, f"input {name!r} has neither 'data' nor parameters.binary_data_size")
-        extra = len(self._binary) - self._offset
-        if extra:
-            raise HttpError(400, f"{extra} bytes of binary data follow the inputs that declare them")
-        return arrays
-
-    def _binary_tensor(
-        self, name: str, size: Any, shape: tuple[int, ...], dtype: np.dtype[Any]
-    ) -> np.ndarray:
-        if not self._binary:
-            raise HttpError(
-                400,
-                f"input {name!r} declares binary data but the request has no Inference-Header-Content-Length",
-            )
-        if type(size) is not int or size < 0:
-            raise HttpError(400, f"input {name!r}: binary_data_size must be a non-negative integer")
-        expected = math.prod(shape) * dtype.itemsize
-        if size != expected:
-            raise HttpError(
-                400,
-                f"input {name!r}: binary_data_size {size} does not match its shape {list(shape)} "
-                f"of {_KSERVE_NAMES[dtype]} ({expected} bytes)",
-            )
-        end = self._offset + size
-        if end > len(self._binary):
-            raise HttpError(
-                400,
-                f"input {name!r}: binary data ends after {len(self._binary) - self._offset} of {size} bytes",
-            )
-        array = np.frombuffer(
-            self._binary, dtype=dtype.newbyteorder("<"), count=math.prod(shape), offset=self._offset
-        )
-        self._offset = end
-        return _reshaped(name, array.astype(dtype), shape)  # a native-order, aligned copy
-
-    def _outputs(self, outputs: Any) -> dict[str, bool] | None:
-        """Output name -> binary, or None for every output in the default form."""
-        if outputs is None:
-            return None
-        if not isinstance(outputs, list):
-            raise HttpError(400, "'outputs' must be a list of {'name': ...} objects")
-        wanted: dict[str, bool] = {}
-        for tensor in outputs:
-            if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
-                raise HttpError(400, "each requested output must be an object with a 'name'")
-            parameters = self._parameters(tensor, f"output {tensor['name']!r}")
-            wanted[tensor["name"]] = bool(parameters.get("binary_data", self.binary_default))
-        return wanted
-
-
-def _infer_response(model: LoadedModel, request: _Request, outputs: dict[str, np.ndarray]) -> Response:
-    m = model.manifest
-    names = [s.name for s in m.outputs]
-    wanted = request.outputs if request.outputs is not None else dict.fromkeys(names, request.binary_default)
-    tensors = []
-    blobs = []
-    for name, binary in wanted.items():
-        array = np.asarray(outputs[name])
-        datatype = _KSERVE_NAMES.get(array.dtype)
-        if datatype is None:
-            raise HttpError(500, f"output {name!r} has dtype {array.dtype}, which v2 cannot carry")
-        tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
-        if binary:
-            blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-            tensor["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
-        else:
-            tensor["data"] = array.ravel().tolist()
-        tensors.append(tensor)
-    document: dict[str, Any] = {"model_name": m.name, "model_version": m.version}
-    if request.id is not None:
-        document["id"] = request.id
-    document["outputs"] = tensors
-    head = _ENCODER.encode(document).encode()
-    if not blobs:
-        return Response(200, head)
-    return Response(
-        200,
-        b"".join([head, *blobs]),
-        content_type="application/octet-stream",
-        headers=(("Inference-Header-Content-Length", str(len(head))),),
-    )
+# --------------------------------------------------------------------------- the routes
 
 
 class _Api:
@@ -392,19 +152,19 @@ class _Api:
 
     def get(self, endpoint: str, arguments: Any) -> Response:
         if endpoint == "health_live":
-            return _json(200, {"live": True})
+            return json_response(200, {"live": True})
         if endpoint == "health_ready":
             ready = self.slot.model is not None
-            return _json(200 if ready else 503, {"ready": ready})
+            return json_response(200 if ready else 503, {"ready": ready})
         if endpoint == "server":
-            return _json(
+            return json_response(
                 200, {"name": SERVER_NAME, "version": __version__, "extensions": ["binary_tensor_data"]}
             )
         with self.slot.lease() as model:
             self._check_model(model, *arguments)
             if endpoint == "ready":
-                return _json(200, {"name": model.manifest.name, "ready": True})
-            return _json(200, _model_metadata(model))
+                return json_response(200, {"name": model.manifest.name, "ready": True})
+            return json_response(200, model_metadata(model))
 
     @staticmethod
     def _check_model(model: LoadedModel, name: str, version: str | None) -> None:
@@ -420,7 +180,7 @@ class _Api:
         started = time.perf_counter()
         with self.slot.lease() as model:
             self._check_model(model, *arguments)
-            request = _Request(body, headers)
+            request = InferRequest(body, headers)
             names = {s.name for s in model.manifest.outputs} if request.outputs else ()
             for name in request.outputs or ():
                 if name not in names:
@@ -437,7 +197,7 @@ class _Api:
                 response = error_response(500, f"inference failed: {text}")
                 self._report(response, model, started, ok=False, inputs=request.inputs, outputs=None)
                 return response
-            response = _infer_response(model, request, outputs)
+            response = infer_response(model, request, outputs)
             self._report(response, model, started, ok=True, inputs=request.inputs, outputs=outputs)
             return response
 
@@ -515,11 +275,8 @@ class InferenceServer:
         self.limits = limits or ServingLimits()
         self._api = _Api(slot)
         self.on_request = on_request
-        self._core = HttpCore(self._dispatch, self.limits)
+        self._http = HttpServer(self._dispatch, self.limits, host, port)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._listener: Listener | None = None
-        self._thread: threading.Thread | None = None
 
     @property
     def on_request(self) -> OnRequest | None:
@@ -537,16 +294,16 @@ class InferenceServer:
     @property
     def max_connections(self) -> int:
         """The connection cap in force (``limits.max_connections``, or derived from RLIMIT_NOFILE)."""
-        return self._core.max_connections
+        return self._http.max_connections
 
     @property
     def buffered_body_bytes(self) -> int:
         """Bytes of request bodies held now (declared lengths, read or still arriving)."""
-        return self._core.buffered_body_bytes
+        return self._http.buffered_body_bytes
 
     @property
-    def _connections(self) -> set[Any]:
-        return self._core.connections
+    def _connections(self) -> set[HttpConnection]:
+        return self._http.connections
 
     def _dispatch(self, request: Request) -> Response | asyncio.Future[Response]:
         method, target, headers, body, _keep_alive, _http10, _reserved = request
@@ -558,57 +315,29 @@ class InferenceServer:
         )
 
     def start(self) -> int:
-        if self._thread is not None:
-            raise RuntimeError("the server is already started")
-        try:
-            sock = _listen(self.host, self.port)
-        except OSError as e:
-            raise ListenError(f"cannot listen on {self.host}:{self.port}: {e.strerror or e}") from e
-        self.port = int(sock.getsockname()[1])
-        if self.workers:
+        if self.workers and self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 self.workers, thread_name_prefix="edgec-infer"
             )
-        ready = threading.Event()
-        self._thread = threading.Thread(
-            target=self._serve, args=(sock, ready), name="edgec-v2-http", daemon=True
-        )
-        self._thread.start()
-        ready.wait()
+        try:
+            self.port = self._http.start()
+        except ListenError:
+            self._shut_down_workers()
+            raise
         logger.info(
             "serving the v2 inference API on %s (at most %d connections)", self.url, self.max_connections
         )
         return self.port
 
-    def _serve(self, sock: socket.socket, ready: threading.Event) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        loop.set_exception_handler(self._core.loop_exception)
-        try:
-            self._listener = Listener(loop, sock, self._core)
-            self._listener.start()
-            self._core.start_sweeping(loop)
-            ready.set()
-            loop.run_forever()
-            self._listener.close()
-            self._core.close()
-            loop.run_until_complete(asyncio.sleep(0))  # let the closed transports finish
-        finally:
-            ready.set()
-            loop.close()
-
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop listening, close every connection, and wait for the server's thread."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        if not loop.is_closed():
-            loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout_s)
+        self._http.stop(timeout_s)
+        self._shut_down_workers()
+
+    def _shut_down_workers(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
-        self._thread = self._loop = self._listener = None
 
     def __enter__(self) -> InferenceServer:
         self.start()
@@ -616,20 +345,3 @@ class InferenceServer:
 
     def __exit__(self, *_exc: object) -> None:
         self.stop()
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening socket on the first address ``host`` resolves to."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(1024)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock

@@ -16,19 +16,18 @@ documents, but not targets: a device installs only what the offline targets key 
 
 Each bundle file is a target whose custom fields carry the release (name, version, profile,
 format, precision) and per-chunk sha256 hashes, so a download can be checked and resumed
-chunk by chunk.
+chunk by chunk (``ota_server._targets`` describes them; ``Release``, ``chunk_hashes`` and
+``CHUNK_BYTES`` are re-exported here).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from securesystemslib.signer import Signer, SSlibKey
@@ -37,7 +36,6 @@ from tuf.api.metadata import (
     MetaFile,
     Root,
     Snapshot,
-    TargetFile,
     Targets,
     Timestamp,
 )
@@ -46,6 +44,7 @@ from tuf.api.serialization.json import JSONSerializer
 from edgec._atomic import atomic_write
 from edgec.errors import BundleError, ConflictError, UserInputError
 from edgec.manifest import check_files, read_manifest
+from ota_server._targets import CHUNK_BYTES, Release, bundle_targets, chunk_hashes, releases
 from ota_server.keys import KEY_SUFFIX, generate, load_private, load_signer, read_public, write_sealed
 
 __all__ = [
@@ -75,7 +74,6 @@ EXPIRY = {
     "snapshot": dt.timedelta(days=7),
     "timestamp": dt.timedelta(days=1),
 }
-CHUNK_BYTES = 256 * 1024
 DIRECTOR_PUBLIC = "director.pub.json"
 _SERIALIZER = JSONSerializer(compact=False)
 
@@ -91,17 +89,6 @@ class KeyFolderError(UserInputError):
 
 class OldLayoutError(UserInputError):
     """Private keys inside the served folder (REPO/keys, the layout before offline keys)."""
-
-
-@dataclass(frozen=True)
-class Release:
-    name: str
-    version: str
-    profile: str
-    format: str
-    precision: str
-    files: int
-    bytes: int
 
 
 def default_online_folder(repo: Path) -> Path:
@@ -120,14 +107,6 @@ def _holds_keys(folder: Path) -> bool:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
-
-
-def chunk_hashes(path: Path, chunk: int = CHUNK_BYTES) -> list[str]:
-    hashes = []
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            hashes.append(hashlib.sha256(block).hexdigest())
-    return hashes
 
 
 class ImageRepository:
@@ -327,28 +306,12 @@ class ImageRepository:
             manifests.append(manifest)
         added = []
         for bundle, manifest in zip(bundles, manifests, strict=True):
-            prefix = f"{manifest.name}/{manifest.version}/{manifest.profile.id}"
-            release = {
-                "name": manifest.name,
-                "version": manifest.version,
-                "profile": manifest.profile.id,
-                "format": manifest.format.value,
-                "precision": manifest.precision.value,
-            }
-            for path in [*(bundle / f.path for f in manifest.files), bundle / "manifest.json"]:
-                relative = path.relative_to(bundle).as_posix()
-                target_path = f"{prefix}/{relative}"
-                info = TargetFile.from_file(target_path, str(path), ["sha256"])
-                info.unrecognized_fields["custom"] = {
-                    "edgec": {**release, "chunk_bytes": CHUNK_BYTES, "chunks": chunk_hashes(path)}
-                }
-                stored = (
-                    self.targets_dir / prefix / Path(relative).parent / f"{info.hashes['sha256']}.{path.name}"
-                )
+            for target in bundle_targets(bundle, manifest):
+                stored = self.targets_dir / target.stored
                 stored.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, stored)
-                targets.signed.targets[target_path] = info
-                added.append(target_path)
+                shutil.copyfile(target.source, stored)
+                targets.signed.targets[target.path] = target.info
+                added.append(target.path)
         targets.signed.version += 1
         targets.signed.expires = now + EXPIRY["targets"]
         self._sign_and_write(targets, targets_signers)
@@ -504,20 +467,4 @@ class ImageRepository:
         self._new_snapshot_and_timestamp(snapshot, timestamp, now or _now())
 
     def releases(self) -> list[Release]:
-        grouped: dict[tuple[str, ...], Release] = {}
-        for info in self.load("targets").signed.targets.values():
-            custom = info.unrecognized_fields.get("custom", {}).get("edgec")
-            if not custom:
-                continue
-            key = (custom["name"], custom["version"], custom["profile"])
-            old = grouped.get(key)
-            grouped[key] = Release(
-                custom["name"],
-                custom["version"],
-                custom["profile"],
-                custom["format"],
-                custom["precision"],
-                (old.files if old else 0) + 1,
-                (old.bytes if old else 0) + info.length,
-            )
-        return sorted(grouped.values(), key=lambda r: (r.name, r.version, r.profile))
+        return releases(self.load("targets").signed.targets.values())

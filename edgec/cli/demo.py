@@ -22,19 +22,27 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from edgec.errors import EdgecError, OptionError
+from edgec.cli._demo_load import LOAD_PER_AGENT_PER_S, LoadGenerator
+from edgec.cli._demo_output import plural, pump_lines, rollout_summary
+from edgec.cli._demo_processes import (
+    DemoError,
+    Device,
+    EmbeddedBroker,
+    Service,
+    choose_broker,
+    free_port,
+    stop_services,
+)
+from edgec.errors import OptionError
 
 __all__ = ["register"]
 
@@ -45,15 +53,9 @@ DEFAULT_DEVICES = {"x86-64-cpu": 2, "raspberry-pi-4": 1}
 GROUP = "demo"
 BAKE = "5s"
 V2_RULES = ("install_failure_rate>0.05", "p95_ms>3*control", "drift=drift")
-LOAD_PER_AGENT_PER_S = 50.0
 TELEMETRY_WINDOW_S = 5.0  # long enough for steady p95 figures on a busy 2-core machine
-START_TIMEOUT_S = 60.0
 ROLLOUT_TIMEOUT_S = 180.0
 STEPS = 11
-
-
-class DemoError(EdgecError):
-    """A step of the demo failed; the message says which and where its log is."""
 
 
 def register(commands: Any) -> None:
@@ -89,7 +91,7 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     devices = _device_plan(args.devices_per_profile)
-    broker = _choose_broker(args.broker)
+    broker = choose_broker(args.broker)
     if not (DIGITS / "model.onnx").exists():
         raise OptionError(f"the digits sample is not at {DIGITS}: run edgec demo from a checkout of edgec")
     workdir = _workdir(args.workdir)
@@ -135,31 +137,6 @@ def _device_plan(specs: list[str]) -> list[tuple[str, str]]:
     return [(f"{PROFILES[p]}-{i}", p) for p, n in counts.items() for i in range(1, n + 1)]
 
 
-def _mosquitto() -> str | None:
-    found = shutil.which("mosquitto")
-    if found is None and Path("/usr/sbin/mosquitto").exists():
-        found = "/usr/sbin/mosquitto"
-    return found
-
-
-def _choose_broker(choice: str) -> str:
-    """A path to the Mosquitto binary, or ``"embedded"``; fails early, before any build."""
-    import importlib.util
-
-    mosquitto = _mosquitto()
-    has_amqtt = importlib.util.find_spec("amqtt") is not None
-    if choice in ("auto", "mosquitto") and mosquitto:
-        return mosquitto
-    if choice in ("auto", "embedded") and has_amqtt:
-        return "embedded"
-    if choice == "embedded":
-        raise OptionError("the embedded broker needs amqtt: pip install 'edgec[demo]' -c constraints.txt")
-    raise OptionError(
-        "no MQTT broker: install Mosquitto (sudo apt-get install mosquitto; make demo does it where it "
-        "can), or pip install 'edgec[demo]' for an embedded one"
-    )
-
-
 def _workdir(path: Path | None) -> Path:
     if path is None:
         return Path(tempfile.mkdtemp(prefix="edgec-demo-")).resolve()
@@ -167,68 +144,6 @@ def _workdir(path: Path | None) -> Path:
         raise OptionError(f"--workdir {path} is not an empty folder")
     path.mkdir(parents=True, exist_ok=True)
     return path.resolve()
-
-
-def _count(items: list[Any], noun: str) -> str:
-    return f"{len(items)} {noun}{'s' if len(items) != 1 else ''}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-@dataclass
-class Service:
-    """A background process (broker, server, agent) with its log file."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def wait_for_port(self, port: int, timeout_s: float = START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not _port_open(port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                why = f"exited with {self.proc.returncode}" if self.proc.poll() is not None else "timed out"
-                raise DemoError(f"{self.name} did not start ({why}); its log {self.log}:\n{_tail(self.log)}")
-            time.sleep(0.1)
-
-
-def stop_services(services: list[Service], timeout_s: float = 15.0) -> None:
-    """SIGTERM to all, wait, then SIGKILL to each process group still there."""
-    for service in services:
-        if service.proc.poll() is None:
-            service.proc.terminate()
-    deadline = time.monotonic() + timeout_s
-    for service in services:
-        try:
-            service.proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(service.proc.pid, signal.SIGKILL)
-            service.proc.wait(timeout=5)
-
-
-@dataclass
-class Device:
-    id: str
-    profile: str
-    config: Path
-    http_port: int = 0
 
 
 class Demo:
@@ -340,11 +255,11 @@ class Demo:
             self.edgec("publish", *sorted((self.dir / "bundles").iterdir()), *repo)
 
     def register_devices(self) -> None:
-        with self.step(f"register {_count(self.devices, 'device')} in group {GROUP} (SQLite registry)"):
+        with self.step(f"register {plural(self.devices, 'device')} in group {GROUP} (SQLite registry)"):
             self.say(f"$ export EDGEC_DB={self.env['EDGEC_DB']}", indent=2)
-            self.broker_port, self.tls_port = _free_port(), _free_port()
+            self.broker_port, self.tls_port = free_port(), free_port()
             for d in self.devices:
-                d.http_port = _free_port()
+                d.http_port = free_port()
                 self.edgec(
                     "devices", "add", d.id, "--profile", d.profile, "--group", GROUP, "--broker",
                     f"127.0.0.1:{self.broker_port}", "--repo", self.dir / "repo", "--out", d.config,
@@ -382,7 +297,7 @@ class Demo:
             self.say(f"mosquitto listening on 127.0.0.1:{self.broker_port}", indent=4)
 
     def start_server(self) -> None:
-        self.http_port = _free_port()
+        self.http_port = free_port()
         with self.step(f"start the OTA server (operator API on http://127.0.0.1:{self.http_port})"):
             out = self.edgec("server", "token", "--role", "operator")
             self.token = out.split(": ", 1)[1].splitlines()[0].strip()
@@ -407,7 +322,7 @@ class Demo:
             self.say(f"$ export EDGEC_SERVER={self.env['EDGEC_SERVER']} EDGEC_TOKEN={self.token}", indent=2)
 
     def start_agents(self) -> None:
-        with self.step(f"start {_count(self.devices, 'agent')}, one process per device"):
+        with self.step(f"start {plural(self.devices, 'agent')}, one process per device"):
             started = []
             for d in self.devices:
                 argv = [sys.executable, "-m", "edgec", "-v", "agent", "run", "--config", str(d.config)]
@@ -443,7 +358,7 @@ class Demo:
             stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+        threading.Thread(target=pump_lines, args=(proc.stdout, lines), daemon=True).start()
         frame: list[str] = []
         shown, started = "", time.perf_counter()
         deadline = time.monotonic() + ROLLOUT_TIMEOUT_S
@@ -462,7 +377,7 @@ class Demo:
                 if line.startswith(f"rollout {rollout_id}:"):
                     frame = []
                 frame.append(line.rstrip("\n"))
-                summary = _summary(frame)
+                summary = rollout_summary(frame)
                 if summary and summary != shown:
                     shown = summary
                     self.say(f"[{time.perf_counter() - started:5.1f}s] {summary}", indent=4)
@@ -551,44 +466,6 @@ class Demo:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _pump(stream: IO[str] | None, lines: queue.Queue[str | None]) -> None:
-    if stream is not None:
-        for line in stream:
-            lines.put(line)
-    lines.put(None)
-
-
-def _table(frame: list[str], first_column: str) -> list[dict[str, str]] | None:
-    """The rows of the table whose header starts with ``first_column``; None until it is whole."""
-    header = next((i for i, line in enumerate(frame) if line.startswith(first_column + " ")), None)
-    if header is None:
-        return None
-    columns = re.split(r"\s{2,}", frame[header].strip())
-    rows: list[dict[str, str]] = []
-    for line in frame[header + 2 :]:
-        if not line.strip():  # a blank line ends the table
-            return rows
-        rows.append(dict(zip(columns, line.split(), strict=False)))
-    return None
-
-
-def _summary(frame: list[str]) -> str:
-    """One line from a drawing of ``edgec rollout status`` (once its cohort table is whole): state,
-    wave, devices installed, and the p95 latency of canary vs control that the abort rule compares."""
-    waves, cohorts = _table(frame, "wave"), _table(frame, "cohort")
-    if waves is None or cohorts is None:
-        return ""
-    state = re.sub(r", baking until \S+", ", baking", frame[0].split(" — ", 1)[-1])
-    installed = sum(int(w.get("installed", "0")) for w in waves)
-    line = f"{state}: {installed}/{sum(int(w['devices']) for w in waves)} devices installed"
-    p95 = {row["cohort"]: row.get("p95 ms", "-") for row in cohorts}
-    if "-" not in (p95.get("canary", "-"), p95.get("control", "-")):
-        line += f"; p95 canary {p95['canary']} ms, control {p95['control']} ms"
-    if len(frame) > 1 and frame[1].startswith("reason: "):
-        line += f" ({frame[1].removeprefix('reason: ')})"
-    return line
-
-
 def _tune_agent_config(config: Path, state_dir: Path, http_port: int) -> None:
     """The demo's settings on top of what ``edgec devices add`` wrote: a state folder and an HTTP
     port of its own, and short probation and telemetry windows so the demo moves quickly."""
@@ -599,171 +476,3 @@ def _tune_agent_config(config: Path, state_dir: Path, http_port: int) -> None:
         f"[telemetry]\nwindow_s = {TELEMETRY_WINDOW_S}\n"
     )
     config.write_text(text, encoding="utf-8")
-
-
-def _read_npy_float32(data: bytes) -> tuple[tuple[int, ...], list[float]]:
-    """A little-endian float32 C-order ``.npy`` array: its shape and values (no numpy in edgec)."""
-    import ast
-    import struct
-
-    if data[:6] != b"\x93NUMPY":
-        raise DemoError("not a .npy array")
-    length_bytes = 2 if data[6] == 1 else 4
-    (header_len,) = struct.unpack("<H" if length_bytes == 2 else "<I", data[8 : 8 + length_bytes])
-    start = 8 + length_bytes
-    header = ast.literal_eval(data[start : start + header_len].decode("latin1"))
-    if header["descr"] != "<f4" or header["fortran_order"]:
-        raise DemoError(f"expected a little-endian float32 C-order array, got {header}")
-    body = data[start + header_len :]
-    return tuple(header["shape"]), list(struct.unpack(f"<{len(body) // 4}f", body))
-
-
-class LoadGenerator:
-    """Inference requests to each agent's KServe v2 API, paced, one thread and one keep-alive
-    connection per agent."""
-
-    def __init__(self, ports: list[int], inputs: Path, rate_per_s: float = LOAD_PER_AGENT_PER_S) -> None:
-        import zipfile
-
-        with zipfile.ZipFile(inputs) as z:
-            shape, values = _read_npy_float32(z.read("x.npy"))
-        size = len(values) // shape[0]
-        sample = [1, *shape[1:]]
-        self.bodies = [
-            json.dumps(
-                {"inputs": [{"name": "x", "shape": sample, "datatype": "FP32", "data": values[i : i + size]}]}
-            ).encode()
-            for i in range(0, len(values), size)
-        ]
-        self.interval_s = 1.0 / rate_per_s
-        self.threads = [threading.Thread(target=self._run, args=(port,), daemon=True) for port in ports]
-        self.sent = self.failed = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-
-    def start(self) -> None:
-        for thread in self.threads:
-            thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self.threads:
-            thread.join(timeout=15)
-
-    def counts(self) -> tuple[int, int]:
-        with self._lock:
-            return self.sent, self.failed
-
-    def _run(self, port: int) -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        n, next_at = 0, time.perf_counter()
-        while not self._stop.is_set():
-            delay = next_at - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            next_at = max(next_at + self.interval_s, time.perf_counter() - 1.0)
-            ok = False
-            try:
-                connection.request(
-                    "POST",
-                    "/v2/models/digits/infer",
-                    self.bodies[n % len(self.bodies)],
-                    {"Content-Type": "application/json"},
-                )
-                response = connection.getresponse()
-                response.read()
-                ok = response.status == 200
-            except (OSError, http.client.HTTPException):
-                connection.close()
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            n += 1
-            with self._lock:
-                self.sent += 1
-                self.failed += not ok
-        connection.close()
-
-
-class EmbeddedBroker:
-    """amqtt in a thread of this process, for machines without Mosquitto: it checks the device
-    and server passwords (Argon2 hashes of the ones ``edgec devices add`` and ``edgec broker
-    config`` made), but not the per-device ACL."""
-
-    def __init__(self, port: int, folder: Path, devices: list[Device]) -> None:
-        self.port = port
-        self.folder = folder
-        self.devices = devices
-        self.thread: threading.Thread | None = None
-        self.loop: Any = None
-        self.broker: Any = None
-        self.log_handler: Any = None
-
-    def _password_file(self) -> Path:
-        from pwdlib.hashers.argon2 import Argon2Hasher
-
-        from ota_server.broker import SERVER_USER
-
-        hasher = Argon2Hasher()
-        users = {SERVER_USER: (self.folder / "server.secret").read_text().strip()}
-        for d in self.devices:
-            users[d.id] = tomllib.loads(d.config.read_text())["mqtt"]["password"]
-        path = self.folder / "amqtt-passwords"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(f"{user}:{hasher.hash(password)}\n" for user, password in users.items())
-        return path
-
-    def start(self) -> None:
-        import asyncio
-        import logging
-
-        from amqtt.broker import Broker
-
-        config = {
-            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
-            "plugins": {
-                "amqtt.plugins.authentication.FileAuthPlugin": {"password_file": str(self._password_file())}
-            },
-        }
-        self.log_handler = logging.FileHandler(self.folder / "amqtt.log")
-        logger = logging.getLogger("amqtt")
-        logger.addHandler(self.log_handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        failure: list[BaseException] = []
-
-        def serve() -> None:
-            asyncio.set_event_loop(self.loop)
-            try:
-                self.broker = Broker(config, loop=self.loop)
-                self.loop.run_until_complete(self.broker.start())
-            except Exception as e:
-                failure.append(e)
-                ready.set()
-                return
-            ready.set()
-            self.loop.run_forever()
-
-        self.thread = threading.Thread(target=serve, name="amqtt", daemon=True)
-        self.thread.start()
-        ready.wait(START_TIMEOUT_S)
-        if failure or not _port_open(self.port):
-            raise DemoError(f"the embedded broker did not start: {failure[0] if failure else 'timed out'}")
-
-    def stop(self) -> None:
-        import asyncio
-        import logging
-
-        if self.thread is None or self.loop is None:
-            return
-        if self.broker is not None and self.loop.is_running():
-            with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(self.broker.shutdown(), self.loop).result(10)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        if not self.thread.is_alive():
-            self.loop.close()
-        if self.log_handler is not None:
-            logging.getLogger("amqtt").removeHandler(self.log_handler)
-            self.log_handler.close()

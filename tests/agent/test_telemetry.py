@@ -10,14 +10,8 @@ import threading
 import numpy as np
 import pytest
 
-from agent.telemetry import (
-    DriftConfig,
-    DriftMonitor,
-    LatencyHistogram,
-    TelemetryBuffer,
-    WindowRecorder,
-    worst_verdict,
-)
+from agent.drift import DriftConfig, DriftMonitor, worst_verdict
+from agent.telemetry import LatencyHistogram, TelemetryBuffer, WindowRecorder
 from compiler.stats import tensor_stats
 from edgec.manifest import TensorStats
 from edgec.reports import DriftVerdict, Telemetry
@@ -241,7 +235,7 @@ def test_malformed_reference_statistics_are_skipped_not_raised(caplog):
     broken = TensorStats(
         name="x", count=1, mean=0, std=0, min=0, max=1, bin_edges=[0.0, 1.0], bin_fractions=[0.5, 0.5]
     )
-    with caplog.at_level(logging.WARNING, logger="agent.telemetry"):
+    with caplog.at_level(logging.WARNING, logger="agent.drift"):
         monitor = DriftMonitor([broken])
     assert monitor.names == []
     assert "malformed" in caplog.text
