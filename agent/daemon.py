@@ -17,99 +17,80 @@ import json
 import logging
 import threading
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from securesystemslib.signer import SSlibKey
+from tuf.ngclient import FetcherInterface
 
 from agent.config import AgentConfig
-from agent.director import DirectorState
-from agent.install import Installer, ProbationMonitor
+from agent.device import DeviceCore, DeviceIdentity, Runtime, parse_director_key
 from agent.mqtt_fetch import SCHEME, ChunkClient, ChunkSource, HttpChunks, MqttFetcher, Throttled
 from agent.report import MqttReporter
 from agent.runtime import golden_samples, load_bundle, self_test
 from agent.serving import InferenceServer
-from agent.slot import LoadedModel, ModelSlot
-from agent.store import StateStore
 from agent.telemetry import TelemetryBuffer, WindowRecorder
-from agent.trust import TrustedRepository
 from edgec._service import run_until_signalled
-from edgec.director import SignedDirectorDocument, parse_signed_document
-from edgec.errors import NewerSchemaError, TrustError
 from edgec.topics import device_topics
 
-__all__ = ["Agent"]
+__all__ = ["Agent", "real_runtime"]
 
 logger = logging.getLogger(__name__)
 
 
-def _director_key(text: str) -> SSlibKey:
-    data = json.loads(text)
-    keyid = data.pop("keyid")
-    return SSlibKey.from_dict(keyid, data)
+def real_runtime(threads: int) -> Runtime:
+    """The runtime a device runs: the bundle's own runtime, its self-test on golden.npz."""
+    return Runtime(
+        load=lambda folder: load_bundle(folder, threads=threads),
+        self_test=self_test,
+        golden_inputs=lambda model, path: golden_samples(model, path)[0],
+    )
 
 
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         assert config.trust is not None  # load_config insists
         self.config = config
-        self._startup_problem: str | None = None
         self.topics = device_topics(config.fleet, config.device)
-        self.store = StateStore(config.state_dir)
-        if not (config.state_dir / "metadata" / "root.json").exists():
-            TrustedRepository.provision(config.state_dir, config.trust.root.encode())
         self.client = self._mqtt_client()
         self.reporter = MqttReporter(self.client, self.topics)
         chunks: ChunkSource
+        fetcher: FetcherInterface
+        url_prefix = SCHEME
         if config.install.transport == "http":
             from tuf.ngclient import Urllib3Fetcher
 
             assert config.install.http_url is not None
             chunks = HttpChunks(config.install.http_url, timeout_s=config.install.chunk_timeout_s)
-            repository = TrustedRepository(
-                config.state_dir,
-                Urllib3Fetcher(),
-                config.install.max_target_bytes,
-                url_prefix=config.install.http_url.rstrip("/") + "/",
-            )
+            fetcher = Urllib3Fetcher()
+            url_prefix = config.install.http_url.rstrip("/") + "/"
         else:
             self.chunk_client = ChunkClient(
                 self.client, config.fleet, config.device, timeout_s=config.install.chunk_timeout_s
             )
             chunks = self.chunk_client
-            repository = TrustedRepository(
-                config.state_dir, MqttFetcher(self.chunk_client), config.install.max_target_bytes, SCHEME
-            )
+            fetcher = MqttFetcher(self.chunk_client)
         if config.install.max_fetch_bytes_per_s:
             chunks = Throttled(chunks, config.install.max_fetch_bytes_per_s)
-        director: DirectorState | None = None
-        try:
-            director = DirectorState.load(
-                config.state_dir / "director.json",
-                _director_key(config.trust.director_key),
+        self.core = DeviceCore(
+            config.state_dir,
+            DeviceIdentity(
                 config.device,
                 config.profile,
-            )
-        except TrustError as e:  # keep serving what is committed; refuse installs, say why
-            logger.error("%s", e)
-            self._startup_problem = str(e)
-        self.slot = ModelSlot()
-        self.probation = ProbationMonitor()
-        self.installer = Installer(
+                config.trust.root,
+                parse_director_key(config.trust.director_key),
+            ),
             settings=config.install,
-            store=self.store,
-            slot=self.slot,
-            director=director,
-            repository=repository,
+            fetcher=fetcher,
             chunks=chunks,
             reporter=self.reporter,
-            loader=self._load,
-            self_test=self_test,
-            golden_inputs=lambda model, path: golden_samples(model, path)[0],
-            probation=self.probation,
+            runtime=real_runtime(config.threads),
+            url_prefix=url_prefix,
         )
+        self.store = self.core.store
+        self.slot = self.core.slot
+        self.probation = self.core.probation
+        self.installer = self.core.installer
         self.buffer = TelemetryBuffer(self.store.telemetry, config.telemetry.buffer_max_windows)
         self.recorder = WindowRecorder(window_s=config.telemetry.window_s, first_seq=self.buffer.next_seq)
         self.server = InferenceServer(
@@ -120,8 +101,6 @@ class Agent:
             limits=config.http.limits,
         )
         self.http_port = 0
-        self._desired: SignedDirectorDocument | None = None
-        self._work = threading.Condition()
         self._stopping = threading.Event()
         self._flush = threading.Event()
         self._reference_lock = threading.Lock()
@@ -164,38 +143,18 @@ class Agent:
             logger.warning("disconnected from the broker (%s); reconnecting", reason)
 
     def _on_desired(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
-        if not message.payload:
-            return  # a cleared retained message
-        try:
-            envelope = parse_signed_document(message.payload)  # bounded, every name checked
-        except TrustError as e:
-            logger.warning("dropped a director document: %s", e)
-            release = e.release if isinstance(e, NewerSchemaError) else None  # settles its rollout
-            self.reporter.event("refused", release, str(e), step="accept")
-            return
-        with self._work:
-            self._desired = envelope  # the newest wins
-            self.installer.interrupted.set()
-            self._work.notify()
+        self.core.on_desired(message.payload)
 
     # -- threads ----------------------------------------------------------------------------
     def _install_loop(self) -> None:
-        try:
-            self.installer.resume()
-        except Exception:
-            logger.exception("resuming the interrupted install failed")
+        core = self.core
+        core.resume()
         while not self._stopping.is_set():
-            with self._work:
-                while self._desired is None and not self._stopping.is_set():
-                    self._work.wait(1.0)
-                envelope, self._desired = self._desired, None
-            if envelope is None:
-                continue
-            try:
-                self.installer.handle(envelope)
-            except Exception as e:  # disk full, permissions: report, keep serving
-                logger.exception("install failed")
-                self.reporter.event("error", envelope.signed.release, f"{type(e).__name__}: {e}")
+            with core.work:
+                while (envelope := core.take_desired()) is None and not self._stopping.is_set():
+                    core.work.wait(1.0)
+            if envelope is not None:
+                core.install(envelope)
 
     def _telemetry_loop(self) -> None:
         while not self._stopping.is_set():
@@ -231,9 +190,6 @@ class Agent:
             self._buffer_due_windows()  # a long backlog must not hold up closing new windows
 
     # -- serving ----------------------------------------------------------------------------
-    def _load(self, folder: Path) -> LoadedModel:
-        return load_bundle(folder, threads=self.config.threads)
-
     def _on_request(
         self,
         version: str,
@@ -260,9 +216,7 @@ class Agent:
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self) -> None:
-        self.installer.start_serving()
-        if self._startup_problem:
-            self.reporter.event("error", None, self._startup_problem)
+        self.core.start()
         self.http_port = self.server.start()
         logger.info("local inference API on http://%s:%d/v2", self.config.http.host, self.http_port)
         self.client.connect_async(self.config.mqtt.host, self.config.mqtt.port, self.config.mqtt.keepalive_s)
@@ -275,10 +229,7 @@ class Agent:
     def stop(self) -> None:
         self._stopping.set()
         self._flush.set()
-        self.installer.stopping.set()
-        self.installer.interrupted.set()
-        with self._work:
-            self._work.notify_all()
+        self.core.stop()
         self.server.stop()
         for thread in self._threads:
             thread.join(timeout=10)

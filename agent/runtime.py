@@ -1,15 +1,17 @@
 """Running a bundle on the device: load it into its runtime, check requests, self-test it.
 
 ``load_bundle`` checks every file of a bundle against its manifest (length and sha256), then
-opens the artifact in its runtime: onnxruntime's CPU provider for ONNX (with the manifest's
-``runtime_config`` entries), the LiteRT interpreter for TFLite. CoreML and TensorRT bundles
-are refused here with ``NotRunnableHereError``.
+opens the artifact with ``bundle_runtime``, the code the compiler verified it with:
+onnxruntime's CPU provider for ONNX (with the manifest's ``runtime_config`` entries), the
+LiteRT interpreter for TFLite. CoreML and TensorRT bundles are refused here with
+``NotRunnableHereError``.
 
 The ``RuntimeModel`` it returns speaks the SOURCE model's tensors, whatever the artifact
 takes: callers (and ``golden.npz``) give float arrays in the source's shape and layout, keyed
-by tensor name; the model moves them to the artifact's layout (channels-last for TFLite),
-quantizes int8 inputs with the manifest's scale and zero point, and dequantizes int8 outputs
-back to float. ``inputs`` and ``outputs`` describe that caller's view (``TensorInfo``).
+by tensor name; ``bundle_runtime.TensorPort`` moves them to the artifact's layout
+(channels-last for TFLite), quantizes int8 inputs with the manifest's scale and zero point,
+and dequantizes int8 outputs back to float. ``inputs`` and ``outputs`` describe that
+caller's view (``TensorInfo``).
 
 ``check_inputs`` is the one place a request's tensors are checked: names, shapes (a negative
 dimension in the manifest takes any size) and dtypes, converting where no information is lost
@@ -22,22 +24,26 @@ the agent refuses a model that fails it before swapping it in.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
-import sys
-import threading
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from bundle_runtime import (
+    SESSIONS,
+    ArtifactLoadError,
+    ArtifactRunner,
+    RuntimeNotInstalledError,
+    first_line,
+    open_artifact,
+)
 from edgec.errors import BundleError, UserInputError
-from edgec.manifest import Manifest, OutputKind, TargetFormat, TensorSpec, check_files, read_manifest
+from edgec.manifest import Manifest, OutputKind, TensorSpec, check_files, read_manifest
 
 __all__ = [
     "DamagedBundleError",
@@ -196,181 +202,27 @@ def check_inputs(manifest: Manifest, inputs: Mapping[str, Any]) -> dict[str, np.
     return _InputChecker([_caller_view(s) for s in manifest.inputs]).check(inputs)
 
 
-# --------------------------------------------------------------------------- layouts
-
-
-def _channels_last_axes(rank: int) -> tuple[int, ...]:
-    return (0, *range(2, rank), 1)
-
-
-def _is_channels_last_of(shape: Sequence[int], source: Sequence[int]) -> bool:
-    rank = len(source)
-    return (
-        3 <= rank <= 5
-        and len(shape) == rank
-        and list(shape) == [source[a] for a in _channels_last_axes(rank)]
-    )
-
-
-@dataclass(frozen=True)
-class _Port:
-    """One tensor between the caller's view and the artifact's: layout and quantization."""
-
-    name: str
-    key: str  # the runtime's name for it
-    source_shape: tuple[int, ...]
-    shape: tuple[int, ...]  # the artifact's
-    dtype: np.dtype[Any]  # the artifact's
-    scale: float | None
-    zero_point: int | None
-    transpose: tuple[int, ...] | None  # source -> artifact axes, for channels-last artifacts
-    reshape: bool  # same data, axes of size 1 added or dropped
-
-    @classmethod
-    def of(cls, spec: TensorSpec) -> _Port:
-        source = tuple(spec.source_shape if spec.source_shape is not None else spec.shape)
-        shape = tuple(spec.shape)
-        transpose = _channels_last_axes(len(source)) if _is_channels_last_of(shape, source) else None
-        quantized = spec.scale is not None and spec.zero_point is not None
-        return cls(
-            name=spec.name,
-            key=spec.runtime_name or spec.name,
-            source_shape=source,
-            shape=shape,
-            dtype=np.dtype(spec.dtype),
-            scale=spec.scale if quantized else None,
-            zero_point=spec.zero_point if quantized else None,
-            transpose=transpose,
-            reshape=source != shape and transpose is None,
-        )
-
-    def to_artifact(self, array: np.ndarray) -> np.ndarray:
-        if self.transpose is not None:
-            array = np.ascontiguousarray(np.transpose(array, self.transpose))
-        elif self.reshape:
-            array = array.reshape(self.shape)
-        if self.scale is not None and self.zero_point is not None:
-            limits = np.iinfo(self.dtype)
-            array = np.clip(np.round(array / self.scale + self.zero_point), limits.min, limits.max)
-        return array.astype(self.dtype, copy=False)
-
-    def to_source(self, array: np.ndarray) -> np.ndarray:
-        if self.scale is not None and self.zero_point is not None:
-            array = (array.astype(np.float32) - np.float32(self.zero_point)) * np.float32(self.scale)
-        if self.transpose is not None:
-            return np.transpose(array, np.argsort(self.transpose))
-        if self.reshape:
-            return array.reshape(self.source_shape)
-        return array
-
-
 # --------------------------------------------------------------------------- runtimes
 
 
-class _Session(Protocol):
-    """A runtime session: feeds keyed by the runtime's names in, its outputs out."""
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300]
-
-
-_STDERR_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Runtimes' C++ banners (LiteRT's "Created TensorFlow Lite XNNPACK delegate") off fd 2."""
-    with _STDERR_LOCK:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        try:
-            with open(os.devnull, "wb") as sink:
-                os.dup2(sink.fileno(), 2)
-                try:
-                    yield
-                finally:
-                    os.dup2(saved, 2)
-        finally:
-            os.close(saved)
-
-
-def _check_names(path: Path, kind: str, have: Sequence[str], ports: Sequence[_Port]) -> None:
-    want = [p.key for p in ports]
-    if sorted(have) != sorted(want):
-        raise LoadError(f"{path.name}'s {kind} {sorted(have)} do not match the manifest's {sorted(want)}")
-
-
-class _OrtSession:
-    def __init__(self, path: Path, manifest: Manifest, threads: int, ports: tuple[list[_Port], list[_Port]]):
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise NotRunnableHereError(
-                f"{manifest.name} {manifest.version} is an ONNX bundle and onnxruntime is not "
-                "installed: pip install 'edgec[agent]'"
-            ) from e
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 3
-        for key, value in manifest.runtime_config.items():
-            options.add_session_config_entry(key, value)
-        try:
-            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own untyped errors
-            raise LoadError(f"onnxruntime cannot load {path.name}: {_first_line(e)}") from e
-        _check_names(path, "inputs", [i.name for i in self._session.get_inputs()], ports[0])
-        _check_names(path, "outputs", [o.name for o in self._session.get_outputs()], ports[1])
-        self._output_names = [p.key for p in ports[1]]
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self._session.run(self._output_names, feeds)
-        return dict(zip(self._output_names, values, strict=True))
-
-
-class _LiteRtSession:
-    """LiteRT's signature runner; one invoke at a time (the interpreter is not thread-safe)."""
-
-    def __init__(self, path: Path, manifest: Manifest, threads: int, ports: tuple[list[_Port], list[_Port]]):
-        try:
-            from ai_edge_litert.interpreter import Interpreter
-        except ImportError as e:
-            raise NotRunnableHereError(
-                f"{manifest.name} {manifest.version} is a TFLite bundle and ai-edge-litert is not "
-                "installed: pip install 'edgec[agent]'"
-            ) from e
-        try:
-            with _quiet_stderr():
-                self._interpreter = Interpreter(model_path=str(path), num_threads=threads)
-                self._runner = self._interpreter.get_signature_runner()
-        except Exception as e:  # LiteRT raises ValueError/RuntimeError with its own text
-            raise LoadError(f"LiteRT cannot load {path.name}: {_first_line(e)}") from e
-        _check_names(path, "inputs", list(self._runner.get_input_details()), ports[0])
-        _check_names(path, "outputs", list(self._runner.get_output_details()), ports[1])
-        self._lock = threading.Lock()
-        # the first invoke creates the XNNPACK delegate (and prints about it): do it now, quietly
-        zeros = {p.key: np.zeros([max(d, 1) for d in p.shape], p.dtype) for p in ports[0]}
-        try:
-            with _quiet_stderr():
-                self._runner(**zeros)
-        except Exception as e:
-            raise LoadError(f"LiteRT cannot run {path.name}: {_first_line(e)}") from e
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with self._lock:
-            results: dict[str, np.ndarray] = self._runner(**feeds)
-            return results
-
-
-_SESSIONS: dict[TargetFormat, type[_OrtSession] | type[_LiteRtSession]] = {
-    TargetFormat.ONNX: _OrtSession,
-    TargetFormat.TFLITE: _LiteRtSession,
-}
+def _open(folder: Path, manifest: Manifest, threads: int) -> ArtifactRunner:
+    """The bundle's model in the session the build verified it with (``bundle_runtime``)."""
+    label = f"{manifest.name} {manifest.version}"
+    try:
+        return open_artifact(
+            folder / manifest.model_file,
+            manifest.format,
+            manifest.inputs,
+            manifest.outputs,
+            runtime_config=manifest.runtime_config,
+            threads=threads,
+        )
+    except RuntimeNotInstalledError as e:
+        raise NotRunnableHereError(
+            f"{label} is a {manifest.format.value} bundle and {e}: pip install 'edgec[agent]'"
+        ) from e
+    except ArtifactLoadError as e:
+        raise LoadError(str(e)) from e
 
 
 class RuntimeModel:
@@ -381,16 +233,13 @@ class RuntimeModel:
     ones that do not fit. Safe to call from several threads at once.
     """
 
-    def __init__(
-        self, folder: Path, manifest: Manifest, session: _Session, ports: tuple[list[_Port], list[_Port]]
-    ):
+    def __init__(self, folder: Path, manifest: Manifest, runner: ArtifactRunner):
         self.folder = folder
         self.manifest = manifest
         self.inputs = [_caller_view(s) for s in manifest.inputs]
         self.outputs = [_caller_view(s) for s in manifest.outputs]
         self._checker = _InputChecker(self.inputs)
-        self._in, self._out = ports
-        self._session: _Session | None = session
+        self._runner: ArtifactRunner | None = runner
 
     @property
     def version(self) -> str:
@@ -402,15 +251,13 @@ class RuntimeModel:
 
     def infer(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         checked = self._checker.check(inputs)
-        session = self._session
-        if session is None:
+        runner = self._runner
+        if runner is None:
             raise RuntimeError(f"{self.manifest.name} {self.manifest.version} is closed")
-        feeds = {p.key: p.to_artifact(checked[p.name]) for p in self._in}
-        results = session.run(feeds)
-        return {p.name: p.to_source(results[p.key]) for p in self._out}
+        return runner.run(checked)
 
     def close(self) -> None:
-        self._session = None  # the runtimes free their sessions when the last reference goes
+        self._runner = None  # the runtimes free their sessions when the last reference goes
 
 
 def load_bundle(folder: Path, *, threads: int = 1) -> RuntimeModel:
@@ -423,10 +270,10 @@ def load_bundle(folder: Path, *, threads: int = 1) -> RuntimeModel:
         raise ValueError(f"threads must be >= 1, got {threads}")
     manifest = read_manifest(folder)
     label = f"{manifest.name} {manifest.version} ({folder})"
-    if manifest.format not in _SESSIONS:
+    if manifest.format not in SESSIONS:
         raise NotRunnableHereError(
             f"{label} is a {manifest.format.value} bundle: not runnable here "
-            f"(this agent runs {', '.join(f.value for f in _SESSIONS)} bundles)"
+            f"(this agent runs {', '.join(f.value for f in SESSIONS)} bundles)"
         )
     try:
         manifest.file(manifest.model_file)
@@ -438,8 +285,7 @@ def load_bundle(folder: Path, *, threads: int = 1) -> RuntimeModel:
     if problems:
         listed = "; ".join(f"{path}: {problem}" for path, problem in sorted(problems.items()))
         raise DamagedBundleError(f"{label} is damaged: {listed}")
-    ports = ([_Port.of(s) for s in manifest.inputs], [_Port.of(s) for s in manifest.outputs])
-    session = _SESSIONS[manifest.format](folder / manifest.model_file, manifest, threads, ports)
+    runner = _open(folder, manifest, threads)
     logger.info(
         "loaded %s %s (%s %s) from %s",
         manifest.name,
@@ -448,7 +294,7 @@ def load_bundle(folder: Path, *, threads: int = 1) -> RuntimeModel:
         manifest.precision.value,
         folder,
     )
-    return RuntimeModel(folder, manifest, session, ports)
+    return RuntimeModel(folder, manifest, runner)
 
 
 # --------------------------------------------------------------------------- self-test
@@ -496,7 +342,7 @@ def golden_samples(
         with np.load(golden, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise InputError(f"cannot read {golden.name}: {_first_line(e)}") from e
+        raise InputError(f"cannot read {golden.name}: {first_line(e)}") from e
     wanted = [f"inputs/{i.name}" for i in model.inputs] + [f"outputs/{o.name}" for o in model.outputs]
     missing = [key for key in wanted if key not in arrays]
     if missing:
@@ -551,7 +397,7 @@ def self_test(model: RuntimeModel, golden: Path) -> SelfTestResult:
         try:
             got.append(model.infer(feed))
         except Exception as e:  # a runtime's own failure is the test's result
-            return SelfTestResult(False, reason=f"sample {index} failed: {_first_line(e)}", limits=limits)
+            return SelfTestResult(False, reason=f"sample {index} failed: {first_line(e)}", limits=limits)
 
     max_err = 0.0
     worst_cosine: float | None = None

@@ -3,7 +3,7 @@
 Run:  python bench/bench_fleet.py [--devices 100,1000] [--waves 1%,10%,50%,100%] [--bake 2s]
 
 For each fleet size: a real Mosquitto (the generated config, one password per device and the
-ACL), the OTA server process, and that many ``agent.sim`` devices in this process, each a real
+ACL), the OTA server process, and that many ``sim`` devices in this process, each a real
 MQTT client running the agent's install pipeline (director document, TUF refresh over MQTT,
 chunked download with chunk hashes, stage, probation) with a stand-in runtime. The digits
 sample at fp16 (a release of about 100 KB) goes out with ``edgec rollout start`` in four
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.config import InstallSettings, TrustSettings  # noqa: E402
-from agent.sim import SimBehaviours, SimFleet, SimSettings  # noqa: E402
+from sim import SimBehaviours, SimFleet, SimSettings  # noqa: E402
 from tests._cli import DIGITS, run_edgec  # noqa: E402
 from tests._fleet import down, new_fleet, up  # noqa: E402
 from tests._services import wait_for  # noqa: E402

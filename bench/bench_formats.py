@@ -241,13 +241,9 @@ def source_row() -> Row:
 def _onnxruntime(row: Row, inputs: dict[str, np.ndarray], threads: int) -> tuple[Call, Call]:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    for key, value in row.runtime_config.items():
-        options.add_session_config_entry(key, value)
+    from bundle_runtime import session_options  # the agent's session settings
+
+    options = session_options(row.runtime_config, threads=threads)
     session = ort.InferenceSession(str(row.artifact), options, providers=["CPUExecutionProvider"])
     feeds = {i.name: inputs[i.name] for i in session.get_inputs()}
     output = session.get_outputs()[0].name
@@ -264,8 +260,8 @@ def _onnxruntime(row: Row, inputs: dict[str, np.ndarray], threads: int) -> tuple
 def _litert(row: Row, inputs: dict[str, np.ndarray], threads: int) -> tuple[Call, Call]:
     from ai_edge_litert.interpreter import Interpreter
 
+    from bundle_runtime import TensorPort
     from compiler._capture import captured_output
-    from compiler.layouts import to_artifact as to_layout
     from edgec.manifest import read_manifest
 
     manifest = read_manifest(Path(row.bundle or ""))
@@ -273,12 +269,9 @@ def _litert(row: Row, inputs: dict[str, np.ndarray], threads: int) -> tuple[Call
         interpreter = Interpreter(model_path=str(row.artifact), num_threads=threads)
         runner = interpreter.get_signature_runner()
     kwargs = {}
-    for spec in manifest.inputs:
-        value = to_layout(inputs[spec.name], spec, inputs[spec.name].shape)
-        if spec.scale is not None and spec.zero_point is not None:
-            info = np.iinfo(np.dtype(spec.dtype))
-            value = np.clip(np.round(value / spec.scale + spec.zero_point), info.min, info.max)
-        kwargs[spec.runtime_name or spec.name] = np.ascontiguousarray(value.astype(spec.dtype))
+    for spec in manifest.inputs:  # the agent's conversion: channels-last, int8 scaling
+        port = TensorPort.of(spec)
+        kwargs[port.key] = np.ascontiguousarray(port.to_artifact(inputs[spec.name]))
     out = manifest.outputs[0]
 
     def call() -> Any:

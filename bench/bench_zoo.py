@@ -167,7 +167,8 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
             ["onnxruntime", "onnx", "tensorflow", "onnx2tf", "ai-edge-litert", "coremltools", "torch"]
         ),
         "wall_s": 0.0,
-        "cached": options.cache is not None,
+        # a cache that held entries at the start: its cells are not first-build times
+        "cached": options.cache is not None and options.cache.is_dir() and any(options.cache.iterdir()),
         "partial": True,
         "cells": cells,
     }

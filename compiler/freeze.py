@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from bundle_runtime import session_options
 from edgec.errors import FreezeSpecError
 
 __all__ = ["fold_frozen", "fold_shape_decided_ifs", "freeze_inputs", "parse_freeze"]
@@ -391,8 +392,7 @@ def _probe_shapes(graph: onnx.ModelProto, names: list[str]) -> dict[str, np.ndar
     probe.graph.output.extend(
         onnx.helper.make_tensor_value_info(n, onnx.TensorProto.INT64, None) for n in names
     )
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options = session_options({})
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     runs = []

@@ -1,26 +1,20 @@
-"""Channels-first vs channels-last: how an artifact's tensors relate to the source's.
+"""Channels-first vs channels-last: the artifact's tensor specs, as a converter left them.
 
 ONNX models are channels-first (NCHW); converters to TFLite and CoreML make 3-D to 5-D
-tensors channels-last (NHWC) so the runtimes' delegates need no transposes. The artifact's
-tensor specs record the layout it takes; ``to_artifact`` and ``to_source`` move data across.
+tensors channels-last (NHWC) so the runtimes' delegates need no transposes. ``artifact_spec``
+records the layout an artifact takes in its tensor spec; data moves across with
+``bundle_runtime.TensorPort``, the conversion the agent runs, built from that spec.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
+from bundle_runtime.layouts import CHANNELS_LAST, is_channels_last_of
 from edgec.errors import ConversionError
-from edgec.manifest import Layout, TensorSpec
+from edgec.manifest import TensorSpec
 
-__all__ = ["artifact_spec", "to_artifact", "to_source"]
-
-_CHANNELS_LAST = {3: Layout.NWC, 4: Layout.NHWC, 5: Layout.NDHWC}
-
-
-def _channels_last_axes(rank: int) -> tuple[int, ...]:
-    return (0, *range(2, rank), 1)
+__all__ = ["artifact_spec"]
 
 
 def artifact_spec(
@@ -31,8 +25,8 @@ def artifact_spec(
     rank = len(source.shape)
     if shape == source.shape:
         layout = source.layout
-    elif _is_channels_last_of(shape, source.shape):
-        layout = _CHANNELS_LAST[rank]
+    elif is_channels_last_of(shape, source.shape):
+        layout = CHANNELS_LAST[rank]
     elif _squeezed(shape) == _squeezed(source.shape):
         layout = source.layout  # only axes of size 1 added or dropped
     else:
@@ -48,30 +42,5 @@ def artifact_spec(
     )
 
 
-def _is_channels_last_of(shape: Sequence[int], source_shape: Sequence[int]) -> bool:
-    rank = len(source_shape)
-    if rank not in _CHANNELS_LAST or len(shape) != rank:
-        return False
-    return list(shape) == [source_shape[a] for a in _channels_last_axes(rank)]
-
-
 def _squeezed(shape: Sequence[int]) -> list[int]:
     return [int(d) for d in shape if d != 1]
-
-
-def to_artifact(array: np.ndarray, spec: TensorSpec, source_shape: Sequence[int]) -> np.ndarray:
-    """Source-layout data -> the artifact's layout (``artifact_spec`` allows only these)."""
-    if list(source_shape) == spec.shape:
-        return array
-    if _is_channels_last_of(spec.shape, source_shape):
-        return np.transpose(array, _channels_last_axes(array.ndim))
-    return array.reshape(spec.shape)
-
-
-def to_source(array: np.ndarray, spec: TensorSpec, source_shape: Sequence[int]) -> np.ndarray:
-    """Artifact-layout data -> the source's layout."""
-    if list(source_shape) == spec.shape:
-        return array
-    if _is_channels_last_of(spec.shape, source_shape):
-        return np.transpose(array, np.argsort(_channels_last_axes(array.ndim)))
-    return array.reshape(source_shape)

@@ -1,4 +1,9 @@
-"""Running a model: the one small interface verification uses for every runtime."""
+"""Running a model: the one small interface verification uses for every runtime.
+
+Sessions come from ``bundle_runtime``, the code the agent serves bundles with: an artifact
+is verified in the session the device opens (``bundle_runtime.open_artifact``); this module
+adds the compiler's error types and the session settings int8 ONNX artifacts record.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,18 @@ from typing import Protocol
 
 import numpy as np
 
+from bundle_runtime import ArtifactLoadError, ArtifactRunner, OrtSession, first_line, open_artifact
 from edgec.errors import BuildError, ConversionError
+from edgec.manifest import TargetFormat, TensorSpec
 
-__all__ = ["ORT_SESSION_CONFIG", "OnnxRuntimeRunner", "Runner", "RuntimeUnavailableError", "first_line"]
+__all__ = [
+    "ORT_SESSION_CONFIG",
+    "OnnxRuntimeRunner",
+    "Runner",
+    "RuntimeUnavailableError",
+    "first_line",
+    "open_for_verification",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,40 +51,29 @@ class Runner(Protocol):
 ORT_SESSION_CONFIG: Mapping[str, str] = {"session.x64quantprecision": "1"}
 
 
-class OnnxRuntimeRunner:
-    """An onnxruntime CPU session over a model file, opened with ``config`` (the session
-    settings its bundle records, so the build verifies what the device runs)."""
+class OnnxRuntimeRunner(OrtSession):
+    """An onnxruntime CPU session over a model file (a source, a prepared graph, a stand-in),
+    opened with ``config`` through ``bundle_runtime``'s session factory."""
 
     def __init__(self, path: Path, config: Mapping[str, str] = ORT_SESSION_CONFIG) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        for key, value in config.items():
-            options.add_session_config_entry(key, value)
         try:
-            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own untyped errors
-            raise ConversionError(f"onnxruntime cannot load {path.name}: {first_line(e)}") from e
-        self._output_names = [o.name for o in self._session.get_outputs()]
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self._session.run(self._output_names, feeds)
-        return dict(zip(self._output_names, values, strict=True))
+            super().__init__(path, config)
+        except ArtifactLoadError as e:
+            raise ConversionError(str(e)) from e
 
 
-FIRST_LINE_HEAD = 160  # characters kept from the start of a long error line...
-FIRST_LINE_TAIL = 240  # ...and from its end, where onnxruntime puts the reason
-
-
-def first_line(error: BaseException) -> str:
-    """An exception as one line for the user (converters raise multi-line essays).
-
-    A long line keeps its start and its end: onnxruntime's load errors list every input of
-    the failing node first and give the reason last (``..., Error Unrecognized attribute``).
-    """
-    text = str(error).strip() or type(error).__name__
-    line = text.splitlines()[0]
-    if len(line) <= FIRST_LINE_HEAD + FIRST_LINE_TAIL:
-        return line
-    return f"{line[:FIRST_LINE_HEAD].rstrip()} … {line[-FIRST_LINE_TAIL:].lstrip()}"
+def open_for_verification(
+    path: Path,
+    fmt: TargetFormat,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    runtime_config: Mapping[str, str],
+    *,
+    threads: int | None = None,
+) -> ArtifactRunner:
+    """The artifact as the agent opens it (``bundle_runtime.open_artifact``), taking and giving
+    the source's tensors; a runtime that cannot load it fails the target (``ConversionError``)."""
+    try:
+        return open_artifact(path, fmt, inputs, outputs, runtime_config=runtime_config, threads=threads)
+    except ArtifactLoadError as e:
+        raise ConversionError(str(e)) from e

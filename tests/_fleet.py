@@ -34,6 +34,14 @@ PASS = b"e2e passphrase"
 FLEET = "lab"
 
 
+def code_env(code: Path | None) -> dict[str, str] | None:
+    """The environment that runs ``code`` (a source tree of another release) instead of this
+    checkout: it goes first on the module path, before the installed editable package."""
+    if code is None:
+        return None
+    return {**os.environ, "PYTHONPATH": str(code)}
+
+
 # -- the fleet ------------------------------------------------------------------------------
 @dataclass
 class AgentProcess:
@@ -43,12 +51,14 @@ class AgentProcess:
     http_port: int
     log: Path
     proc: subprocess.Popen[bytes] | None = None
+    code: Path | None = None  # another release's source tree to run (version skew); None: this one
 
     def start(self) -> None:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "edgec", "-v", "agent", "run", "--config", str(self.config)],
-                cwd=ROOT,
+                cwd=self.code or ROOT,
+                env=code_env(self.code),
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -140,6 +150,7 @@ class Fleet:
     server: subprocess.Popen[bytes] | None = None
     agents: dict[str, AgentProcess] = field(default_factory=dict)
     monitor: Monitor | None = None
+    server_code: Path | None = None  # another release's source tree for the server (version skew)
 
     # the operator's side
     def publish(self, *bundles: Path) -> None:
@@ -182,7 +193,8 @@ class Fleet:
         log = (self.root / "server.log").open("ab")
         self.server = subprocess.Popen(
             [sys.executable, "-m", "edgec", "server", "run", "--config", str(self.root / "server.toml")],
-            cwd=ROOT,
+            cwd=self.server_code or ROOT,
+            env=code_env(self.server_code),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -193,8 +205,8 @@ class Fleet:
         self, count: int, group: str, prefix: str = "sim-", profile: str = PROFILE
     ) -> list[Any]:
         """Register ``count`` simulated devices straight in the registry (before ``up``: their
-        passwords go into the broker's file); their ``agent.sim.SimDeviceConfig`` s."""
-        from agent.sim import SimDeviceConfig, device_ids
+        passwords go into the broker's file); their ``sim.SimDeviceConfig`` s."""
+        from sim import SimDeviceConfig, device_ids
 
         registry = Registry.open(self.db)
         try:

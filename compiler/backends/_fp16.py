@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from bundle_runtime import session_options
 from compiler._capture import captured_output
 from compiler.backends._quantize import refuse_quantized
 from compiler.runtime import OnnxRuntimeRunner, Runner, first_line
@@ -363,9 +364,7 @@ def _session(model: onnx.ModelProto, path: Path) -> ort.InferenceSession:
     import onnxruntime as ort
 
     onnx.save(model, str(path))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), session_options({}), providers=["CPUExecutionProvider"])
 
 
 def node_errors(source: Path, samples: SampleSet, workdir: Path) -> list[NodeError]:

@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from bundle_runtime import TensorPort
 from compiler._capture import call_quietly
 from compiler.backends import BACKENDS, Artifact, CompileOptions
 from compiler.backends._tf import saved_model_for
-from compiler.layouts import artifact_spec, to_artifact, to_source
+from compiler.layouts import artifact_spec
 from compiler.prepare import PreparedModel
 from compiler.runtime import Runner, RuntimeUnavailableError, first_line
 from device_profiles import DeviceProfile
@@ -92,21 +93,12 @@ class CoreMlRunner:
         import coremltools as ct
 
         self._model = ct.models.MLModel(str(artifact.path))
-        self._artifact = artifact
+        self._inputs = [TensorPort.of(s) for s in artifact.inputs]  # the agent's tensor conversion
+        self._outputs = [TensorPort.of(s) for s in artifact.outputs]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        a = self._artifact
-        named = {s.runtime_name or s.name: s for s in a.inputs}
-        sources = {s.name: s for s in a.source_inputs}
-        data = {
-            key: to_artifact(feeds[s.name], s, sources[s.name].shape).astype(s.dtype)
-            for key, s in named.items()
-        }
-        result = self._model.predict(data)
-        return {
-            s.name: to_source(np.asarray(result[s.runtime_name or s.name]), s, src.shape)
-            for s, src in zip(a.outputs, a.source_outputs, strict=True)
-        }
+        result = self._model.predict({p.key: p.to_artifact(feeds[p.name]) for p in self._inputs})
+        return {p.name: p.to_source(np.asarray(result[p.key])) for p in self._outputs}
 
 
 class CoreMlBackend:

@@ -9,12 +9,13 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from bundle_runtime import session_options
 from compiler.backends import BACKENDS, Artifact, CompileOptions
 from compiler.backends._fp16 import fp16_runner, to_fp16
 from compiler.backends._ort_x86 import saturation_free
 from compiler.backends._quantize import to_dynamic_int8, to_int8
 from compiler.prepare import PreparedModel
-from compiler.runtime import ORT_SESSION_CONFIG, OnnxRuntimeRunner, Runner, first_line
+from compiler.runtime import ORT_SESSION_CONFIG, Runner, first_line, open_for_verification
 from device_profiles import CpuArch, DeviceProfile, Runtime
 from edgec.errors import ConversionError
 from edgec.manifest import Precision, TargetFormat
@@ -43,10 +44,9 @@ def _x86_cpu(profile: DeviceProfile) -> bool:
 
 def optimize(source: Path, target: Path, level: ort.GraphOptimizationLevel) -> None:
     """Run onnxruntime's graph optimizer offline and save the result."""
-    options = ort.SessionOptions()
+    options = session_options({})
     options.graph_optimization_level = level
     options.optimized_model_filepath = str(target)
-    options.log_severity_level = 3
     try:
         ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
     except Exception as e:
@@ -100,7 +100,9 @@ class OnnxRuntimeBackend:
     def open(self, artifact: Artifact) -> Runner:
         if artifact.precision is Precision.FP16:
             return fp16_runner(artifact.path, artifact.path.parent, artifact.notes, artifact.runtime_config)
-        return OnnxRuntimeRunner(artifact.path, artifact.runtime_config)
+        return open_for_verification(
+            artifact.path, artifact.format, artifact.inputs, artifact.outputs, artifact.runtime_config
+        )
 
 
 BACKEND = OnnxRuntimeBackend()

@@ -4,7 +4,8 @@ fp32; fp16 (float16 weights); int8 full-integer quantization calibrated on the c
 set, with float inputs and outputs unless the profile asks for int8 I/O, and chosen nodes
 kept in float where the mixed-precision search asks (``_tflite_mixed``; the tensors are
 ranked on an ONNX Q/DQ stand-in, since a TFLite model has no Q/DQ graph). Verified with the
-LiteRT interpreter (ai-edge-litert); channels-last tensors are recorded in the manifest.
+LiteRT interpreter (ai-edge-litert) through ``bundle_runtime``, as the agent runs it;
+channels-last tensors are recorded in the manifest.
 """
 
 from __future__ import annotations
@@ -18,20 +19,21 @@ from typing import Any
 
 import numpy as np
 
+from bundle_runtime import TensorPort
 from compiler._capture import call_quietly, captured_output, meaningful_lines, report_log
 from compiler.backends import BACKENDS, Artifact, CompileOptions, Int8Config
 from compiler.backends._quantize import refuse_quantized, to_int8
 from compiler.backends._tf import TfModel, saved_model_for
 from compiler.backends._tflite_mixed import FloatOps, find_float_ops, quantize_keeping_float
-from compiler.layouts import artifact_spec, to_artifact, to_source
+from compiler.layouts import artifact_spec
 from compiler.prepare import PreparedModel
-from compiler.runtime import Runner, first_line
+from compiler.runtime import Runner, first_line, open_for_verification
 from compiler.tensors import SampleSet
 from device_profiles import DeviceProfile
 from edgec.errors import BuildError, ConversionError, OptionError, UnsupportedOperatorError
 from edgec.manifest import Precision, TargetFormat, TensorSpec
 
-__all__ = ["BACKEND", "LiteRtRunner", "TfliteBackend"]
+__all__ = ["BACKEND", "TfliteBackend"]
 
 logger = logging.getLogger(__name__)
 CALIBRATION_SAMPLES = 200  # the TFLite converter's representative set; more adds time, not accuracy
@@ -41,7 +43,7 @@ RANKING_GRAPH = "int8-ranking.onnx"  # the ONNX stand-in per-layer error is meas
 def _artifact_feed(model: TfModel, sources: list[TensorSpec], feed: dict[str, np.ndarray]) -> dict[str, Any]:
     """One sample of the source's inputs as the SavedModel's signature takes it."""
     return {
-        tensor.key: to_artifact(feed[src.name], _spec(src, tensor), src.shape).astype(tensor.dtype)
+        tensor.key: TensorPort.of(_spec(src, tensor)).to_artifact(feed[src.name])
         for src, tensor in zip(sources, model.inputs, strict=True)
     }
 
@@ -156,47 +158,6 @@ def _converter_error(failure: BaseException | None, log: str, precision: Precisi
     return ConversionError(f"the TFLite converter failed at {precision.value}: {reason}; {hint}", kept)
 
 
-class LiteRtRunner:
-    """The LiteRT interpreter behind the verification harness's ``Runner`` interface."""
-
-    def __init__(self, artifact: Artifact) -> None:
-        from ai_edge_litert.interpreter import Interpreter
-
-        try:
-            with captured_output():  # LiteRT announces its XNNPACK delegate on the terminal
-                self._interpreter = Interpreter(model_path=str(artifact.path), num_threads=2)
-                self._runner = self._interpreter.get_signature_runner()
-        except Exception as e:
-            raise ConversionError(f"LiteRT cannot load {artifact.path.name}: {first_line(e)}") from e
-        self._sources = {s.name: s for s in artifact.source_inputs}
-        self._quiet_first = True
-        self._inputs = artifact.inputs
-        self._outputs = artifact.outputs
-        self._output_sources = artifact.source_outputs
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        kwargs = {}
-        for spec in self._inputs:
-            value = to_artifact(feeds[spec.name], spec, self._sources[spec.name].shape)
-            if spec.scale is not None and spec.zero_point is not None:
-                info = np.iinfo(np.dtype(spec.dtype))
-                value = np.clip(np.round(value / spec.scale + spec.zero_point), info.min, info.max)
-            kwargs[spec.runtime_name or spec.name] = value.astype(spec.dtype)
-        if self._quiet_first:  # LiteRT announces its XNNPACK delegate on the first invoke
-            with captured_output():
-                results = self._runner(**kwargs)
-            self._quiet_first = False
-        else:
-            results = self._runner(**kwargs)
-        outputs = {}
-        for spec, source in zip(self._outputs, self._output_sources, strict=True):
-            value = results[spec.runtime_name or spec.name]
-            if spec.scale is not None and spec.zero_point is not None:
-                value = (value.astype(np.float32) - spec.zero_point) * spec.scale
-            outputs[spec.name] = to_source(value, spec, source.shape)
-        return outputs
-
-
 def _io_specs(
     path: Path, model: TfModel, prepared: PreparedModel
 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -289,7 +250,15 @@ class TfliteBackend:
         )
 
     def open(self, artifact: Artifact) -> Runner:
-        return LiteRtRunner(artifact)
+        # the LiteRT session the agent serves it with, converting tensors as the agent does
+        return open_for_verification(
+            artifact.path,
+            artifact.format,
+            artifact.inputs,
+            artifact.outputs,
+            artifact.runtime_config,
+            threads=2,
+        )
 
 
 BACKEND = TfliteBackend()

@@ -2,7 +2,7 @@
 
 Each simulated device is a real MQTT client with its own credentials running the agent's
 real install pipeline (director, TUF, chunked fetch, probation); only the model runtime and
-the traffic are stand-ins, set per model version with ``--behaviour`` (see ``agent.sim``).
+the traffic are stand-ins, set per model version with ``--behaviour`` (see ``sim``).
 """
 
 from __future__ import annotations
@@ -187,9 +187,9 @@ def run_fleet(args: argparse.Namespace) -> int:
     if not args.verbose:  # a line per device and install would drown the progress lines; -v shows them
         logging.getLogger("agent.install").setLevel(logging.CRITICAL)
     from agent.config import InstallSettings, TrustSettings
-    from agent.sim import SimBehaviours, SimDeviceConfig, SimFleet, SimSettings, device_ids
     from device_profiles import load_profile
     from ota_server.repository import ImageRepository
+    from sim import SimBehaviours, SimDeviceConfig, SimFleet, SimSettings, device_ids
 
     profile = load_profile(args.profile).id
     behaviours = SimBehaviours.load(args.behaviour_file) if args.behaviour_file else None

@@ -55,7 +55,7 @@ def test_director_document_from_a_newer_server_is_refused_with_an_install_event(
 
     agent._on_desired(None, None, message)  # as paho hands over the retained document
 
-    assert agent._desired is None  # nothing reaches the installer
+    assert agent.core.take_desired() is None  # nothing reaches the installer
     [sent] = agent.reporter._waiting  # the event, as it goes out on the events topic
     event = parse_report("events", sent.encode(), ReportLimits())  # and as the server reads it
     assert isinstance(event, Event)

@@ -1,5 +1,5 @@
 """Rollouts on 50 simulated devices: a real Mosquitto with the generated ACL, the real server
-process, and ``agent.sim``'s devices, each a real MQTT client running the agent's install
+process, and ``sim``'s devices, each a real MQTT client running the agent's install
 pipeline (director, TUF, chunked fetch, probation) with a stand-in runtime whose latency is
 set per version. Driven through ``edgec rollout`` as an operator would."""
 
@@ -10,7 +10,7 @@ import time
 import pytest
 
 from agent.config import InstallSettings, TrustSettings
-from agent.sim import SimBehaviours, SimFleet, SimSettings
+from sim import SimBehaviours, SimFleet, SimSettings
 from tests._fleet import Fleet, up
 from tests._services import needs_mosquitto, wait_for
 

@@ -25,12 +25,12 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from agent.config import InstallSettings, TrustSettings
-from agent.sim import SimBehaviours, SimDeviceConfig, SimFleet, SimSettings, device_ids
 from edgec.errors import OptionError
 from ota_server.broker import write_broker_config
 from ota_server.registry import Registry
 from ota_server.repository import ImageRepository
 from ota_server.server import MqttSettings, OtaServer, ServerConfig
+from sim import SimBehaviours, SimDeviceConfig, SimFleet, SimSettings, device_ids
 from tests._releases import PROFILE
 from tests._services import add_broker_login, free_port, needs_mosquitto, start_mosquitto, stop, wait_for
 from tests.conftest import ROOT, run_edgec
