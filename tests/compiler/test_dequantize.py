@@ -76,6 +76,16 @@ def _outputs(path: Path, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
     return np.stack([runner.run(f)["y"] for f in feeds])
 
 
+class _Reader:
+    """onnxruntime.quantization's calibration reader over ``feeds``."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self._feeds = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a.ravel() @ b.ravel() / np.linalg.norm(a) / np.linalg.norm(b))
 
@@ -119,17 +129,10 @@ def test_a_static_qdq_graph_loses_its_quantize_pairs(tmp_path):
     float_path = _float_model(tmp_path / "float.onnx")
     qdq = tmp_path / "qdq.onnx"
 
-    class Reader:
-        def __init__(self) -> None:
-            self._feeds = iter(_inputs(8, seed=2))
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self._feeds, None)
-
     quantization.quantize_static(
         str(float_path),
         str(qdq),
-        Reader(),
+        _Reader(_inputs(8, seed=2)),
         quant_format=quantization.QuantFormat.QDQ,
         op_types_to_quantize=["Conv", "MatMul"],
     )
@@ -148,17 +151,10 @@ def test_a_quantized_op_with_no_rewrite_leaves_the_graph_as_it_was(tmp_path):
     float_path = _float_model(tmp_path / "float.onnx")
     qop = tmp_path / "qop.onnx"
 
-    class Reader:
-        def __init__(self) -> None:
-            self._feeds = iter(_inputs(4, seed=4))
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self._feeds, None)
-
     quantization.quantize_static(
         str(float_path),
         str(qop),
-        Reader(),
+        _Reader(_inputs(4, seed=4)),
         quant_format=quantization.QuantFormat.QOperator,
         op_types_to_quantize=["Conv"],
     )
