@@ -243,8 +243,9 @@ def judge_rule(rule: AbortRule, canary: float | str | None, control: float | str
     shown_control = control if rule.of_control else None
     if canary is None:
         return RuleResult(rule.text, canary, shown_control, None, Verdict.NO_DATA)
-    if rule.metric is Metric.DRIFT:
-        verdict = Verdict.ABORT if canary == rule.value else Verdict.OK
+    if rule.metric is Metric.DRIFT:  # drift=warn fires at warn or worse, drift=drift at drift
+        worse = _DRIFT_ORDER.get(str(canary), 0) >= _DRIFT_ORDER.get(str(rule.value), 0)
+        verdict = Verdict.ABORT if worse else Verdict.OK
         return RuleResult(rule.text, canary, None, rule.value, verdict)
     if isinstance(rule.value, str) or isinstance(canary, str):  # a drift verdict on a numeric metric
         return RuleResult(rule.text, canary, shown_control, None, Verdict.NO_DATA)

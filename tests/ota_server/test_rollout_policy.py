@@ -194,6 +194,14 @@ def test_a_rule_with_no_canary_or_no_control_figure_gives_no_data_not_a_verdict(
     assert judge_rule(parse_rule("error_rate>0.01"), None, None).verdict is Verdict.NO_DATA
 
 
+def test_a_drift_warn_rule_fires_on_the_worse_drift_verdict_too():
+    rule = parse_rule("drift=warn")
+    assert judge_rule(rule, "warn", None).verdict is Verdict.ABORT
+    assert judge_rule(rule, "drift", None).verdict is Verdict.ABORT
+    assert judge_rule(rule, "ok", None).verdict is Verdict.OK
+    assert judge_rule(parse_rule("drift=drift"), "warn", None).verdict is Verdict.OK
+
+
 def test_absolute_and_drift_rules():
     assert judge_rule(parse_rule("error_rate>0.01"), 0.02, None).verdict is Verdict.ABORT
     assert judge_rule(parse_rule("error_rate>0.01"), 0.01, None).verdict is Verdict.OK
