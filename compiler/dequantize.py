@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from compiler.freeze import fold_frozen
+from compiler.freeze import fold_frozen, used_names
 from compiler.verify import gate_failures
 from device_profiles import DeviceProfile
 from edgec.manifest import Metrics, OutputMetrics, Precision
@@ -34,7 +34,7 @@ _Rewrite = Callable[["_Graph", onnx.NodeProto], list[onnx.NodeProto] | None]
 
 
 class _Graph:
-    """The top-level graph's constants, producers and consumers, for local rewrites."""
+    """The top-level graph's constants and producers, for local rewrites."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.graph = model.graph
@@ -45,10 +45,6 @@ class _Graph:
             if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
                 self.constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
         self.producer = {out: node for node in self.graph.node for out in node.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in self.graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
         self.new_initializers: list[onnx.TensorProto] = []
         self._names = {t.name for t in self.graph.initializer} | set(self.producer)
 
@@ -354,18 +350,8 @@ def _fold_scales(graph: onnx.GraphProto, accumulators: set[str]) -> None:
     graph.node.extend(kept)
 
 
-def _used_names(graph: onnx.GraphProto) -> set[str]:
-    """Every tensor name read in ``graph`` and its subgraphs (which may read outer names)."""
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    for node in graph.node:
-        for attribute in node.attribute:
-            for sub in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
-                used |= _used_names(sub)
-    return used
-
-
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    used = _used_names(graph)
+    used = used_names(graph)
     kept = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)

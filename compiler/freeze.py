@@ -26,7 +26,7 @@ from onnx import helper, numpy_helper
 from bundle_runtime import session_options
 from edgec.errors import FreezeSpecError
 
-__all__ = ["fold_frozen", "fold_shape_decided_ifs", "freeze_inputs", "parse_freeze"]
+__all__ = ["fold_frozen", "fold_shape_decided_ifs", "freeze_inputs", "parse_freeze", "used_names"]
 
 logger = logging.getLogger(__name__)
 _SPEC = re.compile(r"^(?P<name>[^=]+)=(?P<value>.+)$")
@@ -336,12 +336,13 @@ def _fold_graph(graph: onnx.GraphProto, known: _Known, run: _Fold) -> int:
     return changed
 
 
-def _used(graph: onnx.GraphProto) -> set[str]:
+def used_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name ``graph`` reads (outputs included), its subgraphs' reads too."""
     used = {vi.name for vi in graph.output}
     for node in graph.node:
         used.update(node.input)
         for sub in _node_graphs(node):
-            used.update(_used(sub))
+            used.update(used_names(sub))
     return used
 
 
@@ -349,7 +350,7 @@ def _prune(graph: onnx.GraphProto, used_before: set[str]) -> None:
     """Drop the nodes and initializers folding left unread: those whose outputs something
     read before and nothing reads now (what the source itself left unread stays)."""
     while True:
-        used = _used(graph)
+        used = used_names(graph)
         kept = [n for n in graph.node if any(o in used or o not in used_before for o in n.output if o)]
         if len(kept) == len(graph.node):
             break
@@ -369,7 +370,7 @@ def fold_frozen(model: onnx.ModelProto, frozen: Mapping[str, np.ndarray]) -> int
     names = set(_graph_names(graph))
     clashing = {name for name, count in Counter(_definitions(graph)).items() if count > 1}
     run = _Fold(tainted=set(frozen), opsets=_opsets(model), taken=names, clashing=clashing)
-    used_before = _used(graph)
+    used_before = used_names(graph)
     total = 0
     while changed := _fold_graph(graph, known, run):
         total += changed

@@ -42,6 +42,8 @@ def explicit_rnn_states(graph: onnx.ModelProto) -> onnx.ModelProto:
     out (which ONNX allows): onnx2tf's bidirectional LSTM reads ``initial_h[1]`` without
     checking it exists ("'NoneType' object is not subscriptable"). Needs the batch size,
     from the input's inferred shape; a node whose batch is not static stays as it is."""
+    if not any(node.op_type in _RNN_STATES for node in graph.graph.node):
+        return graph  # no shape inference for the graphs that have nothing to patch
     shapes = _shapes(graph)
     taken = {name for node in graph.graph.node for name in [*node.input, *node.output]}
     for node in graph.graph.node:

@@ -224,28 +224,24 @@ def test_op_onnx2tf_cannot_convert_is_named_with_what_to_try(tmp_path):
         assert "DFT OP is not yet implemented" in bundle["converter_log"]
 
 
+def _pi_tflite_ok(model: Path, out: Path, precision: str, *args: str | Path) -> dict:
+    """The one bundle of a Raspberry Pi 4 TFLite build of ``model``, which must be ok."""
+    result = run_edgec(
+        "build", model, "--target", "raspberry-pi-4", "--format", "tflite", "--precision", precision,
+        *args, "--json", "--out", out,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (bundle,) = result.json()["bundles"]
+    assert bundle["status"] == "ok", bundle.get("error")
+    return bundle
+
+
 def test_a_yolov8_head_with_a_constant_node_of_anchors_converts(tmp_path):
     """onnx2tf took the anchor points (a Constant node) as they were beside channels-last box
     distances and failed at the last Concat ("Dimension 0 in both shapes must be equal", as
     on nudenet's YOLOv8n); as an initializer they are transposed with the rest."""
-    result = run_edgec(
-        "build",
-        yolov8_head_model(tmp_path / "head.onnx"),
-        "--target",
-        "raspberry-pi-4",
-        "--format",
-        "tflite",
-        "--precision",
-        "fp32",
-        "--output-kind",
-        "y=detection",
-        "--json",
-        "--out",
-        tmp_path / "out",
-    )
-    assert result.returncode == 0, result.stderr
-    (bundle,) = result.json()["bundles"]
-    assert bundle["status"] == "ok", bundle.get("error")
+    head = yolov8_head_model(tmp_path / "head.onnx")
+    bundle = _pi_tflite_ok(head, tmp_path / "out", "fp32", "--output-kind", "y=detection")
     (figures,) = bundle["metrics"]["outputs"]
     assert figures["cosine"] > 0.9999
     assert figures["max_abs_err"] < 0.01  # boxes in pixels up to 320
@@ -256,26 +252,10 @@ def test_int8_of_an_lstm_builds_unrolled(tmp_path):
     error) on the LSTM layer onnx2tf makes; unrolled into plain ops it calibrates and passes."""
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "calib.npz", x=rng.standard_normal((8, 1, 8, 12)).astype(np.float32))
-    result = run_edgec(
-        "build",
-        lstm_model(tmp_path / "crnn.onnx"),
-        "--target",
-        "raspberry-pi-4",
-        "--format",
-        "tflite",
-        "--precision",
-        "int8",
-        "--input-shape",
-        "x=1,8,12",
-        "--calibration",
-        tmp_path / "calib.npz",
-        "--json",
-        "--out",
-        tmp_path / "out",
+    crnn = lstm_model(tmp_path / "crnn.onnx")
+    bundle = _pi_tflite_ok(
+        crnn, tmp_path / "out", "int8", "--input-shape", "x=1,8,12", "--calibration", tmp_path / "calib.npz"
     )
-    assert result.returncode == 0, result.stderr
-    (bundle,) = result.json()["bundles"]
-    assert bundle["status"] == "ok", bundle.get("error")
     assert bundle["precision"] == "int8"
     assert bundle["metrics"]["cosine"] > 0.99
 
@@ -284,22 +264,6 @@ def test_a_bidirectional_lstm_with_its_states_left_out_converts(tmp_path):
     """A CRNN encoder as torch exports it: onnxsim folds its zero initial states away, and
     onnx2tf's bidirectional LSTM then reads ``initial_h[1]`` of None ("'NoneType' object is
     not subscriptable", as on ddddocr's OCR model). The states are given as zeros first."""
-    result = run_edgec(
-        "build",
-        lstm_model(tmp_path / "crnn.onnx"),
-        "--target",
-        "raspberry-pi-4",
-        "--format",
-        "tflite",
-        "--precision",
-        "fp32",
-        "--input-shape",
-        "x=1,8,12",
-        "--json",
-        "--out",
-        tmp_path / "out",
-    )
-    assert result.returncode == 0, result.stderr
-    (bundle,) = result.json()["bundles"]
-    assert bundle["status"] == "ok", bundle.get("error")
+    crnn = lstm_model(tmp_path / "crnn.onnx")
+    bundle = _pi_tflite_ok(crnn, tmp_path / "out", "fp32", "--input-shape", "x=1,8,12")
     assert bundle["metrics"]["cosine"] > 0.9999
