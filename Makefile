@@ -27,12 +27,17 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 
 install: $(STAMP)
 
-# The Mosquitto broker binary the integration tests start (Debian's package), where apt can.
+# What the integration tests run beside Python, from Debian's packages where apt can: the
+# Mosquitto broker, and Chromium with its driver for the dashboard's browser tests.
 system-deps:
 	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || \
 	  { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; } || \
 	  echo "note: mosquitto is not installed; broker tests will skip"
+	@{ command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } || \
+	  { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	  echo "note: chromium/chromedriver are not installed; browser tests will skip"
 
 # Without a Mosquitto binary (system-deps could not install one), edgec demo runs an embedded
 # Python broker from the demo extra.
