@@ -3,7 +3,7 @@
 Errors are named by whose fault they are, and every exception class edgec defines, in
 any package, is in this one tree. Callers branch on the type, never on the message. The
 library chooses no exit code: the command line maps a branch to its code (by type, in
-``edgec.cli.exit_code``), and the codes are these:
+``cli.exit_code``), and the codes are these:
 
 - ``UserInputError`` (exit 2): the user gave something we cannot use: a model that does
   not load, an unknown profile, a bad shape spec, data that does not match the model, an
@@ -68,7 +68,7 @@ __all__ = [
 ]
 
 # The command line's exit statuses, part of its documented interface (scripts test them);
-# ``edgec.cli.exit_code`` alone decides which error gets which.
+# ``cli.exit_code`` alone decides which error gets which.
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2

@@ -14,7 +14,7 @@ def _loaded_after(code: str) -> set[str]:
 
 def test_help_imports_no_ml_package():
     loaded = _loaded_after(
-        "import contextlib, io\nfrom edgec.cli import main\n"
+        "import contextlib, io\nfrom cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    for args in (['--help'], ['agent', '--help'], ['fleet', '--help']):\n"
         "        try:\n            main(args)\n        except SystemExit:\n            pass"
@@ -24,7 +24,7 @@ def test_help_imports_no_ml_package():
 
 def test_profiles_list_imports_no_ml_package():
     loaded = _loaded_after(
-        "import contextlib, io\nfrom edgec.cli import main\n"
+        "import contextlib, io\nfrom cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n    main(['profiles', 'list'])"
     )
     assert "device_profiles" in loaded

@@ -21,7 +21,7 @@ from tuf.api.metadata import Metadata
 from agent.director import DirectorState, RepositoryFile, check_against_repository
 from agent.mqtt_fetch import ResumableDownload
 from agent.trust import FolderFetcher, TrustedRepository
-from edgec.cli import exit_code, main
+from cli import exit_code, main
 from edgec.director import Action, DirectorDocument, DirectorFile
 from edgec.errors import (
     EXIT_BAD_INPUT,
@@ -48,7 +48,7 @@ from edgec.errors import (
 from ota_server.director import sign_document
 from ota_server.repository import ImageRepository
 
-PRODUCT_PACKAGES = ("edgec", "agent", "ota_server", "compiler", "device_profiles", "bundle_runtime", "sim")
+PRODUCT_PACKAGES = ("edgec", "cli", "agent", "ota_server", "compiler", "device_profiles", "bundle_runtime", "sim")
 PASS = b"correct horse battery staple"
 NOW = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)
 

@@ -18,7 +18,7 @@ SERVER_SIDE = ("ota_server", "sqlalchemy", "psycopg", "numpy")
 def _run_cli(*args: str) -> tuple[int, set[str], str]:
     """Run ``edgec`` in a fresh interpreter; its exit code, the modules it loaded, its stderr."""
     probe = (
-        "import contextlib, io, sys\nfrom edgec.cli import main\n"
+        "import contextlib, io, sys\nfrom cli import main\n"
         "with contextlib.redirect_stderr(io.StringIO()) as err:\n"
         f"    code = main({list(args)!r})\n"
         "print(code)\nprint(' '.join(sorted(sys.modules)))\nprint(err.getvalue(), end='')\n"

@@ -94,7 +94,7 @@ def test_latency_spread_sets_the_p95():
 
 def test_sim_help_imports_no_ml_package():
     probe = (
-        "import contextlib, io, sys\nfrom edgec.cli import main\n"
+        "import contextlib, io, sys\nfrom cli import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    for args in (['--help'], ['sim', '--help'], ['sim', 'fleet', '--help']):\n"
         "        try:\n            main(args)\n        except SystemExit:\n            pass\n"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgec._atomic import atomic_write
-from edgec.cli.fleet import DB_ENV, DEFAULT_DB
+from cli.fleet import DB_ENV, DEFAULT_DB
 from edgec.errors import OptionError
 
 __all__ = ["register"]

@@ -54,7 +54,7 @@ def exit_code(error: BaseException) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from edgec.cli import agent, build, demo, explain, fleet, inspect, profiles, repo, rollout, server, sim
+    from cli import agent, build, demo, explain, fleet, inspect, profiles, repo, rollout, server, sim
 
     parser = argparse.ArgumentParser(
         prog="edgec",

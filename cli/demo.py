@@ -31,9 +31,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edgec.cli._demo_load import LOAD_PER_AGENT_PER_S, LoadGenerator
-from edgec.cli._demo_output import plural, pump_lines, rollout_summary
-from edgec.cli._demo_processes import (
+from cli._demo_load import LOAD_PER_AGENT_PER_S, LoadGenerator
+from cli._demo_output import plural, pump_lines, rollout_summary
+from cli._demo_processes import (
     DemoError,
     Device,
     EmbeddedBroker,
@@ -46,7 +46,7 @@ from edgec.errors import OptionError
 
 __all__ = ["register"]
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "samples" / "digits"
 PROFILES = {"x86-64-cpu": "x86", "raspberry-pi-4": "pi4"}  # profile -> device name prefix
 DEFAULT_DEVICES = {"x86-64-cpu": 2, "raspberry-pi-4": 1}

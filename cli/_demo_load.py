@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from edgec.cli._demo_processes import DemoError
+from cli._demo_processes import DemoError
 
 __all__ = ["LOAD_PER_AGENT_PER_S", "LoadGenerator", "read_npy_float32"]
 

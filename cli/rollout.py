@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from edgec._table import render_table
-from edgec.cli._api import add_server_args, call
+from cli._api import add_server_args, call
 
 __all__ = ["register"]
 
