@@ -30,10 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.config import InstallSettings, TrustSettings  # noqa: E402
+from localfleet import LocalFleet, run_edgec, wait_for  # noqa: E402
+from localfleet.releases import DIGITS  # noqa: E402
 from sim import SimBehaviours, SimFleet, SimSettings  # noqa: E402
-from tests._cli import DIGITS, run_edgec  # noqa: E402
-from tests._fleet import down, new_fleet, up  # noqa: E402
-from tests._services import wait_for  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 PROFILE = "x86-64-cpu"
@@ -64,12 +63,13 @@ def _bundle(out: Path) -> Path:
 
 
 def run_once(devices: int, bundle: Path, waves: str, bake: str, work: Path) -> dict:
-    fleet = new_fleet(work / f"fleet-{devices}")
+    fleet = LocalFleet.create(work / f"fleet-{devices}")
+    fleet.init_keys(b"bench passphrase")
     try:
-        configs = fleet.add_sim_devices(devices, "bench")
-        up(fleet)
+        configs = fleet.add_sim_devices(devices, "bench", profile=PROFILE)
+        fleet.up()
         fleet.publish(bundle)
-        root, director_key = fleet.repo.provisioning()
+        root, director_key = fleet.provisioning()
         settings = SimSettings(
             port=fleet.broker_port,
             window_s=5.0,
@@ -90,7 +90,7 @@ def run_once(devices: int, bundle: Path, waves: str, bake: str, work: Path) -> d
                 raise SystemExit(f"only {sim.summary().line()} after 300 s")
             connect_s = time.perf_counter() - started
             assert fleet.server is not None
-            pid = fleet.server.pid
+            pid = fleet.server.proc.pid
             cpu_before, own_before = _proc_cpu_s(pid), resource.getrusage(resource.RUSAGE_SELF)
             peak_rss = _proc_rss_mib(pid)
             started = time.perf_counter()
@@ -111,7 +111,7 @@ def run_once(devices: int, bundle: Path, waves: str, bake: str, work: Path) -> d
         finally:
             sim.stop()
     finally:
-        down(fleet)
+        fleet.down()
     return {
         "devices": devices,
         "waves": waves,

@@ -29,11 +29,15 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from tests._cli import DIGITS  # noqa: E402
-from tests._fleet import down, new_fleet, up  # noqa: E402
-from tests._releases import PROFILE, _build, _doubled  # noqa: E402
-from tests._services import wait_for  # noqa: E402
-from tests.e2e._load import LoadGenerator  # noqa: E402
+from localfleet import LoadGenerator, LocalFleet, wait_for  # noqa: E402
+from localfleet.releases import DIGITS, build_digits, doubled_logits  # noqa: E402
+
+PROFILE = "x86-64-cpu"
+# short probation and telemetry windows, so that a swap takes seconds
+AGENT_SETTINGS = {
+    "install": {"probation_s": 2.0, "probation_min_requests": 10},
+    "telemetry": {"window_s": 1.0},
+}
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -54,17 +58,18 @@ def main() -> None:
             np.savez(work / "eval-small.npz", x=data["x"][:24], y=data["y"][:24])
             x = data["x"][:64]
         doubled = work / "doubled.onnx"
-        onnx.save(_doubled(onnx.load(DIGITS / "model.onnx")), doubled)
+        onnx.save(doubled_logits(onnx.load(DIGITS / "model.onnx")), doubled)
         print("building digits 1.0.0 and 2.0.0 ...", flush=True)
         bundles = {
-            "1.0.0": _build(DIGITS / "model.onnx", "1.0.0", work / "out", work / "eval-small.npz"),
-            "2.0.0": _build(doubled, "2.0.0", work / "out", work / "eval-small.npz"),
+            "1.0.0": build_digits(DIGITS / "model.onnx", "1.0.0", work / "out", work / "eval-small.npz"),
+            "2.0.0": build_digits(doubled, "2.0.0", work / "out", work / "eval-small.npz"),
         }
         expected = {v: _reference(b, x) for v, b in bundles.items()}
-        fleet = new_fleet(work / "fleet")
+        fleet = LocalFleet.create(work / "fleet")
+        fleet.init_keys(b"bench passphrase")
         try:
-            agent = fleet.add_agent("bench-1")
-            up(fleet)
+            agent = fleet.add_agent("bench-1", PROFILE, settings=AGENT_SETTINGS)
+            fleet.up()
             fleet.publish(*bundles.values())
             agent.start()
 
@@ -92,7 +97,7 @@ def main() -> None:
                 time.sleep(1)
             responses = load.stop()
         finally:
-            down(fleet)
+            fleet.down()
     failed = [r for r in responses if r.error]
     wrong = [
         r

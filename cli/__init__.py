@@ -29,7 +29,17 @@ from edgec.errors import (
 
 __all__ = ["exit_code", "main"]
 
-OUR_PACKAGES = ("edgec", "compiler", "device_profiles", "agent", "ota_server")
+OUR_PACKAGES = (
+    "edgec",
+    "cli",
+    "compiler",
+    "device_profiles",
+    "agent",
+    "ota_server",
+    "bundle_runtime",
+    "sim",
+    "localfleet",
+)
 
 
 # Each branch of the error tree and its exit status, most specific first: an error in two

@@ -13,13 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
-import json
-import os
-import pwd
 import queue
-import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -31,18 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cli._demo_load import LOAD_PER_AGENT_PER_S, LoadGenerator
 from cli._demo_output import plural, pump_lines, rollout_summary
-from cli._demo_processes import (
-    DemoError,
-    Device,
-    EmbeddedBroker,
-    Service,
-    choose_broker,
-    free_port,
-    stop_services,
-)
 from edgec.errors import OptionError
+from localfleet import HarnessError, LoadGenerator, LocalFleet, choose_broker, free_port
 
 __all__ = ["register"]
 
@@ -56,6 +41,9 @@ V2_RULES = ("install_failure_rate>0.05", "p95_ms>3*control", "drift=drift")
 TELEMETRY_WINDOW_S = 5.0  # long enough for steady p95 figures on a busy 2-core machine
 ROLLOUT_TIMEOUT_S = 180.0
 STEPS = 11
+LOAD_PER_AGENT_PER_S = 50.0
+# on top of what edgec devices add writes: short probation and telemetry windows, so the demo moves
+AGENT_SETTINGS = {"install": {"probation_s": 2.0}, "telemetry": {"window_s": TELEMETRY_WINDOW_S}}
 
 
 def register(commands: Any) -> None:
@@ -149,26 +137,14 @@ def _workdir(path: Path | None) -> Path:
 class Demo:
     def __init__(self, workdir: Path, devices: list[tuple[str, str]], broker: str) -> None:
         self.dir = workdir
-        self.broker = broker
-        self.devices = [Device(d, p, workdir / "devices" / f"{d}.agent.toml") for d, p in devices]
+        self.plan = devices
+        self.fleet = LocalFleet.create(
+            workdir, fleet="default", broker=broker, echo=lambda text: self.say(text, indent=2)
+        )
         self.started = time.perf_counter()
         self.step_no = 0
-        self.services: list[Service] = []
-        self.embedded: EmbeddedBroker | None = None
         self.load: LoadGenerator | None = None
-        self.broker_port = self.tls_port = self.http_port = 0  # picked just before use (fewer races)
-        self.token = ""
-        local = ",".join(filter(None, [os.environ.get("NO_PROXY"), "127.0.0.1,localhost"]))
-        self.env = {
-            **os.environ,
-            "EDGEC_DB": f"sqlite:///{workdir / 'fleet.db'}",
-            "NO_PROXY": local,  # the operator commands talk to the server on loopback
-            "no_proxy": local,
-            "TMPDIR": str(workdir / "tmp"),  # what the tools leave in temp folders goes too
-        }
-        (workdir / "tmp").mkdir()
         (workdir / "logs").mkdir()
-        (workdir / "devices").mkdir()
 
     # -- output ---------------------------------------------------------------------------------
     def say(self, text: str = "", indent: int = 0) -> None:
@@ -183,37 +159,6 @@ class Demo:
         yield
         self.say(f"ok, {time.perf_counter() - started:.1f} s", indent=2)
 
-    def edgec(self, *args: str | Path, show: bool = True) -> str:
-        """Run ``edgec ARGS`` as a user would; its output, printed unless ``show`` is false."""
-        self.say("$ edgec " + " ".join(shlex.quote(str(a)) for a in args), indent=2)
-        proc = subprocess.run(
-            [sys.executable, "-m", "edgec", *map(str, args)],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        if proc.returncode != 0:
-            detail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-10:]
-            raise DemoError(f"edgec {args[0]} failed (exit {proc.returncode}):\n" + "\n".join(detail))
-        if show and proc.stdout.strip():
-            self.say(proc.stdout.rstrip(), indent=4)
-        return proc.stdout
-
-    def spawn(self, name: str, argv: list[str], log: Path) -> Service:
-        """Start a service in the background, its output to ``log``."""
-        shown = ["edgec", *argv[3:]] if argv[0] == sys.executable else [Path(argv[0]).name, *argv[1:]]
-        self.say(f"$ {shlex.join(shown)} > {log} 2>&1 &", indent=2)
-        with log.open("ab") as out:
-            proc = subprocess.Popen(
-                argv, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        service = Service(name, proc, log)
-        self.services.append(service)
-        return service
-
     # -- the steps ------------------------------------------------------------------------------
     def run(self) -> None:
         print(f"edgec demo: working in {self.dir} (shown as $DEMO below)", flush=True)
@@ -225,7 +170,7 @@ class Demo:
         self.start_server()
         self.start_agents()
         if self.rollout("digits:1.0.0", "100%", ()) != "completed":
-            raise DemoError("the first rollout did not complete (see its status above)")
+            raise HarnessError("the first rollout did not complete (see its status above)")
         self.start_load()
         outcome = self.rollout("digits:2.0.0", "1,100%", V2_RULES)
         self.fleet_table(outcome)
@@ -233,7 +178,7 @@ class Demo:
     def build(self, version: str, why: str, extra: tuple[str, ...]) -> None:
         targets = [a for p in PROFILES for a in ("--target", p)]
         with self.step(f"build digits:{version} for {' and '.join(PROFILES)}: {why}"):
-            self.edgec(
+            self.fleet.edgec(
                 "build", "samples/digits/model.onnx", "--name", "digits", "--version", version, *targets,
                 *extra, "--calibration", "samples/digits/calib.npz", "--eval", "samples/digits/eval.npz",
                 "--out", self.dir / "bundles",
@@ -243,28 +188,14 @@ class Demo:
         with self.step("sign the four bundles into a TUF image repository"):
             # the operator's offline keys (root, targets) and the server's online ones
             # (snapshot, timestamp, director), each under its own passphrase
-            for name, text in (("passphrase", "edgec demo passphrase"), ("online-passphrase", "demo online")):
-                (self.dir / name).write_text(text + "\n")
-                (self.dir / name).chmod(0o600)
-            repo = (
-                "--repo", self.dir / "repo", "--keys", self.dir / "offline-keys",
-                "--online-keys", self.dir / "online-keys", "--passphrase-file", self.dir / "passphrase",
-                "--online-passphrase-file", self.dir / "online-passphrase",
-            )  # fmt: skip
-            self.edgec("keys", "init", *repo)
-            self.edgec("publish", *sorted((self.dir / "bundles").iterdir()), *repo)
+            self.fleet.init_keys(b"edgec demo passphrase", b"demo online")
+            self.fleet.publish(*sorted((self.dir / "bundles").iterdir()))
 
     def register_devices(self) -> None:
-        with self.step(f"register {plural(self.devices, 'device')} in group {GROUP} (SQLite registry)"):
-            self.say(f"$ export EDGEC_DB={self.env['EDGEC_DB']}", indent=2)
-            self.broker_port, self.tls_port = free_port(), free_port()
-            for d in self.devices:
-                d.http_port = free_port()
-                self.edgec(
-                    "devices", "add", d.id, "--profile", d.profile, "--group", GROUP, "--broker",
-                    f"127.0.0.1:{self.broker_port}", "--repo", self.dir / "repo", "--out", d.config,
-                )  # fmt: skip
-                _tune_agent_config(d.config, self.dir / "state" / d.id, d.http_port)
+        with self.step(f"register {plural(self.plan, 'device')} in group {GROUP} (SQLite registry)"):
+            self.say(f"$ export EDGEC_DB={self.fleet.db}", indent=2)
+            for device, profile in self.plan:
+                self.fleet.add_agent(device, profile, GROUP, settings=AGENT_SETTINGS)
             self.say(
                 "demo settings added to each agent config: its own state_dir and HTTP port, "
                 f"[install] probation_s = 2, [telemetry] window_s = {TELEMETRY_WINDOW_S:g}",
@@ -272,65 +203,38 @@ class Demo:
             )
 
     def start_broker(self) -> None:
-        folder = self.dir / "broker"
-        user = pwd.getpwuid(os.getuid()).pw_name
-        if self.broker == "embedded":
+        port = self.fleet.broker_port
+        if self.fleet.broker == "embedded":
             title = (
-                f"start an embedded amqtt broker on 127.0.0.1:{self.broker_port} "
+                f"start an embedded amqtt broker on 127.0.0.1:{port} "
                 "(no Mosquitto here: device passwords, no per-device ACL)"
             )
         else:
-            title = f"start Mosquitto on 127.0.0.1:{self.broker_port} with the ACL from the registry"
+            title = f"start Mosquitto on 127.0.0.1:{port} with the ACL from the registry"
         with self.step(title):
-            self.edgec(
-                "broker", "config", "--out", folder, "--port", str(self.broker_port),
-                "--tls-port", str(self.tls_port), "--run-as", user,
-            )  # fmt: skip
-            if self.broker == "embedded":
-                self.embedded = EmbeddedBroker(self.broker_port, folder, self.devices)
-                self.embedded.start()
-                self.say(f"amqtt listening on 127.0.0.1:{self.broker_port}", indent=4)
-                return
-            argv = [self.broker, "-c", str(folder / "mosquitto.conf")]
-            broker = self.spawn("mosquitto", argv, folder / "mosquitto.log")
-            broker.wait_for_port(self.broker_port)
-            self.say(f"mosquitto listening on 127.0.0.1:{self.broker_port}", indent=4)
+            self.fleet.configure_broker()
+            self.fleet.start_broker()
+            name = "amqtt" if self.fleet.broker == "embedded" else "mosquitto"
+            self.say(f"{name} listening on 127.0.0.1:{port}", indent=4)
 
     def start_server(self) -> None:
-        self.http_port = free_port()
-        with self.step(f"start the OTA server (operator API on http://127.0.0.1:{self.http_port})"):
-            out = self.edgec("server", "token", "--role", "operator")
-            self.token = out.split(": ", 1)[1].splitlines()[0].strip()
-            grant = next(line for line in out.splitlines() if line.endswith('= "operator"'))
-            config = self.dir / "server.toml"
-            config.write_text(
-                f"repo = {json.dumps(str(self.dir / 'repo'))}\n"
-                f"online_keys = {json.dumps(str(self.dir / 'online-keys'))}\n"
-                f"db = {json.dumps(self.env['EDGEC_DB'])}\n"
-                f"passphrase_file = {json.dumps(str(self.dir / 'online-passphrase'))}\n"
-                "rollout_tick_s = 0.5\n\n"
-                f"[mqtt]\nport = {self.broker_port}\n"
-                f"password_file = {json.dumps(str(self.dir / 'broker' / 'server.secret'))}\n\n"
-                f"[http]\nport = {self.http_port}\n\n[http.tokens]\n{grant}\n"
-            )
+        self.fleet.http_port = free_port()
+        with self.step(f"start the OTA server (operator API on http://127.0.0.1:{self.fleet.http_port})"):
+            config = self.fleet.write_server_config()
             self.say("$DEMO/server.toml:", indent=2)
             self.say(config.read_text().rstrip(), indent=4)
-            argv = [sys.executable, "-m", "edgec", "-v", "server", "run", "--config", str(config)]
-            self.spawn("the OTA server", argv, self.dir / "logs" / "server.log").wait_for_port(self.http_port)
-            self.env["EDGEC_SERVER"] = f"http://127.0.0.1:{self.http_port}"
-            self.env["EDGEC_TOKEN"] = self.token
-            self.say(f"$ export EDGEC_SERVER={self.env['EDGEC_SERVER']} EDGEC_TOKEN={self.token}", indent=2)
+            self.fleet.start_server()
+            server = f"http://127.0.0.1:{self.fleet.http_port}"
+            self.fleet.env.update(EDGEC_SERVER=server, EDGEC_TOKEN=self.fleet.token)
+            self.say(f"$ export EDGEC_SERVER={server} EDGEC_TOKEN={self.fleet.token}", indent=2)
 
     def start_agents(self) -> None:
-        with self.step(f"start {plural(self.devices, 'agent')}, one process per device"):
-            started = []
-            for d in self.devices:
-                argv = [sys.executable, "-m", "edgec", "-v", "agent", "run", "--config", str(d.config)]
-                started.append((d, self.spawn(f"agent {d.id}", argv, self.dir / "logs" / f"{d.id}.log")))
-            for d, service in started:
-                service.wait_for_port(d.http_port)
+        with self.step(f"start {plural(self.plan, 'agent')}, one process per device"):
+            self.fleet.start_agents()
+            for agent in self.fleet.agents.values():
                 self.say(
-                    f"{d.id} ({d.profile}): inference API on http://127.0.0.1:{d.http_port}/v2", indent=4
+                    f"{agent.device} ({agent.profile}): inference API on http://127.0.0.1:{agent.http_port}/v2",
+                    indent=4,
                 )
 
     def rollout(self, release: str, waves: str, rules: tuple[str, ...]) -> str:
@@ -338,13 +242,10 @@ class Demo:
         under_load = " under load" if self.load else ""
         with self.step(f"roll out {release} to group {GROUP} in waves {waves}{under_load}"):
             abort = [a for rule in rules for a in ("--abort-if", rule)]
-            out = self.edgec(
-                "rollout", "start", release, "--group", GROUP, "--waves", waves, "--bake", BAKE, *abort
+            rollout_id = self.fleet.rollout(
+                release, "--group", GROUP, "--waves", waves, "--bake", BAKE, *abort
             )
-            match = re.match(r"rollout (\S+):", out)
-            if match is None:
-                raise DemoError(f"edgec rollout start said: {out.strip()}")
-            final = self.follow(match[1])
+            final = self.follow(rollout_id)
             self.say(final, indent=4)
         return final.split(" — ", 1)[-1].split(",")[0].strip()
 
@@ -354,7 +255,7 @@ class Demo:
         args = ("rollout", "status", rollout_id, "--watch", "--interval", "1")
         self.say("$ edgec " + " ".join(args), indent=2)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "edgec", *args], cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
+            [sys.executable, "-m", "edgec", *args], cwd=ROOT, env=self.fleet.env, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         lines: queue.Queue[str | None] = queue.Queue()
@@ -368,7 +269,7 @@ class Demo:
                     line = lines.get(timeout=1.0)
                 except queue.Empty:
                     if time.monotonic() > deadline:
-                        raise DemoError(
+                        raise HarnessError(
                             f"rollout {rollout_id} did not end in {ROLLOUT_TIMEOUT_S:.0f} s"
                         ) from None
                     continue
@@ -386,14 +287,19 @@ class Demo:
                 proc.kill()
             proc.wait()
         if proc.returncode != 0:
-            raise DemoError("edgec rollout status failed:\n" + "\n".join(frame[-10:]))
+            raise HarnessError("edgec rollout status failed:\n" + "\n".join(frame[-10:]))
         return "\n".join(frame).strip()
 
     def start_load(self) -> None:
+        import numpy as np
+
         with self.step(
             f"send inference requests to every agent ({LOAD_PER_AGENT_PER_S:.0f}/s each), keep going"
         ):
-            self.load = LoadGenerator([d.http_port for d in self.devices], DIGITS / "eval.npz")
+            with np.load(DIGITS / "eval.npz") as data:
+                inputs = data["x"]
+            ports = [agent.http_port for agent in self.fleet.agents.values()]
+            self.load = LoadGenerator(ports, inputs, rate_per_s=LOAD_PER_AGENT_PER_S)
             self.load.start()
             self.say("POST /v2/models/digits/infer with the digits eval inputs (KServe v2 JSON)", indent=4)
             self.wait_for_telemetry()
@@ -402,9 +308,9 @@ class Demo:
         """Until every device's latest telemetry window (in the registry) comes from the release it
         has installed, with latency figures and a drift verdict."""
         deadline = time.monotonic() + timeout_s
-        pending = {d.id for d in self.devices}
+        pending = set(self.fleet.agents)
         while pending:
-            for device in self._api("/v1/devices"):
+            for device in self.fleet.devices():
                 t = device.get("telemetry") or {}
                 release = device.get("installed_release")
                 if release and t.get("model") == release and t.get("p95_ms") is not None and t.get("drift"):
@@ -416,7 +322,7 @@ class Demo:
                         )
                     pending.discard(device["id"])
             if pending and time.monotonic() > deadline:
-                raise DemoError(f"no telemetry from {', '.join(sorted(pending))} in {timeout_s:.0f} s")
+                raise HarnessError(f"no telemetry from {', '.join(sorted(pending))} in {timeout_s:.0f} s")
             time.sleep(0.5)
 
     def fleet_table(self, outcome: str) -> None:
@@ -430,25 +336,11 @@ class Demo:
             if self.load is not None:
                 sent, failed = self.load.counts()
                 self.say(f"load generator: {sent} requests, {failed} failed", indent=4)
-            table = self.edgec("fleet", "ls", show=False)
+            table = self.fleet.edgec("fleet", "ls", show=False).stdout
         took = time.perf_counter() - self.started
         self.say(f"\nedgec demo: built, signed, delivered and rolled out in {took:.0f} s:")
         self.say()
         self.say(table.rstrip())
-
-    def _api(self, path: str) -> Any:
-        connection = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
-        try:
-            connection.request("GET", path, headers={"Authorization": f"Bearer {self.token}"})
-            response = connection.getresponse()
-            body = response.read()
-        except (OSError, http.client.HTTPException) as e:
-            raise DemoError(f"the OTA server does not answer GET {path}: {e}") from e
-        finally:
-            connection.close()
-        if response.status != 200:
-            raise DemoError(f"GET {path}: {response.status} {body[:200]!r}")
-        return json.loads(body)
 
     # -- cleanup --------------------------------------------------------------------------------
     def close(self, keep: bool, outcome: str) -> None:
@@ -457,22 +349,8 @@ class Demo:
             print(f"\nedgec demo: {outcome}; stopping everything{hint}", file=sys.stderr, flush=True)
         if self.load is not None:
             self.load.stop()
-        stop_services(self.services)
-        if self.embedded is not None:
-            self.embedded.stop()
+        self.fleet.down()
         if keep:
             print(f"edgec demo: kept {self.dir} (logs in {self.dir / 'logs'})", flush=True)
         else:
             shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _tune_agent_config(config: Path, state_dir: Path, http_port: int) -> None:
-    """The demo's settings on top of what ``edgec devices add`` wrote: a state folder and an HTTP
-    port of its own, and short probation and telemetry windows so the demo moves quickly."""
-    text = config.read_text(encoding="utf-8")
-    text = text.replace('state_dir = "/var/lib/edgec"', f"state_dir = {json.dumps(str(state_dir))}")
-    text += (
-        f"\n[http]\nport = {http_port}\n\n[install]\nprobation_s = 2.0\n\n"
-        f"[telemetry]\nwindow_s = {TELEMETRY_WINDOW_S}\n"
-    )
-    config.write_text(text, encoding="utf-8")

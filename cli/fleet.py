@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from edgec._table import render_table
 from cli._api import add_server_args, call
+from edgec._table import render_table
 from edgec.errors import OptionError
 from edgec.names import check_name, parse_release
 

@@ -8,8 +8,8 @@ import sys
 import time
 from typing import Any
 
-from edgec._table import render_table
 from cli._api import add_server_args, call
+from edgec._table import render_table
 
 __all__ = ["register"]
 
@@ -43,6 +43,7 @@ def register(commands: Any) -> None:
     start.add_argument(
         "--device-timeout", default="30m", help="a device silent this long counts as failed (default 30m)"
     )
+    start.add_argument("--json", action="store_true", help="print the new rollout's status as JSON")
     add_server_args(start, required=True)
     start.set_defaults(run=run_start)
 
@@ -89,6 +90,9 @@ def run_start(args: argparse.Namespace) -> int:
     if args.abort_if:
         spec["abort_if"] = args.abort_if
     status = call(args, "POST", "/v1/rollouts", spec)
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
     waves = ", ".join(f"{w['size']} ({w['devices']})" for w in status["waves"])
     print(f"rollout {status['id']}: {status['release']} to group {status['group']}, waves {waves}")
     skipped = [d for d in status["devices"] if d["state"] == "no-bundle"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import secrets
 import tomllib
 from pathlib import Path
@@ -22,6 +23,10 @@ def register(commands: Any) -> None:
     run.set_defaults(run=run_server)
     token = sub.add_parser("token", help="a new operator API token and the line that grants it")
     token.add_argument("--role", choices=["viewer", "operator", "admin"], required=True)
+    token.add_argument(
+        "--name", default="", help="who holds it (the audit log names it); default: its digest"
+    )
+    token.add_argument("--json", action="store_true", help="print JSON: token, name, sha256, role")
     token.set_defaults(run=run_token)
 
 
@@ -47,8 +52,14 @@ def run_server(args: argparse.Namespace) -> int:
 
 
 def run_token(args: argparse.Namespace) -> int:
+    from edgec.names import check_name
+
     token = secrets.token_urlsafe(32)
-    print(f"token (give it to the operator; it is not stored): {token}")
     digest = hashlib.sha256(token.encode()).hexdigest()
+    name = check_name(args.name, "token name") if args.name else digest[:12]
+    if args.json:
+        print(json.dumps({"token": token, "name": name, "sha256": digest, "role": args.role}))
+        return 0
+    print(f"token (give it to the operator; it is not stored): {token}")
     print(f'add to server.toml under [http.tokens]:\n"{digest}" = "{args.role}"')
     return 0

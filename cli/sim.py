@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgec._atomic import atomic_write
 from cli.fleet import DB_ENV, DEFAULT_DB
+from edgec._atomic import atomic_write
 from edgec.errors import OptionError
 
 __all__ = ["register"]

@@ -22,21 +22,13 @@ import pytest
 from onnx import helper, numpy_helper
 
 from edgec.manifest import file_entry
-from tests._cli import DIGITS, run_edgec
+from localfleet.releases import build_digits, doubled_logits
+from tests._cli import DIGITS
 
 PROFILE = "x86-64-cpu"
 
 
 # -------------------------------------------------------------------------------
-def _doubled(model: onnx.ModelProto) -> onnx.ModelProto:
-    graph = model.graph
-    out = graph.output[0].name
-    graph.node[-1].output[0] = "logits_single"  # the last node makes the logits
-    graph.initializer.append(numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two"))
-    graph.node.append(helper.make_node("Mul", ["logits_single", "two"], [out]))
-    return model
-
-
 def _with_side_branch(
     model: onnx.ModelProto, branch: list[onnx.NodeProto], constants: dict[str, np.ndarray]
 ) -> onnx.ModelProto:
@@ -88,13 +80,7 @@ def _padded(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _build(source: Path, version: str, out: Path, eval_set: Path) -> Path:
-    result = run_edgec(
-        "build", source, "--name", "digits", "--version", version, "--target", PROFILE,
-        "--precision", "fp32", "--calibration", DIGITS / "calib.npz", "--eval", eval_set,
-        "--out", out, "--no-cache",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr + result.stdout
-    return out / f"digits-{version}-{PROFILE}"
+    return build_digits(source, version, out, eval_set, profile=PROFILE)
 
 
 def rewrite_bundle(bundle: Path, dest: Path, version: str, edit_golden=None) -> Path:
@@ -120,7 +106,7 @@ def releases(tmp_path_factory) -> dict[str, Path]:
     with np.load(DIGITS / "eval.npz") as data:
         np.savez(out / "eval-small.npz", x=data["x"][:24], y=data["y"][:24])  # the slow build stays quick
     small = out / "eval-small.npz"
-    sources = {"2.0.0": _doubled, "4.0.0": _slow, "5.0.0": _padded}
+    sources = {"2.0.0": doubled_logits, "4.0.0": _slow, "5.0.0": _padded}
     bundles = {"1.0.0": _build(DIGITS / "model.onnx", "1.0.0", out, small)}
     for version, make in sources.items():
         path = out / f"digits-{version}.onnx"

@@ -1,47 +1,44 @@
-"""Real services the integration tests start: Mosquitto on a free port, and small helpers."""
+"""Real services the integration tests start: Mosquitto on a free port (``localfleet``'s
+process helpers), and a test's own broker login."""
 
 from __future__ import annotations
 
 import secrets
-import shutil
-import socket
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-MOSQUITTO = shutil.which("mosquitto") or (
-    "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+from localfleet import (
+    HarnessError,
+    find_mosquitto,
+    free_port,
+    port_open,
+    start_service,
+    stop_process,
+    wait_for,
 )
+
+__all__ = [
+    "MOSQUITTO",
+    "add_broker_login",
+    "free_port",
+    "needs_mosquitto",
+    "port_open",
+    "start_mosquitto",
+    "stop",
+    "wait_for",
+]
+
+MOSQUITTO = find_mosquitto()
 needs_mosquitto = pytest.mark.skipif(
     MOSQUITTO is None, reason="the mosquitto binary is not installed (make test installs it)"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], object], seconds: float = 10.0, step_s: float = 0.05) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step_s)
-    return bool(predicate())
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
+stop = stop_process
 
 
 def add_broker_login(folder: Path, user: str, access: str = "readwrite edgec/v1/#") -> str:
-    """A test's own login beside those ``write_broker_config`` wrote in ``folder`` (before the
+    """A test's own login beside those ``edgec broker config`` wrote in ``folder`` (before the
     broker starts); its password. Client ids are bound to usernames: a watcher that logged in
     as the server would take over the server's connection and session."""
     from ota_server.registry import hash_password
@@ -55,22 +52,12 @@ def add_broker_login(folder: Path, user: str, access: str = "readwrite edgec/v1/
 
 
 def start_mosquitto(config: Path, port: int) -> subprocess.Popen[bytes]:
-    """Start Mosquitto on its generated config; its log goes to a file beside the config
-    (never a pipe nobody reads, which would stall the broker once full)."""
+    """Start Mosquitto on its generated config; its log goes to a file beside the config."""
     assert MOSQUITTO is not None
-    log = (config.parent / "mosquitto.log").open("ab")
-    proc = subprocess.Popen([MOSQUITTO, "-c", str(config)], stdout=log, stderr=subprocess.STDOUT)
-    if not wait_for(lambda: port_open(port), 10):
-        proc.kill()
-        pytest.fail(f"mosquitto did not start: {(config.parent / 'mosquitto.log').read_text()}")
-    return proc
-
-
-def stop(proc: subprocess.Popen[bytes], timeout_s: float = 20) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+    service = start_service("mosquitto", [MOSQUITTO, "-c", str(config)], config.parent / "mosquitto.log")
+    try:
+        service.wait_for_port(port, 10)
+    except HarnessError as e:
+        service.proc.kill()
+        pytest.fail(str(e))
+    return service.proc

@@ -17,11 +17,10 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
 
+from localfleet import releases
 from tests.conftest import DIGITS, ROOT, run_edgec
 
 INT8_IO_PROFILE = "raspberry-pi-4-int8-io"
@@ -48,13 +47,7 @@ def build_digits(
 
 def doubled_logits(source: Path, dest: Path) -> Path:
     """The digits network with one more node: its logits times two."""
-    model = onnx.load(str(source))
-    graph = model.graph
-    out = graph.output[0].name
-    for node in graph.node:
-        node.output[:] = ["logits_single" if name == out else name for name in node.output]
-    graph.initializer.append(numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two"))
-    graph.node.append(helper.make_node("Mul", ["logits_single", "two"], [out], name="double"))
+    model = releases.doubled_logits(onnx.load(str(source)))
     onnx.checker.check_model(model)
     onnx.save(model, str(dest))
     return dest

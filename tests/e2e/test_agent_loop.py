@@ -11,10 +11,10 @@ import onnxruntime as ort
 import pytest
 
 from edgec.topics import device_topics
+from localfleet import LoadGenerator
 from tests._fleet import FLEET, Fleet, up
 from tests._services import needs_mosquitto, wait_for
 from tests.conftest import DIGITS, run_edgec
-from tests.e2e._load import LoadGenerator
 
 pytestmark = [pytest.mark.slow, needs_mosquitto]
 

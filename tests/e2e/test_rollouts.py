@@ -116,9 +116,7 @@ def test_rollouts_on_fifty_simulated_devices(fleet: Fleet, simulated: SimFleet):
     # the server restarts in the middle of a rollout: it carries on where it stood
     interrupted_id = fleet.rollout("digits:2.0.0", "--group", "field", *WAVES)
     assert wait_for(lambda: fleet.rollout_status(interrupted_id)["wave"] == 2, 60, step_s=0.2)
-    assert fleet.server is not None
-    fleet.server.terminate()
-    fleet.server.wait(timeout=20)
+    fleet.stop_server()
     fleet.start_server()
     done = _finish(fleet, interrupted_id)
     assert done["state"] == "completed", done["reason"]

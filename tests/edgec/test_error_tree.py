@@ -48,7 +48,10 @@ from edgec.errors import (
 from ota_server.director import sign_document
 from ota_server.repository import ImageRepository
 
-PRODUCT_PACKAGES = ("edgec", "cli", "agent", "ota_server", "compiler", "device_profiles", "bundle_runtime", "sim")
+PRODUCT_PACKAGES = (
+    *("edgec", "cli", "localfleet", "agent", "ota_server"),
+    *("compiler", "device_profiles", "bundle_runtime", "sim"),
+)
 PASS = b"correct horse battery staple"
 NOW = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)
 

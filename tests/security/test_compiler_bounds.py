@@ -21,10 +21,10 @@ import pytest
 from numpy.lib import format as npy
 from onnx import TensorProto, helper
 
+from cli import build as build_cli
 from compiler.build import BuildRequest, build
 from compiler.limits import DEFAULT_MAX_SAMPLES, MEMORY_BUDGET_ENV, MemoryBudget
 from compiler.tensors import load_samples
-from cli import build as build_cli
 from edgec.errors import EXIT_BAD_INPUT, ResourceLimitError
 from edgec.manifest import Precision, TargetFormat, TensorSpec
 from tests._cli import CliResult, run_edgec

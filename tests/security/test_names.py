@@ -410,7 +410,7 @@ def test_agent_process_told_to_install_traversal_release_deletes_nothing_outside
         pytest.skip("the mosquitto binary is not installed")
     fleet = new_fleet(tmp_path / "a" / "fleet")
     agent = fleet.add_agent("pi-1")
-    sentinel = tmp_path / "a" / "pwn-1"  # fleet/pi-1-state/staging/../../../pwn-1
+    sentinel = tmp_path / "a" / "fleet" / "pwn-1"  # fleet/state/pi-1/staging/../../../pwn-1
     (sentinel / "precious").mkdir(parents=True)
     (sentinel / "precious" / "data.txt").write_text("keep me")
     try:

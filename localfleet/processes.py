@@ -1,9 +1,10 @@
-"""The processes ``edgec demo`` runs: background services, the devices, and an embedded broker.
+"""The processes of a fleet on one machine: a broker, the OTA server, agents.
 
-``Service`` is one background process (broker, server, agent) with its log file;
-``stop_services`` ends them (SIGTERM, then SIGKILL to the process group). ``choose_broker``
-picks Mosquitto, else ``EmbeddedBroker``, which runs amqtt in a thread of this process.
-``DemoError`` says which step failed and where its log is.
+``Service`` is one background process with its log file (``stop_services`` ends them:
+SIGTERM, then SIGKILL to the process group). ``find_mosquitto`` finds Debian's broker;
+``choose_broker`` picks it, else ``EmbeddedBroker`` (amqtt in a thread of this process, for
+``edgec demo`` on a machine without Mosquitto). ``HarnessError`` says which step failed and
+where its log is.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 import threading
 import time
 import tomllib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,25 +27,29 @@ from edgec.errors import EdgecError, OptionError
 
 __all__ = [
     "START_TIMEOUT_S",
-    "DemoError",
-    "Device",
     "EmbeddedBroker",
+    "HarnessError",
     "Service",
     "choose_broker",
+    "find_mosquitto",
     "free_port",
     "log_tail",
     "port_open",
+    "start_service",
+    "stop_process",
     "stop_services",
+    "wait_for",
 ]
 
 START_TIMEOUT_S = 60.0
 
 
-class DemoError(EdgecError):
-    """A step of the demo failed; the message says which and where its log is."""
+class HarnessError(EdgecError):
+    """A step of the local fleet failed; the message says which and where its log is."""
 
 
-def _mosquitto() -> str | None:
+def find_mosquitto() -> str | None:
+    """The Mosquitto binary (Debian installs it in /usr/sbin, often not on a user's PATH)."""
     found = shutil.which("mosquitto")
     if found is None and Path("/usr/sbin/mosquitto").exists():
         found = "/usr/sbin/mosquitto"
@@ -54,7 +60,7 @@ def choose_broker(choice: str) -> str:
     """A path to the Mosquitto binary, or ``"embedded"``; fails early, before any build."""
     import importlib.util
 
-    mosquitto = _mosquitto()
+    mosquitto = find_mosquitto()
     has_amqtt = importlib.util.find_spec("amqtt") is not None
     if choice in ("auto", "mosquitto") and mosquitto:
         return mosquitto
@@ -79,11 +85,36 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def wait_for(predicate: Callable[[], object], seconds: float = 10.0, step_s: float = 0.05) -> bool:
+    """Poll ``predicate`` until it is true or ``seconds`` pass; its last answer."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step_s)
+    return bool(predicate())
+
+
 def log_tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
+    """SIGTERM, wait, then SIGKILL (to its process group where it leads one)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if os.getpgid(proc.pid) == proc.pid:
+                    os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait(timeout=5)
 
 
 @dataclass
@@ -99,33 +130,49 @@ class Service:
         while not port_open(port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 why = f"exited with {self.proc.returncode}" if self.proc.poll() is not None else "timed out"
-                raise DemoError(
+                raise HarnessError(
                     f"{self.name} did not start ({why}); its log {self.log}:\n{log_tail(self.log)}"
                 )
-            time.sleep(0.1)
+            time.sleep(0.05)
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        stop_process(self.proc, timeout_s)
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
 
 
-def stop_services(services: list[Service], timeout_s: float = 15.0) -> None:
-    """SIGTERM to all, wait, then SIGKILL to each process group still there."""
+def start_service(
+    name: str,
+    argv: Sequence[str],
+    log: Path,
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    new_session: bool = False,
+) -> Service:
+    """Start ``argv`` in the background, its output appended to ``log`` (a file, never a pipe
+    nobody reads, which would stall the process once full)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            list(argv), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=new_session
+        )
+    return Service(name, proc, log)
+
+
+def stop_services(services: Sequence[Service], timeout_s: float = 15.0) -> None:
+    """SIGTERM to all, wait, then SIGKILL to each one still there."""
     for service in services:
         if service.proc.poll() is None:
             service.proc.terminate()
     deadline = time.monotonic() + timeout_s
     for service in services:
-        try:
-            service.proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(service.proc.pid, signal.SIGKILL)
-            service.proc.wait(timeout=5)
-
-
-@dataclass
-class Device:
-    id: str
-    profile: str
-    config: Path
-    http_port: int = 0
+        stop_process(service.proc, max(deadline - time.monotonic(), 0.1))
 
 
 class EmbeddedBroker:
@@ -133,10 +180,10 @@ class EmbeddedBroker:
     and server passwords (Argon2 hashes of the ones ``edgec devices add`` and ``edgec broker
     config`` made), but not the per-device ACL."""
 
-    def __init__(self, port: int, folder: Path, devices: list[Device]) -> None:
+    def __init__(self, port: int, folder: Path, device_configs: Sequence[Path]) -> None:
         self.port = port
         self.folder = folder
-        self.devices = devices
+        self.device_configs = list(device_configs)
         self.thread: threading.Thread | None = None
         self.loop: Any = None
         self.broker: Any = None
@@ -149,8 +196,9 @@ class EmbeddedBroker:
 
         hasher = Argon2Hasher()
         users = {SERVER_USER: (self.folder / "server.secret").read_text().strip()}
-        for d in self.devices:
-            users[d.id] = tomllib.loads(d.config.read_text())["mqtt"]["password"]
+        for config in self.device_configs:
+            mqtt = tomllib.loads(config.read_text())["mqtt"]
+            users[mqtt["username"]] = mqtt["password"]
         path = self.folder / "amqtt-passwords"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -194,7 +242,7 @@ class EmbeddedBroker:
         self.thread.start()
         ready.wait(START_TIMEOUT_S)
         if failure or not port_open(self.port):
-            raise DemoError(f"the embedded broker did not start: {failure[0] if failure else 'timed out'}")
+            raise HarnessError(f"the embedded broker did not start: {failure[0] if failure else 'timed out'}")
 
     def stop(self) -> None:
         import asyncio
