@@ -20,7 +20,7 @@ from ota_server.repository import ImageRepository
 from tests._releases import PROFILE
 from tests._services import add_broker_login
 
-__all__ = ["FLEET", "PASS", "Fleet", "Monitor", "code_env", "down", "http_get", "new_fleet", "up"]
+__all__ = ["FLEET", "PASS", "Fleet", "Monitor", "code_env", "down", "http_get", "new_fleet", "simulate", "up"]
 
 PASS = b"e2e passphrase"
 FLEET = "lab"
@@ -99,6 +99,31 @@ class Fleet(LocalFleet):
         self, count: int, group: str, prefix: str = "sim-", profile: str = PROFILE
     ) -> list[Any]:
         return super().add_sim_devices(count, group, prefix, profile)
+
+
+def simulate(fleet: Fleet, configs: list[Any], behaviours: dict[str, dict[str, Any]], seed: int = 7) -> Any:
+    """Start ``sim``'s devices (``configs`` from ``add_sim_devices``) on the fleet's broker, each
+    provisioned with the repository's root and director key, with short windows and probation;
+    the running ``SimFleet``, once every device is connected."""
+    from agent.config import InstallSettings, TrustSettings
+    from sim import SimBehaviours, SimFleet, SimSettings
+
+    root, director_key = fleet.provisioning()
+    settings = SimSettings(
+        port=fleet.broker_port,
+        window_s=1.0,
+        install=InstallSettings(probation_s=0.5, probation_min_requests=3, warmup_runs=1),
+        seed=seed,
+    )
+    sim = SimFleet(
+        configs,
+        trust=TrustSettings(root=root, director_key=director_key),
+        behaviours=SimBehaviours(behaviours),
+        settings=settings,
+    )
+    sim.start()
+    assert sim.wait_connected(len(configs), 60)
+    return sim
 
 
 def new_fleet(tmp_path: Path) -> Fleet:

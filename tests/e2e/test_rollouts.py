@@ -9,9 +9,8 @@ import time
 
 import pytest
 
-from agent.config import InstallSettings, TrustSettings
-from sim import SimBehaviours, SimFleet, SimSettings
-from tests._fleet import Fleet, up
+from sim import SimFleet
+from tests._fleet import Fleet, simulate, up
 from tests._services import needs_mosquitto, wait_for
 
 pytestmark = [pytest.mark.slow, needs_mosquitto]
@@ -31,21 +30,7 @@ def simulated(fleet: Fleet, releases):
     configs = fleet.add_sim_devices(DEVICES, "field")
     up(fleet)
     fleet.publish(*(releases[v] for v in ("1.0.0", "2.0.0", "3.0.0")))
-    root, director_key = fleet.repo.provisioning()
-    settings = SimSettings(
-        port=fleet.broker_port,
-        window_s=1.0,
-        install=InstallSettings(probation_s=0.5, probation_min_requests=3, warmup_runs=1),
-        seed=7,
-    )
-    sim = SimFleet(
-        configs,
-        trust=TrustSettings(root=root, director_key=director_key),
-        behaviours=SimBehaviours(BEHAVIOURS),
-        settings=settings,
-    )
-    sim.start()
-    assert sim.wait_connected(DEVICES, 60)
+    sim = simulate(fleet, configs, BEHAVIOURS)
     yield sim
     sim.stop()
 
