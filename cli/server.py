@@ -56,10 +56,16 @@ def run_token(args: argparse.Namespace) -> int:
 
     token = secrets.token_urlsafe(32)
     digest = hashlib.sha256(token.encode()).hexdigest()
-    name = check_name(args.name, "token name") if args.name else digest[:12]
+    name = check_name(args.name, "token name") if args.name else ""
     if args.json:
-        print(json.dumps({"token": token, "name": name, "sha256": digest, "role": args.role}))
+        print(json.dumps({"token": token, "name": name or digest[:12], "sha256": digest, "role": args.role}))
         return 0
     print(f"token (give it to the operator; it is not stored): {token}")
-    print(f'add to server.toml under [http.tokens]:\n"{digest}" = "{args.role}"')
+    if name:
+        print(
+            f"add to server.toml:\n[http.tokens.{json.dumps(name) if '.' in name else name}]\n"
+            f'sha256 = "{digest}"\nrole = "{args.role}"'
+        )
+    else:
+        print(f'add to server.toml under [http.tokens]:\n"{digest}" = "{args.role}"')
     return 0

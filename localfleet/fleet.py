@@ -463,8 +463,10 @@ class LocalFleet:
 
 
 def _token_toml(grant: dict[str, str]) -> str:
-    """The line of ``[http.tokens]`` that grants a token: its sha256 digest and role."""
-    return f"{json.dumps(grant['sha256'])} = {json.dumps(grant['role'])}\n"
+    """The table of ``[http.tokens]`` that grants a named token: its sha256 digest and role."""
+    return f"\n[http.tokens.{json.dumps(grant['name'])}]\nsha256 = {json.dumps(grant['sha256'])}\n" + (
+        f"role = {json.dumps(grant['role'])}\n"
+    )
 
 
 def _read(path: Path) -> str:

@@ -1,55 +1,48 @@
 """HTTP: the repository with Range requests (for fleets behind a CDN) and the operator API.
 
 ``/v1/repo/<path>`` serves the image repository (metadata/, targets/) to anyone: everything
-in it is signed. The operator API needs a bearer token; each token has a role: a viewer
-reads, an operator also starts rollouts, an admin does everything.
+in it is signed. The operator API needs a bearer credential (``ota_server.auth``); each has a
+role: a viewer reads, an operator also assigns releases and steers rollouts, an admin does
+everything. The routes that act are handed the caller (a ``Principal``).
 
-A request is resolved and its token checked from the head alone; a body is read only
-after that, for the routes that take one (``ota_server._http_server`` enforces the
-transport limits). Bodies are JSON bounded in size and depth, numbers finite, and checked
-against typed models. Every refusal is a 4xx with a one-line JSON ``{"error": ...}``;
-errors are mapped by type (``NotFoundError`` is a 404); a bug of ours is a 500 that names
-only an error id the server's log has.
+FastAPI serves it, on uvicorn (``ota_server._asgi_server``: head and write deadlines, the
+connection cap, JSON protocol errors). A request is resolved and its caller checked from the
+head alone; a body is read only after that, bounded in size, time and depth, then checked
+against the route's pydantic model (``ota_server._asgi_app``). Every refusal is a 4xx with a
+one-line JSON ``{"error": ...}``; a bug of ours is a 500 that names only an error id the
+server's log has. The OpenAPI document is generated, at /openapi.json; Swagger UI at /docs
+works offline (its files are in ``ota_server/static/vendor``).
 """
 
 from __future__ import annotations
 
-import enum
-import hashlib
-import hmac
-import json
 import logging
-import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import ThreadingHTTPServer
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from edgec._bounded_json import JsonInputError, loads
 from edgec.director import Action, SignedDirectorDocument
-from edgec.errors import ConflictError, NotFoundError, UserInputError
+from edgec.errors import UserInputError
 from edgec.rollout_spec import RolloutSpec
-from ota_server import _http_server
-from ota_server._http_server import ApiLimits, HttpError, Response
+from ota_server._asgi_app import ErrorBody, HttpError, needs, new_app, refusal
+from ota_server._asgi_server import ApiLimits, ServerThread
+from ota_server.auth import Authenticator, Principal, Role, StaticToken
 from ota_server.registry import Registry
 from ota_server.repository import ImageRepository
 from ota_server.rollouts import Rollouts
 from ota_server.served import served_file
 
-__all__ = ["ApiLimits", "AssignRequest", "HttpApi", "Role", "openapi"]
+__all__ = ["ApiLimits", "AssignRequest", "HttpApi", "Role"]
 
 logger = logging.getLogger(__name__)
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-
-
-class Role(enum.IntEnum):
-    VIEWER = 1
-    OPERATOR = 2
-    ADMIN = 3
+_ASSIGN_SHAPE = '{"release": "NAME:VERSION", "action": "install"}'
+_ROLLOUT_SHAPE = '{"release": "NAME:VERSION", "group": "GROUP", "waves": ["5%", "100%"], ...}'
 
 
 class AssignRequest(BaseModel):
@@ -69,126 +62,14 @@ class AssignRequest(BaseModel):
         return value
 
 
-def openapi() -> dict[str, Any]:
-    """The OpenAPI 3.1 document of the operator API."""
-    bearer: list[dict[str, list[str]]] = [{"bearer": []}]
-    schema = {"schema": {"$ref": "#/components/schemas/Error"}}
-    error = {"description": "error", "content": {"application/json": schema}}
-    rollout_body = {
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RolloutRequest"}}}
-    }
-    ok = {"200": {"description": "ok"}, "401": error, "403": error}
-    body_errors = {"400": error, "411": error, "413": error}
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "edgec OTA server", "version": "1"},
-        "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "properties": {"error": {"type": "string"}},
-                    "required": ["error"],
-                },
-                "AssignRequest": AssignRequest.model_json_schema(),
-                "RolloutRequest": RolloutSpec.model_json_schema(),
-            },
-        },
-        "paths": {
-            "/v1/repo/{path}": {
-                "get": {
-                    "summary": "repository file (Range supported)",
-                    "responses": {
-                        "200": {"description": "file"},
-                        "206": {"description": "part"},
-                        "404": error,
-                    },
-                }
-            },
-            "/v1/devices": {
-                "get": {
-                    "security": bearer,
-                    "summary": "devices (viewer)",
-                    "responses": {"200": {"description": "devices"}, "401": error, "403": error},
-                }
-            },
-            "/v1/devices/{id}": {
-                "get": {
-                    "security": bearer,
-                    "summary": "one device (viewer)",
-                    "responses": {"200": {"description": "device"}, "404": error},
-                }
-            },
-            "/v1/devices/{id}/assign": {
-                "post": {
-                    "security": bearer,
-                    "summary": "sign and publish a director document: run this release (operator)",
-                    "requestBody": {
-                        "content": {
-                            "application/json": {"schema": {"$ref": "#/components/schemas/AssignRequest"}}
-                        }
-                    },
-                    "responses": {**ok, **body_errors, "404": error},
-                }
-            },
-            "/v1/releases": {
-                "get": {
-                    "security": bearer,
-                    "summary": "published releases (viewer)",
-                    "responses": {"200": {"description": "releases"}},
-                }
-            },
-            "/v1/rollouts/{id}": {
-                "get": {
-                    "security": bearer,
-                    "summary": "waves, abort rules with canary and control figures, devices (viewer)",
-                    "responses": {**ok, "404": error},
-                }
-            },
-            "/v1/rollouts/{id}/{action}": {
-                "post": {
-                    "security": bearer,
-                    "summary": "pause, resume, abort or rollback (operator)",
-                    "responses": {**ok, "404": error, "409": error, "411": error},
-                }
-            },
-            "/v1/rollouts": {
-                "get": {"security": bearer, "summary": "rollouts (viewer)", "responses": ok},
-                "post": {
-                    "security": bearer,
-                    "summary": "start a rollout (operator)",
-                    "requestBody": rollout_body,
-                    "responses": {**ok, **body_errors, "201": {"description": "created"}},
-                },
-            },
-        },
-    }
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {s: {"model": ErrorBody, "description": HTTPStatus(s).phrase} for s in statuses}
 
 
-Params = dict[str, str]
-Call = Callable[[Params, dict[str, str], bytes, str], Response]  # params, headers, body, who
-
-
-@dataclass(frozen=True)
-class _Endpoint:
-    role: Role | None  # None: no token needed
-    call: Call
-    wants_body: bool = False
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    endpoint: _Endpoint
-    params: Params
-    headers: dict[str, str]
-    who: str
-
-    @property
-    def wants_body(self) -> bool:
-        return self.endpoint.wants_body
-
-    def run(self, body: bytes) -> Response:
-        return self.endpoint.call(self.params, self.headers, body, self.who)
+_READ = _errors(401, 403)
+_BODY = _errors(400, 401, 403, 408, 411, 413)
+Viewer = Annotated[Principal, Depends(needs(Role.VIEWER))]
+Operator = Annotated[Principal, Depends(needs(Role.OPERATOR))]
 
 
 class HttpApi:
@@ -202,157 +83,89 @@ class HttpApi:
         assign: Callable[..., SignedDirectorDocument] | None = None,
         rollouts: Rollouts | None = None,
         limits: ApiLimits | None = None,
+        authenticator: Authenticator | None = None,
     ) -> None:
+        """``tokens`` (plain token → role) and ``token_digests`` (sha256 hex → role) make the
+        authenticator when none is given; ``assign`` signs and publishes a director document
+        (the server's), ``rollouts`` runs rollouts: without them those routes answer 503."""
         self.repository = repository
         self.registry = registry
-        self._assign = assign  # the server's: sign and publish a director document
+        self._assign = assign
         self._rollouts = rollouts
         self.limits = limits or ApiLimits()
-        # tokens are kept as sha256 digests (a config file holds only those), compared in constant time
-        self._tokens = {hashlib.sha256(t.encode()).hexdigest(): role for t, role in tokens.items()}
-        self._tokens.update(token_digests or {})
-        self._server: ThreadingHTTPServer | None = None
-        self._routes: list[tuple[re.Pattern[str], dict[str, _Endpoint]]] = [
-            (re.compile(r"/openapi\.json"), {"GET": _Endpoint(None, self._openapi)}),
-            (
-                re.compile(r"/v1/repo/(?P<path>.+)"),
-                {"GET": _Endpoint(None, self._repo), "HEAD": _Endpoint(None, self._repo)},
-            ),
-            (re.compile(r"/v1/devices"), {"GET": _Endpoint(Role.VIEWER, self._devices)}),
-            (re.compile(r"/v1/devices/(?P<id>[^/]+)"), {"GET": _Endpoint(Role.VIEWER, self._device)}),
-            (
-                re.compile(r"/v1/devices/(?P<id>[^/]+)/assign"),
-                {"POST": _Endpoint(Role.OPERATOR, self._assign_release, wants_body=True)},
-            ),
-            (re.compile(r"/v1/releases"), {"GET": _Endpoint(Role.VIEWER, self._releases)}),
-            (
-                re.compile(r"/v1/rollouts"),
-                {
-                    "GET": _Endpoint(Role.VIEWER, self._list_rollouts),
-                    "POST": _Endpoint(Role.OPERATOR, self._start_rollout, wants_body=True),
-                },
-            ),
-            (re.compile(r"/v1/rollouts/(?P<id>[^/]+)"), {"GET": _Endpoint(Role.VIEWER, self._rollout)}),
-            (
-                re.compile(r"/v1/rollouts/(?P<id>[^/]+)/(?P<action>pause|resume|abort|rollback)"),
-                # a body, if any, is read (Content-Length needed) and ignored
-                {"POST": _Endpoint(Role.OPERATOR, self._steer_rollout, wants_body=True)},
-            ),
-        ]
+        if authenticator is None:
+            named = [StaticToken(d[:12], d, role) for d, role in (token_digests or {}).items()]
+            authenticator = Authenticator(tokens, static=named)
+        self.authenticator = authenticator
+        self.app = self._new_app()
+        self._server: ServerThread | None = None
 
-    # -- auth -----------------------------------------------------------------------------
-    def _who(self, header: str | None, needed: Role) -> tuple[str, Role]:
-        if not header or not header.startswith("Bearer "):
-            raise HttpError(HTTPStatus.UNAUTHORIZED, "missing bearer token (Authorization: Bearer TOKEN)")
-        digest = hashlib.sha256(header.removeprefix("Bearer ").strip().encode()).hexdigest()
-        role = next((r for d, r in self._tokens.items() if hmac.compare_digest(d, digest)), None)
-        if role is None:
-            raise HttpError(HTTPStatus.UNAUTHORIZED, "unknown token")
-        if role < needed:
-            message = f"a {role.name.lower()} token cannot do this; it needs {needed.name.lower()}"
-            raise HttpError(HTTPStatus.FORBIDDEN, message)
-        return digest[:12], role
+    def _new_app(self) -> FastAPI:
+        app = new_app(self.authenticator, self.limits, "edgec OTA server")
+        route = app.add_api_route
+        viewer = [Depends(needs(Role.VIEWER))]
+        repo_errors = _errors(400, 404, 416)
+        for method in ("GET", "HEAD"):  # one route each: one OpenAPI operation each
+            route(
+                "/v1/repo/{path:path}",
+                self._repo,
+                methods=[method],
+                name=f"repo_{method}",
+                responses=repo_errors,
+            )
+        route("/v1/devices", self._devices, methods=["GET"], dependencies=viewer, responses=_READ)
+        one_device = {**_READ, **_errors(404)}
+        route(
+            "/v1/devices/{device_id}",
+            self._device,
+            methods=["GET"],
+            dependencies=viewer,
+            responses=one_device,
+        )
+        route(
+            "/v1/devices/{device_id}/assign",
+            self._assign_release,
+            methods=["POST"],
+            response_model=None,  # the signed document as it was signed, documented below
+            responses={200: {"model": SignedDirectorDocument}, **_BODY, **_errors(404, 503)},
+            openapi_extra={"x-expected": _ASSIGN_SHAPE},
+        )
+        route("/v1/releases", self._releases, methods=["GET"], dependencies=viewer, responses=_READ)
+        route("/v1/rollouts", self._list_rollouts, methods=["GET"], dependencies=viewer, responses=_READ)
+        route(
+            "/v1/rollouts",
+            self._start_rollout,
+            methods=["POST"],
+            status_code=HTTPStatus.CREATED,
+            responses={**_BODY, **_errors(503)},
+            openapi_extra={"x-expected": _ROLLOUT_SHAPE},
+        )
+        one_rollout = {**_READ, **_errors(404)}
+        route(
+            "/v1/rollouts/{rollout_id}",
+            self._rollout,
+            methods=["GET"],
+            dependencies=viewer,
+            responses=one_rollout,
+        )
+        for action in ("pause", "resume", "abort", "rollback"):
+            route(
+                f"/v1/rollouts/{{rollout_id}}/{action}",
+                self._steer(action),
+                methods=["POST"],
+                name=f"{action}_rollout",
+                responses={**_BODY, **_errors(404, 409, 503)},
+            )
+        return app
 
-    # -- routing --------------------------------------------------------------------------
-    def prepare(self, method: str, path: str, headers: dict[str, str]) -> _Prepared:
-        """The endpoint for ``method path``, its token checked; nothing of the body is read.
-        ``headers`` with lower-case names. Raises ``HttpError`` (404, 405, 401, 403)."""
-        for pattern, methods in self._routes:
-            match = pattern.fullmatch(path)
-            if match is None:
-                continue
-            endpoint = methods.get(method)
-            if endpoint is None:
-                error = HttpError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method[:20]} is not allowed here")
-                error.headers["Allow"] = ", ".join(methods)
-                raise error
-            who = "anonymous"
-            if endpoint.role is not None:
-                who, _ = self._who(headers.get("authorization"), endpoint.role)
-            return _Prepared(endpoint, match.groupdict(), headers, who)
-        raise HttpError(HTTPStatus.NOT_FOUND, f"no route {method[:20]} {path[:200]}")
-
-    def _json_body(self, body: bytes) -> Any:
+    # -- the repository -----------------------------------------------------------------------
+    def _repo(self, path: str, request: Request) -> Response:
+        """A repository file (metadata/ or targets/); ``Range: bytes=`` answers 206 (or 416)."""
         try:
-            return loads(body, max_bytes=self.limits.max_body_bytes, max_depth=self.limits.max_json_depth)
-        except JsonInputError as e:
-            raise HttpError(HTTPStatus.BAD_REQUEST, f"body is {e}") from None
-
-    def _model(self, model: type[BaseModel], body: bytes, shape: str) -> Any:
-        try:
-            return model.model_validate(self._json_body(body))
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "body"
-            raise HttpError(HTTPStatus.BAD_REQUEST, f"{where}: {first['msg']} (expected {shape})") from None
-
-    # -- endpoints ------------------------------------------------------------------------
-    def _openapi(self, _p: Params, _h: dict[str, str], _b: bytes, _who: str) -> Response:
-        return self._json(HTTPStatus.OK, openapi())
-
-    def _repo(self, params: Params, headers: dict[str, str], _b: bytes, _who: str) -> Response:
-        try:
-            return self._repo_file(params["path"], headers.get("range"))
+            status, headers, data = self._repo_file(path, request.headers.get("range"))
         except ValueError as e:  # a Range or path the filesystem cannot take
             raise HttpError(HTTPStatus.BAD_REQUEST, "bad repository request") from e
-
-    def _devices(self, _p: Params, _h: dict[str, str], _b: bytes, _who: str) -> Response:
-        return self._json(HTTPStatus.OK, [d.as_dict() for d in self.registry.devices()])
-
-    def _device(self, params: Params, _h: dict[str, str], _b: bytes, _who: str) -> Response:
-        try:
-            return self._json(HTTPStatus.OK, self.registry.get(params["id"]).as_dict())
-        except UserInputError as e:
-            raise _refusal(e) from None
-
-    def _releases(self, _p: Params, _h: dict[str, str], _b: bytes, _who: str) -> Response:
-        return self._json(HTTPStatus.OK, [r.__dict__ for r in self.repository.releases()])
-
-    def _assign_release(self, params: Params, _h: dict[str, str], body: bytes, _who: str) -> Response:
-        request = self._model(AssignRequest, body, '{"release": "NAME:VERSION", "action": "install"}')
-        if self._assign is None:
-            raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "this server cannot sign director documents")
-        try:
-            document = self._assign(params["id"], request.release, request.action)
-        except UserInputError as e:
-            raise _refusal(e) from None
-        return self._json(HTTPStatus.OK, document.model_dump(mode="json"))
-
-    def _scheduler(self) -> Rollouts:
-        if self._rollouts is None:
-            raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "this server does not run rollouts")
-        return self._rollouts
-
-    def _list_rollouts(self, _p: Params, _h: dict[str, str], _b: bytes, _who: str) -> Response:
-        return self._json(HTTPStatus.OK, self._scheduler().list())
-
-    def _start_rollout(self, _p: Params, _h: dict[str, str], body: bytes, who: str) -> Response:
-        shape = '{"release": "NAME:VERSION", "group": "GROUP", "waves": ["5%", "100%"], ...}'
-        spec = self._model(RolloutSpec, body, shape)
-        try:
-            created = self._scheduler().start(spec, who)
-        except UserInputError as e:
-            raise _refusal(e) from None
-        return self._json(HTTPStatus.CREATED, created)
-
-    def _rollout(self, params: Params, _h: dict[str, str], _b: bytes, _who: str) -> Response:
-        try:
-            return self._json(HTTPStatus.OK, self._scheduler().status(params["id"]))
-        except UserInputError as e:
-            raise _refusal(e) from None
-
-    def _steer_rollout(self, params: Params, _h: dict[str, str], _b: bytes, _who: str) -> Response:
-        rollouts = self._scheduler()
-        steer = {
-            "pause": rollouts.pause,
-            "resume": rollouts.resume,
-            "abort": rollouts.abort,
-            "rollback": rollouts.rollback,
-        }[params["action"]]
-        try:
-            return self._json(HTTPStatus.OK, steer(params["id"]))
-        except UserInputError as e:
-            raise _refusal(e) from None
+        return Response(data, status_code=status, headers=headers)
 
     def _repo_file(self, relative: str, range_header: str | None) -> tuple[int, dict[str, str], bytes]:
         path = served_file(self.repository.folder, relative)  # the allowlist MQTT fetch uses too
@@ -382,46 +195,83 @@ class HttpApi:
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         return status, headers, data
 
-    # -- answers --------------------------------------------------------------------------
-    @staticmethod
-    def _json(status: HTTPStatus, value: Any) -> Response:
+    # -- devices and releases (viewer) --------------------------------------------------------
+    def _devices(self) -> list[dict[str, Any]]:
+        """Every device: id, fleet, group, profile, status, releases, last report (viewer)."""
+        return [d.as_dict() for d in self.registry.devices()]
+
+    def _device(self, device_id: str) -> dict[str, Any]:
+        """One device (viewer)."""
         try:
-            data = json.dumps(value, indent=2, allow_nan=False)
-        except ValueError:  # a NaN or infinity an older version stored: shown as null
-            data = json.dumps(_finite(value), indent=2, allow_nan=False)
-        return status, {"Content-Type": "application/json"}, data.encode()
+            return self.registry.get(device_id).as_dict()
+        except UserInputError as e:
+            raise refusal(e) from None
 
-    def error(self, status: HTTPStatus, message: str, headers: dict[str, str] | None = None) -> Response:
-        code, answer_headers, data = self._json(status, {"error": message})
-        return code, {**answer_headers, **(headers or {})}, data
+    def _releases(self) -> list[dict[str, Any]]:
+        """Published releases: one row per bundle: name, version, profile, format (viewer)."""
+        return [dict(r.__dict__) for r in self.repository.releases()]
 
-    # -- serving --------------------------------------------------------------------------
+    # -- acting (operator) --------------------------------------------------------------------
+    def _assign_release(self, device_id: str, body: AssignRequest, who: Operator) -> dict[str, Any]:
+        """Sign and publish a director document: the device runs this release (operator)."""
+        if self._assign is None:
+            raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "this server cannot sign director documents")
+        try:
+            document = self._assign(device_id, body.release, body.action)
+        except UserInputError as e:
+            raise refusal(e) from None
+        logger.info("%s (%s) assigned %s to %s", who.name, who.via, body.release, device_id)
+        return document.model_dump(mode="json")
+
+    def _scheduler(self) -> Rollouts:
+        if self._rollouts is None:
+            raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "this server does not run rollouts")
+        return self._rollouts
+
+    def _list_rollouts(self) -> list[dict[str, Any]]:
+        """Every rollout (viewer)."""
+        return self._scheduler().list()
+
+    def _start_rollout(self, body: RolloutSpec, who: Operator) -> dict[str, Any]:
+        """Start a rollout: a release to a group, in waves, judged by its abort rules (operator)."""
+        try:
+            return self._scheduler().start(body, who.name)
+        except UserInputError as e:
+            raise refusal(e) from None
+
+    def _rollout(self, rollout_id: str) -> dict[str, Any]:
+        """One rollout: waves, abort rules with canary and control figures, devices (viewer)."""
+        try:
+            return self._scheduler().status(rollout_id)
+        except UserInputError as e:
+            raise refusal(e) from None
+
+    def _steer(self, action: str) -> Callable[[str, Principal], dict[str, Any]]:
+        def steer(rollout_id: str, who: Operator) -> dict[str, Any]:
+            rollouts = self._scheduler()
+            act = {
+                "pause": rollouts.pause,
+                "resume": rollouts.resume,
+                "abort": rollouts.abort,
+                "rollback": rollouts.rollback,
+            }[action]
+            try:
+                answer = act(rollout_id)
+            except UserInputError as e:
+                raise refusal(e) from None
+            logger.info("%s (%s) asked rollout %s to %s", who.name, who.via, rollout_id, action)
+            return answer
+
+        steer.__doc__ = f"{action.capitalize()} a rollout (operator; a body, if any, is read and ignored)."
+        return steer
+
+    # -- serving ------------------------------------------------------------------------------
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Start serving in a background thread; returns the port."""
-        self._server = _http_server.serve(self, self.limits, host, port)
-        return int(self._server.server_address[1])
+        """Start serving in a background thread; returns the port (port 0: a free one)."""
+        self._server = ServerThread(self.app, self.limits, host, port)
+        return self._server.start()
 
     def close(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-
-
-def _refusal(error: UserInputError) -> HttpError:
-    """The answer to a request the library refused, chosen by the error's type, never by its
-    text: a device or rollout that is not there is 404, one whose state does not allow the
-    request 409, any other bad input 400."""
-    for kind, status in ((NotFoundError, HTTPStatus.NOT_FOUND), (ConflictError, HTTPStatus.CONFLICT)):
-        if isinstance(error, kind):
-            return HttpError(status, str(error))
-    return HttpError(HTTPStatus.BAD_REQUEST, str(error))
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
+            self._server.close()
+            self._server = None

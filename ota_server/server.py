@@ -17,18 +17,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import paho.mqtt.client as mqtt
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edgec._service import run_until_signalled
 from edgec.director import Action, SignedDirectorDocument
 from edgec.errors import NotFoundError, ProtocolError, UserInputError
 from edgec.reports import DeviceState, Telemetry
 from edgec.topics import PREFIX, device_topics, parse_topic
+from ota_server.auth import Authenticator, NamedToken, token_grants
 from ota_server.director import DirectorIssuer, import_versions_file, release_files
 from ota_server.fetch import FetchServer
-from ota_server.http_api import ApiLimits, HttpApi, Role
+from ota_server.http_api import ApiLimits, HttpApi
 from ota_server.ingest import KINDS as REPORT_KINDS
 from ota_server.ingest import ReportLimits, ReportRefused, WindowRateLimiter, parse_report
+from ota_server.jwt_auth import JwtSettings, JwtVerifier
 from ota_server.registry import Registry
 from ota_server.repository import ImageRepository
 from ota_server.rollouts import Rollouts
@@ -63,13 +65,25 @@ class MqttSettings(_Model):
     ca_file: Path | None = None
 
 
+_TokenEntry = Literal["viewer", "operator", "admin"] | NamedToken  # the old form's role, or a named one
+
+
 class HttpSettings(_Model):
     host: str = "127.0.0.1"
     port: int = 8080
-    tokens: dict[str, Literal["viewer", "operator", "admin"]] = {}  # sha256 of a token -> its role
+    # "<sha256 hex of a token>" = "role" (named by the digest's first 12), or a named table
+    # [http.tokens.NAME] with sha256 and role (ota_server.auth.token_grants)
+    tokens: Annotated[dict[str, _TokenEntry], Field(max_length=1000)] = {}
+    jwt: JwtSettings | None = None  # sign-in with an identity provider's JWTs (ota_server.jwt_auth)
     # a client must send a request's head within this (also the keep-alive idle time)
     head_timeout_s: Annotated[float, Field(gt=0, le=3600)] = ApiLimits.head_timeout_s
     max_connections: Annotated[int, Field(ge=1, le=10_000)] = ApiLimits.max_connections  # then 503
+
+    @field_validator("tokens")
+    @classmethod
+    def _tokens_fit_one_form(cls, tokens: dict[str, _TokenEntry]) -> dict[str, _TokenEntry]:
+        token_grants(tokens)  # a key that fits neither form, a digest or a name twice: refused
+        return tokens
 
 
 class ServerConfig(_Model):
@@ -120,13 +134,14 @@ class OtaServer:
             passphrase = config.passphrase_file.read_bytes().rstrip(b"\r\n")
             signer = self.repository.director_signer(passphrase)
             self.issuer = DirectorIssuer(self.registry, signer)
-        digests = {digest: Role[role.upper()] for digest, role in config.http.tokens.items()}
+        jwt = JwtVerifier(config.http.jwt) if config.http.jwt is not None else None
+        authenticator = Authenticator(static=token_grants(config.http.tokens), jwt=jwt)
         self.rollouts = Rollouts(self.registry, self.assign, self._bundle_profiles)
         self.http = HttpApi(
             self.repository,
             self.registry,
             {},
-            token_digests=digests,
+            authenticator=authenticator,
             assign=self.assign,
             rollouts=self.rollouts,
             limits=ApiLimits(

@@ -135,7 +135,7 @@ class Dashboard:
             principal = self.authenticator.principal(f"Bearer {token}", Role.VIEWER)
         except (AuthError, ForbiddenError) as e:
             return self._render("login.html", None, 401, next=target, error=str(e))
-        sid, _ = self.sessions.create(principal)
+        sid, _ = self.sessions.create(principal, principal.expires_at)  # a JWT's session ends with it
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(
             COOKIE, sid, httponly=True, samesite="strict", secure=self.secure_cookie, path="/ui"

@@ -84,7 +84,7 @@ def test_every_exception_class_the_product_defines_is_an_edgec_error():
         "agent.slot.NoModelError",
         "agent.runtime.InputError",
         "agent._http_messages.HttpError",
-        "ota_server._http_server.HttpError",
+        "ota_server._asgi_app.HttpError",
         "ota_server.ingest.ReportRefused",
         "compiler.runtime.RuntimeUnavailableError",
     ):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import urllib.error
 import urllib.request
+from email.message import Message
 
 import pytest
 
@@ -63,15 +66,15 @@ def _call(
     token: str | None = None,
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
-) -> tuple[int, dict[str, str], bytes]:
+) -> tuple[int, Message, bytes]:
     request = urllib.request.Request(api["base"] + path, data=body, method=method, headers=headers or {})
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, dict(response.headers), response.read()
+            return response.status, response.headers, response.read()  # any case of a name
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), e.read()
+        return e.code, e.headers, e.read()
 
 
 def test_no_token_gets_401_and_a_viewer_reads(api):
@@ -230,3 +233,87 @@ def _raise(error: Exception):
 )
 def test_operator_api_answers_a_refusal_by_its_type_not_its_text(tmp_path, refuse, status, message):
     assert _refused_by(tmp_path, refuse) == (status, message)
+
+
+ROUTES = {
+    ("/v1/repo/{path}", "get"),
+    ("/v1/repo/{path}", "head"),
+    ("/v1/devices", "get"),
+    ("/v1/devices/{device_id}", "get"),
+    ("/v1/devices/{device_id}/assign", "post"),
+    ("/v1/releases", "get"),
+    ("/v1/rollouts", "get"),
+    ("/v1/rollouts", "post"),
+    ("/v1/rollouts/{rollout_id}", "get"),
+    *{
+        (f"/v1/rollouts/{{rollout_id}}/{action}", "post")
+        for action in ("pause", "resume", "abort", "rollback")
+    },
+}
+
+
+def test_openapi_is_generated_with_every_route_and_the_bearer_scheme(api):
+    status, _, body = _call(api, "GET", "/openapi.json")
+    assert status == 200
+    document = json.loads(body)
+    assert {(path, method) for path, ops in document["paths"].items() for method in ops} == ROUTES
+    scheme = document["components"]["securitySchemes"]["bearer"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    for path, method in ROUTES:
+        operation = document["paths"][path][method]
+        public = path.startswith("/v1/repo/")
+        assert operation.get("security") == (None if public else [{"bearer": []}]), (path, method)
+        if not public:
+            assert "401" in operation["responses"]
+    bodies = {
+        path: document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        for path in ("/v1/devices/{device_id}/assign", "/v1/rollouts")
+    }
+    assert bodies == {
+        "/v1/devices/{device_id}/assign": "#/components/schemas/AssignRequest",
+        "/v1/rollouts": "#/components/schemas/RolloutSpec",
+    }
+    assert "waves" in document["components"]["schemas"]["RolloutSpec"]["properties"]
+
+
+def test_docs_page_loads_with_no_external_url(api):
+    status, headers, body = _call(api, "GET", "/docs")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/html")
+    html = body.decode()
+    assert not re.search(r"(?:https?:)?//\w", html), "the docs page must work offline (no CDN)"
+    assert "url: '/openapi.json'" in html
+    assert '"validatorUrl": null' in html  # Swagger UI's default would ask validator.swagger.io
+    assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assert {a.rsplit("/", 1)[1] for a in assets} == {
+        "swagger-ui-bundle.js",
+        "swagger-ui.css",
+        "favicon-32x32.png",
+    }
+    for asset in assets:
+        status, _, data = _call(api, "GET", asset)
+        assert status == 200, asset
+        assert len(data) > 500, asset
+    assert b"SwaggerUIBundle" in _call(api, "GET", "/static/vendor/swagger-ui-bundle.js")[2]
+    assert _call(api, "GET", "/static/vendor/nope.js")[0] == 404
+    assert _call(api, "GET", "/static/../http_api.py")[0] == 404
+
+
+def test_refusals_say_what_would_be_accepted(api):
+    status, headers, body = _call(api, "DELETE", "/v1/rollouts", "op-token")
+    assert status == 405
+    assert set(headers["Allow"].split(", ")) == {"GET", "POST"}
+    assert "DELETE" in json.loads(body)["error"]
+    status, headers, body = _call(api, "GET", "/v1/devices", "nope")
+    assert (status, headers["WWW-Authenticate"]) == (401, "Bearer")
+    assert _call(api, "POST", "/v1/rollouts/r-1/explode", "op-token", b"")[0] == 404
+
+
+def test_the_caller_is_recorded_on_what_it_starts(api):
+    body = json.dumps({"release": "model:1.0.0", "group": "canary"}).encode()
+    status, _, answer = _call(api, "POST", "/v1/rollouts", "op-token", body)
+    assert status == 201
+    rollout = json.loads(_call(api, "GET", f"/v1/rollouts/{json.loads(answer)['id']}", "view-token")[2])
+    assert rollout["created_by"] == hashlib.sha256(b"op-token").hexdigest()[:12]  # the token's name
+    status, _, answer = _call(api, "POST", f"/v1/rollouts/{rollout['id']}/pause", "op-token", b"")
+    assert status == 200, answer

@@ -93,17 +93,22 @@ def server(broker, server_config, bundle):  # noqa: F811
 
 
 def test_negative_content_length_is_refused_before_reading(server):
-    """Content-Length: -1 made the server read to the end of the connection, token or not."""
+    """Content-Length: -1 made the server read to the end of the connection, token or not.
+    A length that is not one non-negative integer is a framing error: the HTTP parser answers
+    400 at once, before any route or token is looked at."""
     for auth in (b"", f"Authorization: Bearer {server['token']}\r\n".encode()):
         request = b"POST /v1/rollouts HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Length: -1\r\n\r\n{"
         status, body = _raw(server["http"], request, finish=False)  # the connection stays open
-        assert status == (400 if auth else 401), body
-        assert json.loads(body)["error"]
+        assert status == 400, body
+        assert "Content-Length" in json.loads(body)["error"]
     for value in (b"abc", b"1e3", b"+5", b"5, 6", b" "):
-        request = b"POST /v1/rollouts HTTP/1.1\r\nAuthorization: Bearer " + server["token"].encode()
+        request = (
+            b"POST /v1/rollouts HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + server["token"].encode()
+        )
         status, _ = _raw(server["http"], request + b"\r\nContent-Length: " + value + b"\r\n\r\n")
         assert status == 400
-    no_length = f"POST /v1/rollouts HTTP/1.1\r\nAuthorization: Bearer {server['token']}\r\n\r\n".encode()
+    no_length = f"POST /v1/rollouts HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server['token']}\r\n\r\n"
+    no_length = no_length.encode()
     assert _raw(server["http"], no_length, finish=False)[0] == 411
     chunked = no_length.replace(b"\r\n\r\n", b"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
     assert _raw(server["http"], chunked, finish=False)[0] == 411
@@ -212,10 +217,14 @@ def test_unknown_methods_and_paths_get_json_404_or_405(server):
         ("GET", "/v2/anything", 404),
         ("FOO", "/nowhere", 404),
     ]:
-        request = f"{method} {path} HTTP/1.1\r\nAuthorization: Bearer {server['token']}\r\n\r\n".encode()
-        status, body = _raw(server["http"], request)
+        request = f"{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server['token']}\r\n\r\n"
+        status, body = _raw(server["http"], request.encode())
         assert status == expected, (method, path, body)
         assert json.loads(body)["error"]
+    # HTTP/1.1 without a Host header is malformed (RFC 9112): 400, in JSON
+    status, body = _raw(server["http"], b"GET /v1/devices HTTP/1.1\r\n\r\n")
+    assert status == 400
+    assert "Host" in json.loads(body)["error"]
 
 
 @pytest.mark.slow
