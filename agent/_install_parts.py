@@ -17,6 +17,7 @@ import numpy as np
 
 from edgec.director import DirectorDocument
 from edgec.names import check_relative_path, parse_release
+from edgec.reports import DeviceStatus, EventKind
 
 __all__ = ["InstallSettingsView", "ProbationMonitor", "Reporter", "check_names"]
 
@@ -24,9 +25,14 @@ logger = logging.getLogger(__name__)
 
 
 class Reporter(Protocol):
-    def event(self, kind: str, release: str | None, detail: str | None = None, **figures: Any) -> None: ...
+    """Where the pipeline's events and state go; kinds and statuses are the contract's enums
+    (a refusal's ``step``, an ``InstallStep``, and the figures ride in ``figures``)."""
 
-    def state(self, status: str, installed: str | None, detail: str | None = None) -> None: ...
+    def event(
+        self, kind: EventKind, release: str | None, detail: str | None = None, **figures: Any
+    ) -> None: ...
+
+    def state(self, status: DeviceStatus, installed: str | None, detail: str | None = None) -> None: ...
 
 
 class InstallSettingsView(Protocol):

@@ -26,7 +26,7 @@ from tuf.ngclient import FetcherInterface
 from agent.config import AgentConfig
 from agent.device import DeviceCore, DeviceIdentity, Runtime, parse_director_key
 from agent.mqtt_fetch import SCHEME, ChunkClient, ChunkSource, HttpChunks, MqttFetcher, Throttled
-from agent.report import MqttReporter
+from agent.report import MqttReporter, offline_state
 from agent.runtime import golden_samples, load_bundle, self_test
 from agent.serving import InferenceServer
 from agent.telemetry import TelemetryBuffer, WindowRecorder
@@ -119,8 +119,7 @@ class Agent:
         client.username_pw_set(settings.username, settings.password)
         if settings.ca_file is not None:
             client.tls_set(ca_certs=str(settings.ca_file))
-        offline = json.dumps({"status": "offline", "installed": None})
-        client.will_set(self.topics["state"], offline, qos=1, retain=True)
+        client.will_set(self.topics["state"], offline_state(), qos=1, retain=True)
         client.reconnect_delay_set(1, int(settings.reconnect_max_s))
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect

@@ -35,6 +35,7 @@ from agent.store import StateStore
 from agent.trust import TrustedRepository
 from edgec.director import SignedDirectorDocument, parse_signed_document
 from edgec.errors import NewerSchemaError, TrustError
+from edgec.reports import EventKind, InstallStep
 
 __all__ = ["DeviceCore", "DeviceIdentity", "Runtime", "parse_director_key"]
 
@@ -130,7 +131,7 @@ class DeviceCore:
         """Serve the committed model; report a trust state that could not be read."""
         self.installer.start_serving()
         if self.startup_problem:
-            self.reporter.event("error", None, self.startup_problem)
+            self.reporter.event(EventKind.ERROR, None, self.startup_problem)
 
     # -- desired-state documents ------------------------------------------------------------
     def on_desired(self, payload: bytes | bytearray) -> None:
@@ -142,7 +143,7 @@ class DeviceCore:
         except TrustError as e:
             logger.warning("%s: dropped a director document: %s", self.device, e)
             release = e.release if isinstance(e, NewerSchemaError) else None  # settles its rollout
-            self.reporter.event("refused", release, str(e), step="accept")
+            self.reporter.event(EventKind.REFUSED, release, str(e), step=InstallStep.ACCEPT)
             return
         with self.work:
             self._desired = envelope  # the newest wins
@@ -171,7 +172,7 @@ class DeviceCore:
             self.installer.handle(envelope)
         except Exception as e:  # disk full, permissions: report, keep serving
             logger.exception("%s: install failed", self.device)
-            self.reporter.event("error", envelope.signed.release, f"{type(e).__name__}: {e}")
+            self.reporter.event(EventKind.ERROR, envelope.signed.release, f"{type(e).__name__}: {e}")
 
     def stop(self) -> None:
         """Leave a running install to its journal and wake whoever waits for work."""

@@ -51,6 +51,7 @@ from edgec.errors import (
 )
 from edgec.manifest import check_files, read_manifest, sha256_file
 from edgec.names import check_relative_path, resolve_inside
+from edgec.reports import DeviceStatus, EventKind, InstallStep
 
 __all__ = ["InstallSettingsView", "Installer", "ProbationMonitor", "Reporter", "Step"]
 
@@ -69,12 +70,20 @@ class Step(enum.IntEnum):
     COMMITTED = 9
 
 
+# where a transport-level refusal happened, by the step that was under way
+_REFUSED_AT = {
+    Step.VERIFIED: InstallStep.VERIFY,
+    Step.FETCHED: InstallStep.FETCH,
+    Step.STAGED: InstallStep.STAGE,
+}
+
+
 class Refused(EdgecError):
     """The install of this document ends here (reported; the current model keeps serving).
     Whose fault it was is in ``__cause__`` (a ``TrustError``, a ``BundleError``...) or the
     step that refused it (a self-test, a probation)."""
 
-    def __init__(self, step: str, reason: str) -> None:
+    def __init__(self, step: InstallStep, reason: str) -> None:
         super().__init__(f"{step}: {reason}")
         self.step = step
         self.reason = reason
@@ -124,18 +133,20 @@ class Installer:
         """Load the committed model (if any) into the slot."""
         pointer = self.store.active()
         if pointer is None:
-            self.reporter.state("idle", None, "no model installed yet")
+            self.reporter.state(DeviceStatus.IDLE, None, "no model installed yet")
             return
         try:
             model = self.loader(self.store.model_path(pointer.folder))
         except Exception as e:  # damaged on disk: keep running, wait for the operator
             logger.exception("cannot load the committed model %s", pointer.release)
-            self.reporter.event("load-failed", pointer.release, str(e))
-            self.reporter.state("error", None, f"committed model {pointer.release} does not load: {e}")
+            self.reporter.event(EventKind.LOAD_FAILED, pointer.release, str(e))
+            self.reporter.state(
+                DeviceStatus.ERROR, None, f"committed model {pointer.release} does not load: {e}"
+            )
             return
         self.slot.swap(model)
-        self.reporter.event("started", pointer.release, "serving the committed model")
-        self.reporter.state("serving", pointer.release)
+        self.reporter.event(EventKind.STARTED, pointer.release, "serving the committed model")
+        self.reporter.state(DeviceStatus.SERVING, pointer.release)
 
     def resume(self) -> None:
         """Carry on with an install a restart interrupted (its document was accepted before)."""
@@ -169,11 +180,11 @@ class Installer:
             check_names(doc)
         except InvalidNameError as e:
             logger.warning("director document refused: %s", e)
-            self.reporter.event("refused", None, f"director document: {e}", step="accept")
+            self.reporter.event(EventKind.REFUSED, None, f"director document: {e}", step=InstallStep.ACCEPT)
             return
         if self.director is None:
             detail = "the trusted director state is unreadable; re-provision the device to install again"
-            self.reporter.event("refused", doc.release, detail, step="accept")
+            self.reporter.event(EventKind.REFUSED, doc.release, detail, step=InstallStep.ACCEPT)
             return
         if doc.version == self.director.version and self._stored_envelope() == envelope:
             # the retained copy of the document already accepted (a reconnect or a restart)
@@ -193,7 +204,7 @@ class Installer:
             self.director, doc = self.director.accept(envelope, self.now())
         except TrustError as e:
             logger.warning("director document refused: %s", e)
-            self.reporter.event("refused", doc.release, str(e), step="accept")
+            self.reporter.event(EventKind.REFUSED, doc.release, str(e), step=InstallStep.ACCEPT)
             return
         # the document first, then the version: a crash between leaves a document that is
         # accepted again, never one that looks like a replay of itself
@@ -205,7 +216,9 @@ class Installer:
         except OSError as e:
             self._stopped(doc, e)
             return
-        self.reporter.event("accepted", doc.release, f"director document {doc.version} ({doc.action})")
+        self.reporter.event(
+            EventKind.ACCEPTED, doc.release, f"director document {doc.version} ({doc.action})"
+        )
         self._run(doc, journal)
 
     # -- the pipeline ---------------------------------------------------------------------------
@@ -222,14 +235,14 @@ class Installer:
         self.interrupted.clear()
         active = self.store.active()
         installed = active.release if active else None
-        self.reporter.state("installing", installed, doc.release)
+        self.reporter.state(DeviceStatus.INSTALLING, installed, doc.release)
         try:
             journal = self._deliver(doc, journal)
             assert journal.folder is not None
             try:
                 folder = self.store.model_path(journal.folder)
             except PathOutsideRootError as e:
-                raise Refused("load", str(e)) from e
+                raise Refused(InstallStep.LOAD, str(e)) from e
             self._activate(doc, journal, folder)
         except Refused as e:
             self._refuse(doc, e)
@@ -244,8 +257,8 @@ class Installer:
         logger.error("install of %s stopped: %s", doc.release, error)
         active = self.store.active()
         installed = active.release if active else None
-        self.reporter.event("error", doc.release, f"cannot write the agent's state: {error}")
-        status = "serving" if self.slot.model else "error"
+        self.reporter.event(EventKind.ERROR, doc.release, f"cannot write the agent's state: {error}")
+        status = DeviceStatus.SERVING if self.slot.model else DeviceStatus.ERROR
         self.reporter.state(status, installed, f"install stopped: {error}")
 
     def _deliver(self, doc: DirectorDocument, journal: InstallJournal) -> InstallJournal:
@@ -266,23 +279,23 @@ class Installer:
                 folder = self.stage(doc)
                 return self._advance(journal, Step.STAGED, folder=folder)
             except TrustError as e:
-                raise Refused(Step(journal.step + 1).name.lower(), str(e)) from e
+                raise Refused(_REFUSED_AT[Step(journal.step + 1)], str(e)) from e
             except BundleError as e:
-                raise Refused("stage", str(e)) from e
+                raise Refused(InstallStep.STAGE, str(e)) from e
             except (PathOutsideRootError, InvalidNameError) as e:  # a path that would leave the state folder
-                raise Refused(Step(journal.step + 1).name.lower(), str(e)) from e
+                raise Refused(_REFUSED_AT[Step(journal.step + 1)], str(e)) from e
             except FetchError as e:
                 attempts += 1
                 journal = replace(journal, attempts=attempts)
                 self.store.set_journal(journal)
                 if attempts >= self.settings.max_attempts:
-                    raise Refused("fetch", f"gave up after {attempts} attempts: {e}") from e
+                    raise Refused(InstallStep.FETCH, f"gave up after {attempts} attempts: {e}") from e
                 delay = min(2.0**attempts, 60.0)
-                self.reporter.event("retrying", doc.release, str(e), attempt=attempts, delay_s=delay)
+                self.reporter.event(EventKind.RETRYING, doc.release, str(e), attempt=attempts, delay_s=delay)
                 if self.interrupted.wait(delay):
                     if self.stopping.is_set():
                         raise _Stopping from e  # the journal stays: a restart carries on
-                    raise Refused("fetch", "a newer director document arrived") from e
+                    raise Refused(InstallStep.FETCH, "a newer director document arrived") from e
 
     def verify(self, doc: DirectorDocument) -> dict[str, Any]:
         """The image repository must sign every file the director names, identically."""
@@ -349,7 +362,7 @@ class Installer:
             resumed = download.good_bytes()
             download.run()
             self.reporter.event(
-                "fetched",
+                EventKind.FETCHED,
                 doc.release,
                 relative,
                 file=index,
@@ -377,12 +390,12 @@ class Installer:
         try:
             model = self.loader(folder)
         except Exception as e:
-            raise Refused("load", str(e)) from e
+            raise Refused(InstallStep.LOAD, str(e)) from e
         journal = self._advance(journal, Step.LOADED)
         result = self.self_test_fn(model, folder / "golden.npz")
         if not result.passed:
             model.close()
-            raise Refused("self-test", str(result.reason))
+            raise Refused(InstallStep.SELF_TEST, str(result.reason))
         journal = self._advance(journal, Step.SELF_TESTED)
         samples = self.golden_inputs(model, folder / "golden.npz")
         for i in range(self.settings.warmup_runs):
@@ -391,7 +404,7 @@ class Installer:
         self.probation_monitor.watch(model.manifest.version)
         self.slot.swap(model)
         journal = self._advance(journal, Step.SWAPPED)
-        self.reporter.event("swapped", doc.release, "serving on probation")
+        self.reporter.event(EventKind.SWAPPED, doc.release, "serving on probation")
         try:
             figures = self.probation(model, samples)
         except Refused:
@@ -400,7 +413,7 @@ class Installer:
         finally:
             self.probation_monitor.watch(None)
         self.commit(doc, folder)
-        self.reporter.event("committed", doc.release, None, **figures)
+        self.reporter.event(EventKind.COMMITTED, doc.release, None, **figures)
 
     def probation(self, model: LoadedModel, samples: list[dict[str, np.ndarray]]) -> dict[str, Any]:
         """Watch the new model serve for ``probation_s``; golden probes fill in when traffic
@@ -429,9 +442,13 @@ class Installer:
             "probes": probes,
         }
         if errors / count > settings.max_error_rate:
-            raise Refused("probation", f"error rate {errors}/{count} over {settings.max_error_rate:.1%}")
+            raise Refused(
+                InstallStep.PROBATION, f"error rate {errors}/{count} over {settings.max_error_rate:.1%}"
+            )
         if p95_ms is not None and p95_ms > budget:
-            raise Refused("probation", f"p95 latency {p95_ms:.1f} ms over the budget of {budget:.1f} ms")
+            raise Refused(
+                InstallStep.PROBATION, f"p95 latency {p95_ms:.1f} ms over the budget of {budget:.1f} ms"
+            )
         return figures
 
     def _probe(self, model: LoadedModel, sample: dict[str, np.ndarray]) -> None:
@@ -456,7 +473,7 @@ class Installer:
         self.store.set_outcome(doc.version, "committed")
         self.store.set_journal(None)
         self.store.prune(keep={p for p in (pointer.folder, pointer.previous_folder) if p})
-        self.reporter.state("serving", doc.release)
+        self.reporter.state(DeviceStatus.SERVING, doc.release)
 
     def _restore_committed(self) -> None:
         """Put the committed model back in the slot (the one on probation failed)."""
@@ -474,8 +491,10 @@ class Installer:
         active = self.store.active()
         keep = {p for p in (active.folder, active.previous_folder) if p} if active else set()
         self.store.prune(keep=keep)
-        self.reporter.event("refused", doc.release, error.reason, step=error.step)
+        self.reporter.event(EventKind.REFUSED, doc.release, error.reason, step=error.step)
         installed = active.release if active else None
         self.reporter.state(
-            "serving" if self.slot.model else "idle", installed, f"{doc.release} refused: {error.reason}"
+            DeviceStatus.SERVING if self.slot.model else DeviceStatus.IDLE,
+            installed,
+            f"{doc.release} refused: {error.reason}",
         )

@@ -1,7 +1,11 @@
 """What a device tells the operator: its retained state and its install events, on its own
 topics. Events raised while the broker is away wait (bounded) and go out in order when it is
 back; the last state is published again on every connection (the broker's will replaced it
-with ``offline`` while the device was away)."""
+with ``offline`` while the device was away).
+
+Every report is built as its wire model (``edgec.reports.Event``, ``DeviceState``) and so
+checked against the contract the server reads before it leaves; the JSON is the model's, with
+unset fields left out (a reader takes a missing field as null)."""
 
 from __future__ import annotations
 
@@ -14,13 +18,37 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-__all__ = ["MqttReporter"]
+from edgec.reports import DeviceState, DeviceStatus, Event, EventKind
+
+__all__ = ["MqttReporter", "install_event", "offline_state", "state_report", "wire_json"]
 
 logger = logging.getLogger(__name__)
 
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+def install_event(kind: EventKind, release: str | None, detail: str | None = None, **figures: Any) -> Event:
+    """An event as the contract reads it, stamped now (``step`` and figures ride in ``figures``)."""
+    return Event.model_validate(
+        {"event": kind, "release": release, "detail": detail, "at": _now(), **figures}
+    )
+
+
+def state_report(status: DeviceStatus, installed: str | None, detail: str | None = None) -> DeviceState:
+    """The device's retained state as the contract reads it (an empty detail is left out)."""
+    return DeviceState(status=status, installed=installed, detail=detail or None)
+
+
+def offline_state() -> str:
+    """The retained state the broker publishes for the device when its connection goes (its will)."""
+    return wire_json(state_report(DeviceStatus.OFFLINE, None))
+
+
+def wire_json(report: Event | DeviceState) -> str:
+    """A report as it goes on the wire: JSON of the model, unset (null) fields left out."""
+    return json.dumps(report.model_dump(mode="json", exclude_none=True))
 
 
 class MqttReporter:
@@ -33,19 +61,16 @@ class MqttReporter:
         self._waiting: collections.deque[str] = collections.deque(maxlen=max_waiting)
         self._lock = threading.Lock()
 
-    def event(self, kind: str, release: str | None, detail: str | None = None, **figures: Any) -> None:
-        body = {"event": kind, "release": release, "detail": detail, "at": _now(), **figures}
+    def event(self, kind: EventKind, release: str | None, detail: str | None = None, **figures: Any) -> None:
+        body = wire_json(install_event(kind, release, detail, **figures))
         logger.info("event %s %s %s", kind, release or "", detail or "")
         with self._lock:
-            self._waiting.append(json.dumps(body))
+            self._waiting.append(body)
             if self.client.is_connected():
                 self._send_waiting()
 
-    def state(self, status: str, installed: str | None, detail: str | None = None) -> None:
-        body = {"status": status, "installed": installed}
-        if detail:
-            body["detail"] = detail
-        self.last_state = json.dumps(body).encode()
+    def state(self, status: DeviceStatus, installed: str | None, detail: str | None = None) -> None:
+        self.last_state = wire_json(state_report(status, installed, detail)).encode()
         self.client.publish(self.topics["state"], self.last_state, qos=1, retain=True)
 
     def connected(self) -> None:

@@ -6,19 +6,34 @@ ignored. They come from devices, so every field is bounded: identifiers by lengt
 
 Reports carry no ``schema_version`` yet (major 1); one with a newer major is refused with a
 ``NewerSchemaError`` (upgrade the server), before its fields are read.
+
+The closed sets an agent writes are enums: ``EventKind`` (what an event says happened),
+``DeviceStatus`` (a device's retained state) and ``InstallStep`` (where an install was
+refused). A reader gets the enum member for a value it knows and keeps any other value (a
+newer agent's) as the string it was, so logic that compares with the enum ignores it and
+nothing is refused for it.
 """
 
 from __future__ import annotations
 
 import enum
 import math
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from edgec._schema import check_schema_version
 
-__all__ = ["SCHEMA_VERSION", "DeviceState", "DriftVerdict", "Event", "Telemetry"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "DeviceState",
+    "DeviceStatus",
+    "DriftVerdict",
+    "Event",
+    "EventKind",
+    "InstallStep",
+    "Telemetry",
+]
 
 SCHEMA_VERSION = 1  # the major this reader reads (a report without the field is major 1)
 
@@ -85,10 +100,73 @@ def _readable(data: Any, document: str) -> Any:
     )
 
 
+class EventKind(enum.StrEnum):
+    """What a device event says happened (``Event.event``): every kind this release's agent emits."""
+
+    ACCEPTED = "accepted"  # a director document passed its checks; its install begins
+    FETCHED = "fetched"  # one file of the bundle downloaded and checked (figures: file, of, bytes)
+    RETRYING = "retrying"  # a transport failure; the fetch starts again (figures: attempt, delay_s)
+    SWAPPED = "swapped"  # the new model serves, on probation
+    COMMITTED = "committed"  # probation passed, the new model is the committed one (figures)
+    REFUSED = "refused"  # the install of a document ends here (``step`` says where)
+    STARTED = "started"  # the agent started and serves its committed model
+    LOAD_FAILED = "load-failed"  # the committed model does not load at start
+    ERROR = "error"  # something outside an install's steps: the agent's state on disk, trust
+
+
+class DeviceStatus(enum.StrEnum):
+    """A device's retained state (``DeviceState.status``)."""
+
+    NEW = "new"  # never reported (the registry's and the simulator's value before a first state)
+    IDLE = "idle"  # no model committed (yet, or the only install was refused)
+    INSTALLING = "installing"  # an install runs; the committed model (if any) serves meanwhile
+    SERVING = "serving"
+    ERROR = "error"  # no model serves: the committed one does not load, or an install stopped
+    OFFLINE = "offline"  # the broker's will: the device's connection went away
+
+
+class InstallStep(enum.StrEnum):
+    """Where an install was refused (``Event.step`` of a ``refused`` event), in pipeline order."""
+
+    ACCEPT = "accept"  # the director document (signature, device, version, expiry, names)
+    VERIFY = "verify"  # the image repository does not sign the same files
+    FETCH = "fetch"  # the download gave up (attempts, a newer document)
+    STAGE = "stage"  # the staged bundle does not match its manifest or the document
+    LOAD = "load"
+    SELF_TEST = "self-test"
+    PROBATION = "probation"
+
+
+def _known_or_kept(enum_type: type[enum.StrEnum], **bounds: Any) -> Any:
+    """A string field (with the bounds it always had) read as the enum's member when the value
+    is known, and kept as the string it was otherwise (a newer writer's value, which our logic
+    ignores): a report is never refused for a kind or status this reader does not know."""
+
+    def known(value: str) -> enum.StrEnum | str:
+        try:
+            return enum_type(value)
+        except ValueError:
+            return value
+
+    return Annotated[str, Field(**bounds), AfterValidator(known)]
+
+
+if TYPE_CHECKING:  # what the fields hold, for the type checker
+    Kind = EventKind | str
+    Status = DeviceStatus | str
+    StepName = InstallStep | str
+else:
+    Kind = _known_or_kept(EventKind, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    Status = _known_or_kept(DeviceStatus, max_length=64)
+    StepName = _known_or_kept(InstallStep, max_length=64)
+
+
 class DeviceState(BaseModel):
+    """A device's retained state: its status and the release it has committed."""
+
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    status: Annotated[str, Field(max_length=64)]  # serving, installing, rolled-back, error, ...
+    status: Status
     installed: Text | None = None  # NAME:VERSION of the committed model
     detail: Detail | None = None
 
@@ -146,16 +224,16 @@ class Telemetry(BaseModel):
 
 
 class Event(BaseModel):
-    """One device event: install progress, a refusal, an error. ``event`` names its kind
-    (``accepted``, ``fetched``, ``committed``, ``refused``, ...); figures ride along as extra
+    """One device event: install progress, a refusal, an error. ``event`` names its kind (an
+    ``EventKind``, or a newer agent's kind kept as a string); figures ride along as extra
     fields (``attempt``, ``bytes``, ``p95_ms``)."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    event: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    event: Kind
     release: Text | None = None
     detail: Detail | None = None
-    step: Annotated[str, Field(max_length=64)] | None = None  # where a refusal happened
+    step: StepName | None = None  # where a refusal happened
     at: Moment | None = None
 
     @model_validator(mode="before")

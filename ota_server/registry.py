@@ -120,6 +120,33 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             )""",
         ],
     ),
+    (
+        6,
+        [
+            # the audit log (ota_server.audit): ids 1, 2, 3... taken from the head row under its
+            # lock (a sequence would skip numbers on rollback, which reads as a deletion)
+            """CREATE TABLE audit_log (
+                id BIGINT PRIMARY KEY,
+                at VARCHAR(40) NOT NULL,
+                actor VARCHAR(256) NOT NULL,
+                role VARCHAR(32) NOT NULL,
+                via VARCHAR(8) NOT NULL,
+                action VARCHAR(64) NOT NULL,
+                params TEXT NOT NULL,
+                outcome VARCHAR(512) NOT NULL,
+                prev_hash VARCHAR(64) NOT NULL,
+                hash VARCHAR(64) NOT NULL
+            )""",
+            "CREATE INDEX audit_log_by_action ON audit_log (action, id)",
+            # one row: the newest id and its hash, moved in each append's transaction
+            """CREATE TABLE audit_head (
+                id INTEGER PRIMARY KEY CHECK (id = 1),
+                last_id BIGINT NOT NULL,
+                last_hash VARCHAR(64) NOT NULL
+            )""",
+            "INSERT INTO audit_head (id, last_id, last_hash) VALUES (1, 0, '" + "0" * 64 + "')",
+        ],
+    ),
 ]
 
 
@@ -137,7 +164,7 @@ class Device:
     last_seen: str | None
     installed_release: str | None
     desired_release: str | None
-    status: str
+    status: str  # an edgec.reports.DeviceStatus value ("new" before the first report), or a newer agent's
     telemetry: dict[str, Any] | None
 
     def as_dict(self) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from sqlalchemy import insert, select, update
 
 from edgec.director import Action
 from edgec.errors import ConflictError, NotFoundError, UserInputError
+from edgec.reports import EventKind
 from edgec.rollout_spec import MemberState, RolloutSpec, RolloutState
 from ota_server import rollout_policy as policy
 from ota_server._rollout_tables import MEMBERS, ROLLOUTS, RolloutRow, iso, member_of, moment, stored
@@ -271,9 +272,10 @@ class Rollouts:
         return settled
 
     def on_event(self, device_id: str, event: dict[str, Any]) -> None:
-        """A device's install event: ``committed`` or ``refused`` settles its part."""
+        """A device's install event (an ``Event`` dumped): ``committed`` or ``refused`` settles
+        its part; any other kind, a newer agent's included, is ignored."""
         kind, release = event.get("event"), event.get("release")
-        if kind not in ("committed", "refused") or not isinstance(release, str):
+        if kind not in (EventKind.COMMITTED, EventKind.REFUSED) or not isinstance(release, str):
             return
         query = (
             select(ROLLOUTS.c.id)
@@ -289,7 +291,7 @@ class Rollouts:
             rows = conn.execute(query).all()
         now = self.clock()
         for (rollout_id,) in rows:
-            if kind == "committed":
+            if kind == EventKind.COMMITTED:
                 self._set_member(rollout_id, device_id, state=MemberState.INSTALLED, finished_at=now)
             else:
                 detail = f"refused at {event.get('step')}: {event.get('detail')}"

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from edgec.reports import DeviceStatus, EventKind
+
 if TYPE_CHECKING:
     from sim.device import SimulatedDevice
 
@@ -22,8 +24,8 @@ class FleetSummary:
     devices: int
     connected: int
     installed: dict[str, int]  # committed release NAME:VERSION ("-": none yet) -> devices
-    statuses: dict[str, int]  # last reported status -> devices
-    events: dict[str, int]  # events since start, by kind (committed, refused, retrying, ...)
+    statuses: dict[str, int]  # last reported status (a DeviceStatus) -> devices
+    events: dict[str, int]  # events since start, by kind (an EventKind: committed, refused, ...)
     failed: int  # devices whose latest install ended refused (or with an error)
     installs_waiting: int  # devices queued for, or in, an install
     broker_refusals: int  # connections the broker refused (credentials it does not know?)
@@ -31,7 +33,8 @@ class FleetSummary:
     def line(self) -> str:
         installed = ", ".join(f"{release} {n}" for release, n in sorted(self.installed.items())) or "-"
         events = " ".join(
-            f"{kind} {self.events.get(kind, 0)}" for kind in ("committed", "refused", "retrying")
+            f"{kind} {self.events.get(kind, 0)}"
+            for kind in (EventKind.COMMITTED, EventKind.REFUSED, EventKind.RETRYING)
         )
         text = (
             f"connected {self.connected}/{self.devices} | installed: {installed} | "
@@ -50,10 +53,10 @@ class Tally:
         self.devices = count
         self._connected = [False] * count
         self._installed: list[str | None] = [None] * count
-        self._status: list[str] = ["new"] * count
+        self._status: list[str] = [DeviceStatus.NEW] * count
         self._failed = [False] * count
         self.installed = collections.Counter({"-": count})
-        self.events: collections.Counter[str] = collections.Counter()
+        self.events: collections.Counter[str] = collections.Counter()  # by EventKind
         self.connected_count = 0
         self.broker_refusals = 0
         self.last_refusal: str | None = None
@@ -70,7 +73,7 @@ class Tally:
             self.broker_refusals += 1
             self.last_refusal = reason
 
-    def state(self, device: SimulatedDevice, status: str, installed: str | None) -> None:
+    def state(self, device: SimulatedDevice, status: DeviceStatus, installed: str | None) -> None:
         with self._changed:
             old = self._installed[device.index]
             if old != installed:
@@ -80,12 +83,12 @@ class Tally:
             self._status[device.index] = status
             self._changed.notify_all()
 
-    def event(self, device: SimulatedDevice, kind: str) -> None:
+    def event(self, device: SimulatedDevice, kind: EventKind) -> None:
         with self._changed:
             self.events[kind] += 1
-            if kind == "committed":
+            if kind == EventKind.COMMITTED:
                 self._failed[device.index] = False
-            elif kind in ("refused", "error"):
+            elif kind in (EventKind.REFUSED, EventKind.ERROR):
                 self._failed[device.index] = True
             self._changed.notify_all()
 

@@ -21,10 +21,10 @@ from securesystemslib.signer import Key
 from agent.config import InstallSettings
 from agent.device import DeviceCore, DeviceIdentity
 from agent.mqtt_fetch import ChunkClient, MqttFetcher
-from agent.report import MqttReporter
+from agent.report import MqttReporter, offline_state
 from agent.telemetry import DriftConfig
 from edgec._atomic import atomic_write
-from edgec.reports import Telemetry
+from edgec.reports import DeviceStatus, EventKind, Telemetry
 from edgec.topics import device_topics
 from sim.behaviour import SimBehaviours
 from sim.runtime import sim_runtime
@@ -69,11 +69,11 @@ class _SimReporter(MqttReporter):
         super().__init__(device.client, device.topics, max_waiting=100)
         self.device = device
 
-    def event(self, kind: str, release: str | None, detail: str | None = None, **figures: Any) -> None:
+    def event(self, kind: EventKind, release: str | None, detail: str | None = None, **figures: Any) -> None:
         self.device.tally.event(self.device, kind)
         super().event(kind, release, detail, **figures)
 
-    def state(self, status: str, installed: str | None, detail: str | None = None) -> None:
+    def state(self, status: DeviceStatus, installed: str | None, detail: str | None = None) -> None:
         self.device.tally.state(self.device, status, installed)
         super().state(status, installed, detail)
 
@@ -142,8 +142,7 @@ class SimulatedDevice:
             protocol=mqtt.MQTTv311,
         )
         client.username_pw_set(self.id, self.config.password)
-        offline = json.dumps({"status": "offline", "installed": None})
-        client.will_set(self.topics["state"], offline, qos=1, retain=True)
+        client.will_set(self.topics["state"], offline_state(), qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.message_callback_add(self.topics["desired"], self._on_desired)

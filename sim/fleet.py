@@ -13,6 +13,7 @@ import numpy as np
 
 from agent.config import TrustSettings
 from agent.device import parse_director_key
+from edgec.reports import EventKind
 from sim._network import NetworkLoop
 from sim._tally import FleetSummary, Tally
 from sim.behaviour import SimBehaviours
@@ -107,7 +108,7 @@ class SimFleet:
         want = len(self.devices) if count is None else count
         return self._tally.wait(lambda: self._tally.installed[release] >= want, timeout_s)
 
-    def wait_for_events(self, kind: str, count: int, timeout_s: float = 60.0) -> bool:
+    def wait_for_events(self, kind: EventKind, count: int, timeout_s: float = 60.0) -> bool:
         """Until ``count`` events of ``kind`` have been reported since start."""
         return self._tally.wait(lambda: self._tally.events[kind] >= count, timeout_s)
 

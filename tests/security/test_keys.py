@@ -18,11 +18,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from tuf.api.metadata import TargetFile
 
-from agent.install import Step
 from agent.slot import ModelSlot
 from agent.trust import FolderFetcher, TrustedRepository
 from edgec.director import Action, DirectorDocument, DirectorFile
 from edgec.errors import TrustError
+from edgec.reports import InstallStep
 from ota_server.director import release_files, sign_document
 from ota_server.keys import (
     DEFAULT_KDF,
@@ -366,7 +366,7 @@ def test_server_with_online_keys_only_cannot_install_unsigned_blob(tmp_path, rel
     send("digits:6.6.6", [DirectorFile(path=target, sha256=digest, length=len(blob))])
 
     refused = reporter.events[-1]
-    assert (refused["event"], refused["step"]) == ("refused", Step.VERIFIED.name.lower())
+    assert (refused["event"], refused["step"]) == ("refused", InstallStep.VERIFY)
     expected = "UnsignedMetadataError: targets" if forgery.startswith("targets") else "not a signed target"
     assert expected in refused["detail"]
     assert slot.model is not None
