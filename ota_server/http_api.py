@@ -23,7 +23,7 @@ from http import HTTPStatus
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edgec.director import Action, SignedDirectorDocument
@@ -32,6 +32,9 @@ from edgec.rollout_spec import RolloutSpec
 from ota_server._asgi_app import ErrorBody, HttpError, needs, new_app, refusal
 from ota_server._asgi_server import ApiLimits, ServerThread
 from ota_server.auth import Authenticator, Principal, Role, StaticToken
+from ota_server.dashboard import Dashboard
+from ota_server.metrics import CONTENT_TYPE as METRICS_TYPE
+from ota_server.metrics import ServerMetrics
 from ota_server.registry import Registry
 from ota_server.repository import ImageRepository
 from ota_server.rollouts import Rollouts
@@ -84,10 +87,14 @@ class HttpApi:
         rollouts: Rollouts | None = None,
         limits: ApiLimits | None = None,
         authenticator: Authenticator | None = None,
+        metrics: ServerMetrics | None = None,
+        dashboard: bool = True,
+        secure_cookie: bool = False,
     ) -> None:
         """``tokens`` (plain token → role) and ``token_digests`` (sha256 hex → role) make the
         authenticator when none is given; ``assign`` signs and publishes a director document
-        (the server's), ``rollouts`` runs rollouts: without them those routes answer 503."""
+        (the server's), ``rollouts`` runs rollouts: without them those routes answer 503.
+        ``metrics``: served at /metrics (to a viewer); ``dashboard``: the web pages under /ui."""
         self.repository = repository
         self.registry = registry
         self._assign = assign
@@ -97,6 +104,12 @@ class HttpApi:
             named = [StaticToken(d[:12], d, role) for d, role in (token_digests or {}).items()]
             authenticator = Authenticator(tokens, static=named)
         self.authenticator = authenticator
+        self.metrics = metrics
+        self.dashboard = (
+            Dashboard(authenticator, registry, repository, rollouts, secure_cookie=secure_cookie)
+            if dashboard
+            else None
+        )
         self.app = self._new_app()
         self._server: ServerThread | None = None
 
@@ -156,7 +169,23 @@ class HttpApi:
                 name=f"{action}_rollout",
                 responses={**_BODY, **_errors(404, 409, 503)},
             )
+        if self.metrics is not None:
+            route(
+                "/metrics",
+                self._metrics,
+                methods=["GET"],
+                dependencies=viewer,
+                responses=_READ,
+                response_class=PlainTextResponse,
+            )
+        if self.dashboard is not None:
+            self.dashboard.mount(app)
         return app
+
+    def _metrics(self) -> Response:
+        """The server's Prometheus metrics, text format 0.0.4 (viewer: scrape with a token)."""
+        assert self.metrics is not None
+        return Response(self.metrics.render(), media_type=METRICS_TYPE)
 
     # -- the repository -----------------------------------------------------------------------
     def _repo(self, path: str, request: Request) -> Response:
@@ -190,6 +219,8 @@ class HttpApi:
         with path.open("rb") as f:
             f.seek(start)
             data = f.read(end - start + 1)
+        if self.metrics is not None and relative.startswith("targets/"):
+            self.metrics.fetched("http", len(data))
         headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes"}
         if status == HTTPStatus.PARTIAL_CONTENT:
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"

@@ -7,6 +7,7 @@ state and telemetry in the registry. Malformed reports are logged and dropped.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import socket
@@ -31,6 +32,7 @@ from ota_server.http_api import ApiLimits, HttpApi
 from ota_server.ingest import KINDS as REPORT_KINDS
 from ota_server.ingest import ReportLimits, ReportRefused, WindowRateLimiter, parse_report
 from ota_server.jwt_auth import JwtSettings, JwtVerifier
+from ota_server.metrics import ServerMetrics
 from ota_server.registry import Registry
 from ota_server.repository import ImageRepository
 from ota_server.rollouts import Rollouts
@@ -78,6 +80,9 @@ class HttpSettings(_Model):
     # a client must send a request's head within this (also the keep-alive idle time)
     head_timeout_s: Annotated[float, Field(gt=0, le=3600)] = ApiLimits.head_timeout_s
     max_connections: Annotated[int, Field(ge=1, le=10_000)] = ApiLimits.max_connections  # then 503
+    dashboard: bool = True  # the web dashboard under /ui (sign-in with the same tokens or JWTs)
+    # HTTPS in front (a proxy): the dashboard's session cookie is sent over HTTPS only
+    behind_https: bool = False
 
     @field_validator("tokens")
     @classmethod
@@ -127,7 +132,8 @@ class OtaServer:
         self.client.on_connect = self._on_connect
         self.client.on_socket_open = _no_delay
         self.client.message_callback_add(REPORTS, self._on_report)
-        self.fetch = FetchServer(config.repo, self.client)
+        self.metrics = ServerMetrics()
+        self.fetch = FetchServer(config.repo, self.client, on_sent=lambda n: self.metrics.fetched("mqtt", n))
         import_versions_file(self.registry, config.repo)  # an older server's counters, once
         self.issuer: DirectorIssuer | None = None
         if config.passphrase_file is not None:
@@ -137,6 +143,7 @@ class OtaServer:
         jwt = JwtVerifier(config.http.jwt) if config.http.jwt is not None else None
         authenticator = Authenticator(static=token_grants(config.http.tokens), jwt=jwt)
         self.rollouts = Rollouts(self.registry, self.assign, self._bundle_profiles)
+        self.metrics.watch(lambda: (d.as_dict() for d in self.registry.devices()), self.rollouts.list)
         self.http = HttpApi(
             self.repository,
             self.registry,
@@ -147,6 +154,9 @@ class OtaServer:
             limits=ApiLimits(
                 head_timeout_s=config.http.head_timeout_s, max_connections=config.http.max_connections
             ),
+            metrics=self.metrics,
+            dashboard=config.http.dashboard,
+            secure_cookie=config.http.behind_https,
         )
         self._stopping = threading.Event()
         self._scheduler = threading.Thread(target=self._schedule, name="rollouts", daemon=True)
@@ -208,12 +218,14 @@ class OtaServer:
             return
         self.client.subscribe(REPORTS, qos=1)
         self.fetch.start()
+        self.metrics.connected()
         logger.info("connected to the broker")
 
     def _drop(self, topic: str, why: str, reason: str = "malformed") -> bool:
         """Count a dropped report; log the first of each reason, then one line a minute."""
         self.dropped += 1
         self.drops[reason] += 1
+        self.metrics.drop(reason)
         now = time.monotonic()
         if now - self._drop_logged.get(reason, -DROP_LOG_EVERY_S) < DROP_LOG_EVERY_S:
             return False
@@ -232,6 +244,7 @@ class OtaServer:
             return  # desired documents are ours
         try:
             report = parse_report(topic.kind, message.payload, self.report_limits)
+            self.metrics.report(topic.kind)
             now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
             if isinstance(report, DeviceState):
                 self.registry.update(
@@ -243,6 +256,7 @@ class OtaServer:
                 release, detail = report.release or "", (report.detail or "")[:200]
                 logger.info("event from %s: %s %s %s", topic.device, report.event, release, detail)
                 self.registry.update(topic.device, last_seen=now)
+                self.metrics.event(report.event, report.step)
                 self.rollouts.on_event(topic.device, report.model_dump())
         except ReportRefused as e:
             self._drop(message.topic, str(e), e.reason)
@@ -262,6 +276,10 @@ class OtaServer:
         except NotFoundError:
             raise ReportRefused(f"no device {device!r} in the registry", "unknown device") from None
         self.registry.add_window(device, window.figures(), now)  # the history rollouts judge
+        if window.ended_at is not None:
+            with contextlib.suppress(ValueError):
+                ended = dt.datetime.fromisoformat(window.ended_at.replace("Z", "+00:00"))
+                self.metrics.lag((dt.datetime.fromisoformat(now) - ended).total_seconds())
         if self._is_newer(stored, window):
             self.registry.update(device, last_seen=now, telemetry=window.figures())
 

@@ -21,8 +21,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.concurrency import run_in_threadpool
 
 from edgec.errors import NotFoundError, UserInputError
+from ota_server._asgi_app import refusal
 from ota_server.auth import Authenticator, AuthError, ForbiddenError, Principal, Role
 from ota_server.dashboard.series import series
 from ota_server.dashboard.sessions import COOKIE, CSRF_HEADER, Session, SessionStore
@@ -116,10 +118,10 @@ class Dashboard:
         }
         return HTMLResponse(html, status_code=status, headers=headers)
 
-    async def _home(self, request: Request) -> Response:
+    def _home(self, request: Request) -> Response:
         return RedirectResponse("/ui/fleet", status_code=303)
 
-    async def _login_page(self, request: Request, next: str = "/ui/fleet") -> Response:
+    def _login_page(self, request: Request, next: str = "/ui/fleet") -> Response:
         return self._render("login.html", None, next=_local(next), error=None)
 
     async def _login(self, request: Request) -> Response:
@@ -131,8 +133,8 @@ class Dashboard:
         form = urllib.parse.parse_qs(body.decode("utf-8", "replace"), max_num_fields=4)
         token = (form.get("token") or [""])[0].strip()
         target = _local((form.get("next") or ["/ui/fleet"])[0])
-        try:
-            principal = self.authenticator.principal(f"Bearer {token}", Role.VIEWER)
+        try:  # in a worker thread: a JWT check may fetch the issuer's keys
+            principal = await run_in_threadpool(self.authenticator.principal, f"Bearer {token}", Role.VIEWER)
         except (AuthError, ForbiddenError) as e:
             return self._render("login.html", None, 401, next=target, error=str(e))
         sid, _ = self.sessions.create(principal, principal.expires_at)  # a JWT's session ends with it
@@ -142,7 +144,7 @@ class Dashboard:
         )
         return response
 
-    async def _logout(self, request: Request) -> Response:
+    def _logout(self, request: Request) -> Response:
         session = self._session(request)
         if session is not None and not session.csrf_ok(request.headers.get(CSRF_HEADER)):
             return JSONResponse({"error": "missing or wrong X-CSRF-Token"}, status_code=403)
@@ -152,13 +154,13 @@ class Dashboard:
         return response
 
     # -- pages ----------------------------------------------------------------------------------
-    async def _fleet_page(self, request: Request) -> Response:
+    def _fleet_page(self, request: Request) -> Response:
         session = self._page_or_login(request)
         if not isinstance(session, Session):
             return session
         return self._render("fleet.html", session, devices=self._devices(), rollouts=self._rollout_list())
 
-    async def _device_page(self, request: Request, device_id: str) -> Response:
+    def _device_page(self, request: Request, device_id: str) -> Response:
         session = self._page_or_login(request)
         if not isinstance(session, Session):
             return session
@@ -168,20 +170,20 @@ class Dashboard:
             return self._render("missing.html", session, 404, what=f"device {device_id[:64]}")
         return self._render("device.html", session, device=device)
 
-    async def _releases_page(self, request: Request) -> Response:
+    def _releases_page(self, request: Request) -> Response:
         session = self._page_or_login(request)
         if not isinstance(session, Session):
             return session
         releases = [r.__dict__ for r in self.repository.releases()]
         return self._render("releases.html", session, releases=releases)
 
-    async def _rollouts_page(self, request: Request) -> Response:
+    def _rollouts_page(self, request: Request) -> Response:
         session = self._page_or_login(request)
         if not isinstance(session, Session):
             return session
         return self._render("rollouts.html", session, rollouts=self._rollout_list())
 
-    async def _rollout_page(self, request: Request, rollout_id: str) -> Response:
+    def _rollout_page(self, request: Request, rollout_id: str) -> Response:
         session = self._page_or_login(request)
         if not isinstance(session, Session):
             return session
@@ -192,15 +194,18 @@ class Dashboard:
         return self._render("rollout.html", session, rollout=status, actions=ACTIONS)
 
     # -- live data ------------------------------------------------------------------------------
-    async def _fleet_data(self, request: Request) -> Response:
+    def _fleet_data(self, request: Request) -> Response:
         self._data_session(request)
         return JSONResponse({"devices": self._devices(), "rollouts": self._rollout_list()})
 
-    async def _rollout_data(self, request: Request, rollout_id: str) -> Response:
+    def _rollout_data(self, request: Request, rollout_id: str) -> Response:
         self._data_session(request)
-        return JSONResponse(self._rollout_status(rollout_id))
+        try:
+            return JSONResponse(self._rollout_status(rollout_id))
+        except UserInputError as e:
+            raise refusal(e) from None
 
-    async def _telemetry_data(
+    def _telemetry_data(
         self,
         request: Request,
         device: str | None = None,
@@ -221,10 +226,10 @@ class Dashboard:
         return JSONResponse(series(windows, bucket_s, now=dt.datetime.now(dt.UTC).timestamp()))
 
     # -- actions --------------------------------------------------------------------------------
-    async def _steer(self, request: Request, rollout_id: str, action: str) -> Response:
+    def _steer(self, request: Request, rollout_id: str, action: str) -> Response:
         session = self._data_session(request)
         if action not in ACTIONS:
-            raise NotFoundError(f"no action {action[:20]!r}: use one of {', '.join(ACTIONS)}")
+            raise refusal(NotFoundError(f"no action {action[:20]!r}: use one of {', '.join(ACTIONS)}"))
         if not session.csrf_ok(request.headers.get(CSRF_HEADER)):
             return JSONResponse({"error": "missing or wrong X-CSRF-Token: reload the page"}, status_code=403)
         if session.principal.role < Role.OPERATOR:
@@ -237,7 +242,7 @@ class Dashboard:
         except UserInputError as e:
             if self.audit is not None:
                 self.audit(session.principal, f"rollout.{action}", params, f"refused: {e}")
-            raise
+            raise refusal(e) from None
         if self.audit is not None:
             self.audit(session.principal, f"rollout.{action}", params, "ok")
         return JSONResponse(status)
@@ -245,7 +250,7 @@ class Dashboard:
     # -- reading --------------------------------------------------------------------------------
     def _store(self) -> Rollouts:
         if self.rollouts is None:
-            raise NotFoundError("this server does not run rollouts")
+            raise refusal(NotFoundError("this server does not run rollouts"))
         return self.rollouts
 
     def _devices(self) -> list[dict[str, Any]]:

@@ -159,7 +159,12 @@
       if (old && old.signature === signature) { old.chart.setData(made.columns); continue; }
       if (old) old.chart.destroy();
       const width = Math.max(box.clientWidth - 8, 280);
-      const chart = new uPlot({ width: width, height: 200, series: made.series, scales: { x: { time: true } },
+      const scales = { x: { time: true } };
+      if (kind === "errors" || kind === "psi" || kind === "psi-inputs") {
+        // a flat zero line is drawn near the bottom, not in the middle of 0..100
+        scales.y = { range: (u, min, max) => [0, Math.max(max || 0, kind === "errors" ? 0.01 : 0.1)] };
+      }
+      const chart = new uPlot({ width: width, height: 200, series: made.series, scales: scales,
         axes: [{}, { size: 60 }] }, made.columns, box);
       charts.set(key, { chart: chart, signature: signature });
     }
