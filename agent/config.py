@@ -72,6 +72,12 @@ class TelemetrySettings(_Model):
     buffer_max_windows: Annotated[int, Field(ge=1)] = 10_000
 
 
+class MetricsSettings(_Model):
+    """``[metrics]``: Prometheus metrics on the v2 port (``GET /metrics``, ``agent.metrics``)."""
+
+    enabled: bool = True
+
+
 class AgentConfig(_Model):
     device: str
     fleet: str
@@ -83,6 +89,7 @@ class AgentConfig(_Model):
     http: HttpSettings = HttpSettings()
     install: InstallSettings = InstallSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    metrics: MetricsSettings = MetricsSettings()
 
 
 def load_config(path: Path) -> AgentConfig:

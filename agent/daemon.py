@@ -17,6 +17,7 @@ import json
 import logging
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,10 +26,12 @@ from tuf.ngclient import FetcherInterface
 
 from agent.config import AgentConfig
 from agent.device import DeviceCore, DeviceIdentity, Runtime, parse_director_key
+from agent.metrics import AgentMetrics
 from agent.mqtt_fetch import SCHEME, ChunkClient, ChunkSource, HttpChunks, MqttFetcher, Throttled
 from agent.report import MqttReporter, offline_state
 from agent.runtime import golden_samples, load_bundle, self_test
 from agent.serving import InferenceServer
+from agent.slot import LoadedModel
 from agent.telemetry import TelemetryBuffer, WindowRecorder
 from edgec._service import run_until_signalled
 from edgec.topics import device_topics
@@ -38,10 +41,15 @@ __all__ = ["Agent", "real_runtime"]
 logger = logging.getLogger(__name__)
 
 
-def real_runtime(threads: int) -> Runtime:
-    """The runtime a device runs: the bundle's own runtime, its self-test on golden.npz."""
+def real_runtime(threads: int, metrics: AgentMetrics | None = None) -> Runtime:
+    """The runtime a device runs: the bundle's own runtime, its self-test on golden.npz (and
+    each load timed into ``metrics``)."""
+
+    def load(folder: Path) -> LoadedModel:
+        return load_bundle(folder, threads=threads)
+
     return Runtime(
-        load=lambda folder: load_bundle(folder, threads=threads),
+        load=load if metrics is None else metrics.timed_load(load),
         self_test=self_test,
         golden_inputs=lambda model, path: golden_samples(model, path)[0],
     )
@@ -54,6 +62,7 @@ class Agent:
         self.topics = device_topics(config.fleet, config.device)
         self.client = self._mqtt_client()
         self.reporter = MqttReporter(self.client, self.topics)
+        self.metrics = AgentMetrics() if config.metrics.enabled else None  # /metrics on the v2 port
         chunks: ChunkSource
         fetcher: FetcherInterface
         url_prefix = SCHEME
@@ -83,8 +92,8 @@ class Agent:
             settings=config.install,
             fetcher=fetcher,
             chunks=chunks,
-            reporter=self.reporter,
-            runtime=real_runtime(config.threads),
+            reporter=self.metrics.reporting(self.reporter) if self.metrics else self.reporter,
+            runtime=real_runtime(config.threads, self.metrics),
             url_prefix=url_prefix,
         )
         self.store = self.core.store
@@ -99,6 +108,7 @@ class Agent:
             config.http.port,
             on_request=self._on_request,
             limits=config.http.limits,
+            metrics=self.metrics,
         )
         self.http_port = 0
         self._stopping = threading.Event()
@@ -166,6 +176,8 @@ class Agent:
         try:
             while self.recorder.due():
                 window = self.recorder.close_window()
+                if self.metrics is not None:
+                    self.metrics.observe_window(window)
                 self.buffer.append(window.model_dump(mode="json", exclude_none=True))
         except OSError as e:  # disk full: the window is lost, serving goes on
             logger.error("cannot buffer telemetry: %s", e)

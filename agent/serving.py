@@ -10,6 +10,7 @@ names the ``model_version`` of the model that actually answered. Endpoints::
     GET  /v2/models/{name}[/versions/{v}]      model metadata (tensors in the SOURCE layout)
     GET  /v2/models/{name}[/versions/{v}]/ready
     POST /v2/models/{name}[/versions/{v}]/infer
+    GET  /metrics                              Prometheus metrics (with ``metrics``: ``agent.metrics``)
 
 Tensors travel as JSON (``data``, row-major, flat or nested) or with the binary tensor data
 extension: the body starts with the JSON header, whose length the
@@ -58,6 +59,15 @@ bench/results/agent_serving.md): handing a request to a thread and back costs mo
 a model's whole inference. A pool keeps health checks answering while a slow model computes
 and lets several cores share the work (onnxruntime releases the GIL).
 
+With ``metrics`` (an ``agent.metrics.AgentMetrics``; the agent's ``[metrics] enabled``), every
+infer request is counted once with the status it was answered, under the served model's
+name and version (empty for one that named no model served here), its handling time goes
+into a histogram, and ``GET /metrics`` answers the Prometheus text format 0.0.4. The request
+path pays two dictionary lookups, one counter and one histogram observation (1.5-3 us, against
+about 200 us of server CPU per request); a scrape is rendered on the event loop (0.6-1.2 ms,
+8 KB). bench/bench_agent_serving.py ``--metrics-overhead`` measures both sides
+(bench/results/agent_serving_metrics.md).
+
 In-process callers need no HTTP: they use the ``ModelSlot`` itself::
 
     model, outputs = slot.infer({"x": array})  # outputs keyed by name, source layout
@@ -84,6 +94,7 @@ from agent._http import HttpConnection, HttpServer, ListenError
 from agent._http_messages import HttpError, Request, Response, error_response
 from agent._v2 import DATATYPES, InferRequest, infer_response, json_response, model_metadata
 from agent.config import ServingLimits
+from agent.metrics import CONTENT_TYPE, AgentMetrics, RequestSeries
 from agent.runtime import InputError
 from agent.slot import LoadedModel, ModelSlot, NoModelError
 from edgec import __version__
@@ -110,8 +121,9 @@ it runs on the event loop (``agent.telemetry.WindowRecorder.record`` fits)."""
 class _Api:
     """Routes a request to the v2 endpoint; runs in the event loop (or a worker for infer)."""
 
-    def __init__(self, slot: ModelSlot) -> None:
+    def __init__(self, slot: ModelSlot, metrics: AgentMetrics | None = None) -> None:
         self.slot = slot
+        self.metrics = metrics
         self.on_request: OnRequest | None = None
         # the routes of short targets, remembered: a client asks for the same few over and over
         # (2 us a request saved); failures are not remembered, and 256 x 256 characters is small
@@ -125,6 +137,10 @@ class _Api:
 
     def _route(self, method: str, target: str) -> tuple[str, Any]:
         path = target.split("?", 1)[0]
+        if path == "/metrics" and self.metrics is not None:
+            if method not in ("GET", "HEAD"):
+                raise HttpError(405, f"/metrics takes GET, not {method}")
+            return "metrics", None
         parts = [unquote(p) for p in path.strip("/").split("/")]
         if parts[:1] != ["v2"]:
             raise HttpError(404, f"no such endpoint {path!r}; this server speaks the KServe v2 API under /v2")
@@ -160,6 +176,8 @@ class _Api:
             return json_response(
                 200, {"name": SERVER_NAME, "version": __version__, "extensions": ["binary_tensor_data"]}
             )
+        if endpoint == "metrics" and self.metrics is not None:
+            return Response(200, self.metrics.exposition(), CONTENT_TYPE)
         with self.slot.lease() as model:
             self._check_model(model, *arguments)
             if endpoint == "ready":
@@ -177,29 +195,46 @@ class _Api:
             )
 
     def infer(self, arguments: Any, headers: Mapping[bytes, bytes], body: bytes | bytearray) -> Response:
+        """The answer to an infer request, a refusal included; counted in ``metrics`` (under
+        the served model once the request is known to be for it)."""
         started = time.perf_counter()
-        with self.slot.lease() as model:
-            self._check_model(model, *arguments)
-            request = InferRequest(body, headers)
-            names = {s.name for s in model.manifest.outputs} if request.outputs else ()
-            for name in request.outputs or ():
-                if name not in names:
-                    raise HttpError(
-                        400, f"unknown output {name!r}: the model gives {', '.join(map(repr, sorted(names)))}"
-                    )
-            try:
-                outputs = model.infer(request.inputs)
-            except InputError as e:
-                raise HttpError(400, str(e)) from None
-            except Exception as e:  # the runtime's own failure: the server's fault, not the client's
-                logger.exception("inference failed on %s %s", model.manifest.name, model.manifest.version)
-                text = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
-                response = error_response(500, f"inference failed: {text}")
-                self._report(response, model, started, ok=False, inputs=request.inputs, outputs=None)
-                return response
-            response = infer_response(model, request, outputs)
-            self._report(response, model, started, ok=True, inputs=request.inputs, outputs=outputs)
+        metrics = self.metrics
+        series: RequestSeries | None = None if metrics is None else metrics.unserved
+        try:
+            with self.slot.lease() as model:
+                self._check_model(model, *arguments)
+                if metrics is not None:
+                    series = metrics.series(model.manifest)
+                response = self._infer(model, headers, body, started)
+        except Exception as e:
+            response = _refusal(e, "infer")
+        if series is not None:
+            series.observe(response.status, time.perf_counter() - started)
+        return response
+
+    def _infer(
+        self, model: LoadedModel, headers: Mapping[bytes, bytes], body: bytes | bytearray, started: float
+    ) -> Response:
+        request = InferRequest(body, headers)
+        names = {s.name for s in model.manifest.outputs} if request.outputs else ()
+        for name in request.outputs or ():
+            if name not in names:
+                raise HttpError(
+                    400, f"unknown output {name!r}: the model gives {', '.join(map(repr, sorted(names)))}"
+                )
+        try:
+            outputs = model.infer(request.inputs)
+        except InputError as e:
+            raise HttpError(400, str(e)) from None
+        except Exception as e:  # the runtime's own failure: the server's fault, not the client's
+            logger.exception("inference failed on %s %s", model.manifest.name, model.manifest.version)
+            text = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
+            response = error_response(500, f"inference failed: {text}")
+            self._report(response, model, started, ok=False, inputs=request.inputs, outputs=None)
             return response
+        response = infer_response(model, request, outputs)
+        self._report(response, model, started, ok=True, inputs=request.inputs, outputs=outputs)
+        return response
 
     def _report(
         self,
@@ -229,19 +264,25 @@ class _Api:
 def _handle(
     api: _Api, endpoint: str, arguments: Any, headers: Mapping[bytes, bytes], body: bytes | bytearray
 ) -> Response:
+    if endpoint == "infer":
+        return api.infer(arguments, headers, body)
     try:
-        if endpoint == "infer":
-            return api.infer(arguments, headers, body)
         return api.get(endpoint, arguments)
-    except HttpError as e:
-        return error_response(e.status, str(e))
-    except InputError as e:
-        return error_response(400, str(e))
-    except NoModelError as e:
-        return error_response(503, str(e))
-    except Exception as e:  # a bug: answered, and logged once per request
-        logger.exception("request handler failed on %s", endpoint)
-        return error_response(500, f"internal error: {type(e).__name__}")
+    except Exception as e:
+        return _refusal(e, endpoint)
+
+
+def _refusal(error: Exception, endpoint: str) -> Response:
+    """The answer to a request whose handler raised ``error``: whose fault it is decides the
+    status. Call it from an ``except`` block (a bug is logged with its traceback)."""
+    if isinstance(error, HttpError):
+        return error_response(error.status, str(error))
+    if isinstance(error, InputError):
+        return error_response(400, str(error))
+    if isinstance(error, NoModelError):
+        return error_response(503, str(error))
+    logger.exception("request handler failed on %s", endpoint)  # a bug: answered, and logged
+    return error_response(500, f"internal error: {type(error).__name__}")
 
 
 # --------------------------------------------------------------------------- the server
@@ -253,7 +294,8 @@ class InferenceServer:
     ``start()`` returns the port once the server listens; ``stop()`` closes it and every
     connection. ``workers``: 0 runs inference inline on the event loop, N in N threads (see
     the module docstring). ``on_request``: see ``OnRequest``. ``limits``: see the module
-    docstring (None: the defaults).
+    docstring (None: the defaults). ``metrics``: counts every infer request and serves
+    ``GET /metrics`` (``agent.metrics``; None: neither).
     """
 
     def __init__(
@@ -265,6 +307,7 @@ class InferenceServer:
         *,
         workers: int = 0,
         limits: ServingLimits | None = None,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
@@ -273,7 +316,10 @@ class InferenceServer:
         self.port = port
         self.workers = workers
         self.limits = limits or ServingLimits()
-        self._api = _Api(slot)
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.watch(slot)
+        self._api = _Api(slot, metrics)
         self.on_request = on_request
         self._http = HttpServer(self._dispatch, self.limits, host, port)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None

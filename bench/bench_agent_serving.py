@@ -6,6 +6,8 @@ Run:  .venv/bin/python bench/bench_agent_serving.py [--repeats 5] [--seconds 2]
       matplotlib, in the dev extra)
       .venv/bin/python bench/bench_agent_serving.py --baseline REF [--repeats 7]
       (the agent of this tree against the agent at git REF only; no extra needed)
+      .venv/bin/python bench/bench_agent_serving.py --metrics-overhead [--repeats 5] [--scrape-every 1]
+      (the agent with its Prometheus metrics on against off only; no extra needed)
 
 ``--baseline REF`` measures whether a change to the agent's HTTP layer kept its speed: the
 code at ``REF`` is checked out once as a git worktree under ``build/bench/``, and three agents
@@ -177,7 +179,7 @@ def use_serving_module(path: Path) -> None:
     agent.serving = module  # type: ignore[attr-defined]
 
 
-def serve_agent(bundle: Path, workers: int) -> None:
+def serve_agent(bundle: Path, workers: int, metrics: bool = False) -> None:
     import agent.serving
     from agent.runtime import load_bundle
     from agent.serving import InferenceServer
@@ -185,7 +187,12 @@ def serve_agent(bundle: Path, workers: int) -> None:
 
     slot = ModelSlot()
     slot.swap(load_bundle(bundle, threads=1))
-    server = InferenceServer(slot, workers=workers)
+    if metrics:
+        from agent.metrics import AgentMetrics
+
+        server = InferenceServer(slot, workers=workers, metrics=AgentMetrics())
+    else:
+        server = InferenceServer(slot, workers=workers)
     print(f"PORT {server.start()} {agent.serving.__file__}", flush=True)
     sys.stdin.read()  # until the benchmark closes our stdin
     server.stop()
@@ -476,6 +483,7 @@ class _Run:
         self.latencies: list[float] = []
         self.total = 0  # answers, warm-up included
         self.errors = 0
+        self.scrapes = 0  # GET /metrics answered 200 meanwhile
         self.first_body: bytes | None = None
         self.open = clients
         self.done = done
@@ -496,7 +504,9 @@ class _Run:
             self.done.set_result(None)
 
 
-async def _load(port: int, request: bytes, clients: int, seconds: float) -> tuple[_Run, float]:
+async def _load(
+    port: int, request: bytes, clients: int, seconds: float, scrape_every_s: float | None = None
+) -> tuple[_Run, float]:
     loop = asyncio.get_running_loop()
     started = time.perf_counter()
     record_from = started + WARMUP_S
@@ -504,8 +514,28 @@ async def _load(port: int, request: bytes, clients: int, seconds: float) -> tupl
     run = _Run(clients, loop.create_future())
     for _ in range(clients):
         await loop.create_connection(lambda: _Client(request, record_from, deadline, run), "127.0.0.1", port)
+    scraper = None
+    if scrape_every_s is not None:
+        scraper = asyncio.create_task(_scrape_until(port, scrape_every_s, deadline, run))
     await asyncio.wait_for(run.done, seconds + 30)
+    if scraper is not None:
+        await asyncio.wait_for(scraper, 30)
     return run, deadline - record_from
+
+
+async def _scrape_until(port: int, every_s: float, deadline: float, run: _Run) -> None:
+    """``GET /metrics`` on a connection of its own every ``every_s`` until ``deadline``, as a
+    Prometheus server would (a scrape that does not answer 200 counts as an error)."""
+    while time.perf_counter() < deadline:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+        if answer.startswith(b"HTTP/1.1 200"):
+            run.scrapes += 1
+        else:
+            run.errors += 1
+        await asyncio.sleep(max(0.0, min(every_s, deadline - time.perf_counter())))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -514,9 +544,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(port: int, pid: int, request: bytes, clients: int, seconds: float) -> dict[str, Any]:
+def measure(
+    port: int,
+    pid: int,
+    request: bytes,
+    clients: int,
+    seconds: float,
+    *,
+    scrape_every_s: float | None = None,
+) -> dict[str, Any]:
     cpu_before = cpu_seconds(pid)
-    run, window = asyncio.run(_load(port, request, clients, seconds))
+    run, window = asyncio.run(_load(port, request, clients, seconds, scrape_every_s))
     cpu = cpu_seconds(pid) - cpu_before
     lat = np.array(run.latencies) * 1e3
     return {
@@ -525,6 +563,8 @@ def measure(port: int, pid: int, request: bytes, clients: int, seconds: float) -
         "p50_ms": float(np.percentile(lat, 50)),
         "p99_ms": float(np.percentile(lat, 99)),
         "requests": len(lat),
+        "answered": run.total,
+        "scrapes": run.scrapes,
         "errors": run.errors,
         "first_body": run.first_body,
     }
@@ -894,6 +934,266 @@ def compare_with_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
+METRICS_SIDES = ("metrics off", "metrics on")
+METRICS_NOTES = """\
+- metrics on: `InferenceServer(..., metrics=AgentMetrics())`, what the agent runs with
+  `[metrics] enabled = true` (the default): every infer request counted (a counter and a
+  histogram child, cached per model and status) and `GET /metrics` served on the same port,
+  scraped during every measurement of that side on a connection of its own (`--scrape-every`).
+  metrics off: `metrics=None` (`enabled = false`), the same code path otherwise.
+- ratio: metrics on over metrics off, of the medians; paired: the median over rounds of the
+  ratio of the two back-to-back runs of that round. within 5%: requests/s ratio >= 0.95 and p50
+  ratio <= 1.05. The issue's bar is the requests/s ratio.
+- in-process: the request path's metrics calls (`RequestSeries.observe` after
+  `AgentMetrics.series`), one scrape (`AgentMetrics.exposition`), and the whole request
+  handler (`InferenceServer._dispatch`: routing, v2 decoding, inference, encoding; no socket)
+  with metrics off and on, the fastest of 41 interleaved blocks of 500 requests; all in CPU time of
+  the timing thread (`time.thread_time`). The request path's figure is the steady one; on a
+  shared 2-core VM the handler's off/on difference still moves by +-15 us from run to run (the
+  two sides' own figures move by 30 us), so read it over several runs.
+- counted: after the last round, the metrics-on server's `edgec_agent_requests_total{status="200"}`
+  and its histogram's count against the answers the load generator received (warm-up included).
+"""
+
+
+def handler_costs(
+    bundle: Path, requests: dict[str, bytes], blocks: int = 41, calls: int = 500
+) -> dict[str, Any]:
+    """The whole request handler (routing, v2 decoding, inference, encoding; no socket) with
+    metrics off and on, in this process: the fastest of ``blocks`` interleaved blocks of
+    ``calls`` requests each, in microseconds of this thread's CPU time per request (what other
+    processes run meanwhile counts far less than in wall-clock time)."""
+    from agent._http_messages import Request
+    from agent.metrics import AgentMetrics
+    from agent.runtime import load_bundle
+    from agent.serving import InferenceServer
+    from agent.slot import ModelSlot
+
+    slot = ModelSlot()
+    slot.swap(load_bundle(bundle, threads=1))
+    servers = {
+        side: InferenceServer(slot, metrics=AgentMetrics() if side == "metrics on" else None)
+        for side in METRICS_SIDES
+    }
+    costs: dict[str, Any] = {}
+    for kind, raw in requests.items():
+        head, _, body = raw.partition(b"\r\n\r\n")
+        request_line, *lines = head.decode("latin-1").split("\r\n")
+        target = request_line.split()[1]
+        headers = {
+            k.strip().lower().encode(): v.strip().encode() for k, _, v in (h.partition(":") for h in lines)
+        }
+        request = Request("POST", target, headers, body, True, False, 0)
+        best = dict.fromkeys(METRICS_SIDES, float("inf"))
+        for block in range(blocks):
+            for side in METRICS_SIDES if block % 2 else METRICS_SIDES[::-1]:
+                dispatch = servers[side]._dispatch
+                started = time.thread_time()
+                for _ in range(calls):
+                    answer = dispatch(request)
+                elapsed = time.thread_time() - started
+                assert getattr(answer, "status", None) == 200, answer
+                best[side] = min(best[side], elapsed / calls)
+        costs[kind] = {side: round(t * 1e6, 2) for side, t in best.items()}
+        costs[kind]["added_us"] = round((best["metrics on"] - best["metrics off"]) * 1e6, 2)
+        costs[kind]["ratio"] = round(best["metrics off"] / best["metrics on"], 4)  # requests/s on over off
+    slot.clear()
+    return costs
+
+
+def metrics_costs(bundle: Path, calls: int) -> dict[str, float]:
+    """The request path's metrics calls and one scrape, in microseconds of this thread's CPU time."""
+    from agent.metrics import AgentMetrics
+    from agent.slot import ModelSlot
+    from edgec.manifest import read_manifest
+
+    metrics = AgentMetrics()
+    manifest = read_manifest(bundle)
+    metrics.watch(ModelSlot())
+    for _ in range(1000):
+        metrics.series(manifest).observe(200, 0.0003)
+    started = time.thread_time()
+    for _ in range(calls):
+        metrics.series(manifest).observe(200, 0.0003)
+    per_request = (time.thread_time() - started) / calls
+    scrapes = 200
+    started = time.thread_time()
+    for _ in range(scrapes):
+        text = metrics.exposition()
+    per_scrape = (time.thread_time() - started) / scrapes
+    return {
+        "request_path_us": round(per_request * 1e6, 3),
+        "scrape_us": round(per_scrape * 1e6, 1),
+        "scrape_bytes": len(text),
+    }
+
+
+def scraped_counts(port: int) -> dict[str, float]:
+    """The metrics-on server's count of 200 answers and its histogram's count, by its /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    counts = {"requests_total_200": 0.0, "duration_count": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "edgec_agent_requests_total" and sample.labels.get("status") == "200":
+                counts["requests_total_200"] += sample.value
+            elif sample.name == "edgec_agent_request_duration_seconds_count":
+                counts["duration_count"] += sample.value
+    return counts
+
+
+def compare_metrics_on_off(args: argparse.Namespace) -> int:
+    """The agent of this tree with its metrics off and on, JSON and binary, side by side."""
+    started = time.perf_counter()
+    info = machine()
+    print(f"machine: {info['cpu']}, {info['usable_cores']} usable cores, python {info['python']}")
+    bundle, manifest, sample = build_bundle(args.bundles)
+    name = manifest.inputs[0].name
+    path = f"/v2/models/{manifest.name}/infer"
+    requests = {"json": json_request(name, sample, path), "binary": binary_request(name, sample, path)}
+    expected = session_for(bundle).run(None, {name: sample})[0].ravel()
+    costs: dict[str, Any] = metrics_costs(bundle, args.calls * 20)
+    print(
+        f"in-process: metrics on the request path {costs['request_path_us']:.2f} us/request, "
+        f"one scrape {costs['scrape_us']:.0f} us ({costs['scrape_bytes']} bytes)"
+    )
+    costs["handler"] = handler_costs(bundle, requests)
+    for kind, figures in costs["handler"].items():
+        print(
+            f"in-process handler, {kind}: metrics off {figures['metrics off']:.1f} us, on "
+            f"{figures['metrics on']:.1f} us (+{figures['added_us']:.2f} us; "
+            f"requests/s ratio {figures['ratio']:.3f})"
+        )
+    commands = {"metrics off": ["agent"], "metrics on": ["agent", "--with-metrics"]}
+    servers: dict[str, ServerProcess] = {}
+    try:
+        for side in METRICS_SIDES:
+            servers[side] = ServerProcess(side, bundle, commands[side])
+    except BaseException:
+        for server in servers.values():
+            server.stop()
+        raise
+    rounds: dict[str, dict[str, dict[int, list[dict[str, Any]]]]] = {
+        side: {kind: {c: [] for c in CONCURRENCY} for kind in requests} for side in METRICS_SIDES
+    }
+    answered = dict.fromkeys(METRICS_SIDES, 0)
+    scrapes = 0
+    worst_diff = 0.0
+    try:
+        for index in range(args.repeats):
+            for cell, (kind, clients) in enumerate((k, c) for k in requests for c in CONCURRENCY):
+                turn = (index + cell) % len(METRICS_SIDES)
+                for side in METRICS_SIDES[turn:] + METRICS_SIDES[:turn]:
+                    server = servers[side]
+                    scrape = args.scrape_every if side == "metrics on" else None
+                    result = measure(
+                        server.port,
+                        server.process.pid,
+                        requests[kind],
+                        clients,
+                        args.seconds,
+                        scrape_every_s=scrape,
+                    )
+                    diff = float(np.abs(decode_logits(result.pop("first_body")) - expected).max())
+                    worst_diff = max(worst_diff, diff)
+                    answered[side] += result["answered"]
+                    scrapes += result["scrapes"]
+                    rounds[side][kind][clients].append(result)
+                    print(
+                        f"round {index + 1}/{args.repeats} {side:11s} {kind:6s} c={clients:2d}: "
+                        f"{result['requests_per_s']:8,.0f} req/s  p50 {result['p50_ms']:.3f} ms  "
+                        f"p99 {result['p99_ms']:.3f} ms  server CPU "
+                        f"{result['server_cpu_us_per_request']:.0f} us/req  scrapes {result['scrapes']}  "
+                        f"errors {result['errors']}",
+                        flush=True,
+                    )
+        counted = scraped_counts(servers["metrics on"].port)
+        memory = {side: server.memory() for side, server in servers.items()}
+    finally:
+        for server in servers.values():
+            server.stop()
+    info["loadavg_end"] = loadavg()
+    errors = sum(
+        r["errors"] for kinds in rounds.values() for per in kinds.values() for rs in per.values() for r in rs
+    )
+    counted_ok = counted["requests_total_200"] == counted["duration_count"] == answered["metrics on"]
+    table = compare_table(rounds, "metrics off", "metrics on")
+    text = render_comparison(table, "metrics off", "metrics on")
+    ratios = [row["requests_per_s_ratio"] for per in table.values() for row in per.values()]
+    summary = (
+        f"requests/s with metrics on over off: median ratio {float(np.median(ratios)):.3f} "
+        f"(lowest {min(ratios):.3f}) over {len(ratios)} cells; {scrapes} scrapes during the load; "
+        f"in-process: {costs['request_path_us']:.2f} us per request on the request path, "
+        f"{costs['scrape_us']:.0f} us per scrape ({costs['scrape_bytes']:,} bytes); the whole handler "
+        "in-process (no socket), off / on: "
+        + ", ".join(
+            f"{kind} {f['metrics off']:.1f} / {f['metrics on']:.1f} us (ratio {f['ratio']:.3f})"
+            for kind, f in costs["handler"].items()
+        )
+        + ".\n\n"
+        f"Counted by the metrics-on server: {counted['requests_total_200']:.0f} answers 200 and a "
+        f"histogram count of {counted['duration_count']:.0f}, against {answered['metrics on']} answers "
+        f"the load generator received ({'equal' if counted_ok else 'NOT EQUAL'}); errors {errors}."
+    )
+    text += (
+        "\n\n"
+        + summary
+        + "\n\nRSS after the load: "
+        + ", ".join(f"{side} {figures['rss_mib']:.0f} MiB" for side, figures in memory.items())
+    )
+    print()
+    print(text)
+    print(f"\nmax abs difference of any answer from session.run: {worst_diff:.1e}")
+    elapsed = round(time.perf_counter() - started, 1)
+    report = {
+        "benchmark": "agent_serving_metrics",
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": info,
+        "bundle": manifest.name + " " + manifest.version + " " + manifest.profile.id,
+        "settings": {
+            "repeats": args.repeats,
+            "seconds_per_run": args.seconds,
+            "warmup_s": WARMUP_S,
+            "concurrency": list(CONCURRENCY),
+            "workers": 0,
+            "scrape_every_s": args.scrape_every,
+            "order": "per round and cell, the sides back to back, the first one rotating",
+            "sides": commands,
+        },
+        "in_process": costs,
+        "comparison": table,
+        "median_requests_per_s_ratio": float(np.median(ratios)),
+        "lowest_requests_per_s_ratio": min(ratios),
+        "counted": {**counted, "answered": answered["metrics on"], "equal": counted_ok},
+        "rounds": {
+            side: {kind: {str(c): runs for c, runs in per.items()} for kind, per in kinds.items()}
+            for side, kinds in rounds.items()
+        },
+        "memory": memory,
+        "answer_max_abs_diff": worst_diff,
+        "elapsed_s": elapsed,
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    json_path = args.results / "agent_serving_metrics.json"
+    md_path = args.results / "agent_serving_metrics.md"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    md_path.write_text(
+        "# Agent serving: Prometheus metrics on against off (digits, onnx fp32)\n\n"
+        f"{info['cpu']}, {info['usable_cores']} cores, python {info['python']}; "
+        + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v)
+        + f"; {report['created_at']}.\n\n"
+        f"Both inline (`workers=0`), one process each, the same bundle and load generator. Median of "
+        f"{args.repeats} rounds of {args.seconds:g} s per side, request kind and concurrency; in each "
+        f"round the sides run back to back, which goes first rotating; the metrics-on side scraped "
+        f"every {args.scrape_every:g} s. Load average {info['loadavg_start']} at the start, "
+        f"{info['loadavg_end']} at the end.\n\n" + text + "\n\n" + METRICS_NOTES
+    )
+    print(f"\nwrote {json_path}\nwrote {md_path}\n({elapsed} s)")
+    return 0 if counted_ok and not errors else 1
+
+
 BASELINE_NOTES = """\
 - ratio: this tree's median over the reference's median; paired: the median over rounds of the
   ratio of the two back-to-back runs of that round (less sensitive to the machine's load
@@ -934,11 +1234,13 @@ def compare_table(
     return table
 
 
-def render_comparison(table: dict[str, dict[str, dict[str, Any]]], reference: str) -> str:
+def render_comparison(
+    table: dict[str, dict[str, dict[str, Any]]], reference: str, side: str = "this tree"
+) -> str:
     lines = [
-        f"| request | concurrency | req/s {reference} | req/s this tree | ratio (paired) "
-        f"| p50 ms {reference} | p50 ms this tree | ratio (paired) | p99 ms {reference} / this "
-        f"| server CPU us/req {reference} / this | within 5% |",
+        f"| request | concurrency | req/s {reference} | req/s {side} | ratio (paired) "
+        f"| p50 ms {reference} | p50 ms {side} | ratio (paired) | p99 ms {reference} / {side} "
+        f"| server CPU us/req {reference} / {side} | within 5% |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     for kind, per in table.items():
@@ -976,7 +1278,20 @@ def main(argv: list[str] | None = None) -> int:
         help="compare only the agent of this tree with the agent at git REF (e.g. 1a6018d)",
     )
     parser.add_argument("--serve", nargs="+", help=argparse.SUPPRESS)  # internal: run one server
+    parser.add_argument(
+        "--metrics-overhead",
+        action="store_true",
+        help="compare only the agent with its Prometheus metrics on and off (this tree)",
+    )
+    parser.add_argument(
+        "--scrape-every",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="with --metrics-overhead: GET /metrics every S seconds during the load (default 1)",
+    )
     parser.add_argument("--workers", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--with-metrics", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bundle", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--code-root", type=Path, help=argparse.SUPPRESS)  # serve the agent from here
     parser.add_argument("--serving-file", type=Path, help=argparse.SUPPRESS)  # agent.serving from here
@@ -987,12 +1302,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.serving_file:
             use_serving_module(args.serving_file)
         if args.serve[0] == "agent":
-            serve_agent(args.bundle, args.workers)
+            serve_agent(args.bundle, args.workers, args.with_metrics)
         else:
             serve_fastapi(args.bundle)
         return 0
     if args.baseline:
         return compare_with_baseline(args)
+    if args.metrics_overhead:
+        return compare_metrics_on_off(args)
 
     try:
         import fastapi  # noqa: F401

@@ -111,7 +111,9 @@ def run_serve(args: argparse.Namespace) -> int:
     limits = serving_limits(args.limit)
     slot = ModelSlot()
     slot.swap(load_bundle(args.bundle, threads=args.threads))
-    server = InferenceServer(slot, args.host, args.port, limits=limits)
+    from agent.metrics import AgentMetrics
+
+    server = InferenceServer(slot, args.host, args.port, limits=limits, metrics=AgentMetrics())
     port = server.start()
     name = slot.model.manifest.name if slot.model else "?"
     print(f"serving {name} on http://{args.host}:{port}/v2/models/{name} (Ctrl-C stops)", flush=True)

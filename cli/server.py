@@ -55,6 +55,8 @@ def run_token(args: argparse.Namespace) -> int:
     from edgec.names import check_name
 
     token = secrets.token_urlsafe(32)
+    while token.startswith("-"):  # "--token -x..." reads as an option to every command line
+        token = secrets.token_urlsafe(32)
     digest = hashlib.sha256(token.encode()).hexdigest()
     name = check_name(args.name, "token name") if args.name else ""
     if args.json:

@@ -252,7 +252,7 @@ class LocalFleet:
         return result
 
     def api_args(self) -> tuple[str, ...]:
-        return ("--server", f"http://127.0.0.1:{self.http_port}", "--token", self.token)
+        return ("--server", f"http://127.0.0.1:{self.http_port}", f"--token={self.token}")
 
     def api(self, path: str, timeout_s: float = 30) -> Any:
         """``GET path`` of the server's operator API, as JSON."""
