@@ -64,7 +64,7 @@ def exit_code(error: BaseException) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from cli import agent, build, demo, explain, fleet, inspect, profiles, repo, rollout, server, sim
+    from cli import agent, audit, build, demo, explain, fleet, inspect, profiles, repo, rollout, server, sim
 
     parser = argparse.ArgumentParser(
         prog="edgec",
@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="more logging; tracebacks on errors"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (build, profiles, inspect, explain, repo, fleet, server, agent, rollout, demo, sim):
+    for module in (build, profiles, inspect, explain, repo, fleet, server, agent, rollout, audit, demo, sim):
         module.register(commands)
     return parser
 

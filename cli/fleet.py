@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cli._api import add_server_args, call
+from cli._record import recorded
 from edgec._table import render_table
 from edgec.errors import OptionError
 from edgec.names import check_name, parse_release
@@ -44,6 +45,10 @@ def register(commands: Any) -> None:
     )
     _db_arg(add)
     add.set_defaults(run=run_add)
+    remove = sub.add_parser("remove", help="delete a device and its telemetry (then rerun broker config)")
+    remove.add_argument("device", help="the device id")
+    _db_arg(remove)
+    remove.set_defaults(run=run_remove)
 
     broker = commands.add_parser("broker", help="Mosquitto configuration from the registry")
     broker_sub = broker.add_subparsers(dest="broker_command", metavar="ACTION", required=True)
@@ -123,12 +128,27 @@ def run_add(args: argparse.Namespace) -> int:
 
         trust = ImageRepository(args.repo).provisioning()
     registry = Registry.open(args.db)
-    device, password = registry.add_device(args.device, args.fleet, args.group, profile.id)
+    params = {"device": args.device, "fleet": args.fleet, "group": args.group, "profile": profile.id}
+    with recorded(args.db, "device.add", params):
+        device, password = registry.add_device(args.device, args.fleet, args.group, profile.id)
     text = _agent_config(device, password, args.broker, trust)
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
     print(f"added {device.id} ({profile.id}, group {device.group}); agent config: {out} (0600)")
+    return 0
+
+
+def run_remove(args: argparse.Namespace) -> int:
+    from ota_server.registry import Registry
+
+    check_name(args.device, "device id")
+    with recorded(args.db, "device.remove", {"device": args.device}):
+        device = Registry.open(args.db).remove_device(args.device)
+    print(
+        f"removed {device.id} ({device.profile}, group {device.group}); run edgec broker config again "
+        "so that its broker login is gone"
+    )
     return 0
 
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cli._record import audit_db_arg, recorded
 from edgec._table import render_table
 from edgec.errors import OptionError
 
@@ -89,6 +90,7 @@ def register(commands: Any) -> None:
     _repo_arg(rotate)
     _offline_args(rotate)
     _online_args(rotate)
+    audit_db_arg(rotate)
     rotate.set_defaults(run=run_rotate)
     revoke = keys_sub.add_parser("revoke", help="remove one key from a role (it must keep its threshold)")
     revoke.add_argument("role", choices=ROLES)
@@ -96,6 +98,7 @@ def register(commands: Any) -> None:
     _repo_arg(revoke)
     _offline_args(revoke)
     _online_args(revoke, passphrase=False)
+    audit_db_arg(revoke)
     revoke.set_defaults(run=run_revoke)
     migrate = keys_sub.add_parser(
         "migrate", help="move the keys of an old repository (REPO/keys) offline and to the online folder"
@@ -112,6 +115,7 @@ def register(commands: Any) -> None:
     _repo_arg(publish)
     _offline_args(publish)
     _online_args(publish)
+    audit_db_arg(publish)
     publish.set_defaults(run=run_publish)
 
     repo = commands.add_parser("repo", help="list releases, re-sign snapshot and timestamp")
@@ -225,13 +229,17 @@ def run_init(args: argparse.Namespace) -> int:
 
 def run_rotate(args: argparse.Namespace) -> int:
     repo, passphrase = _repository(args), _passphrase(args)
-    version = repo.rotate(args.role, passphrase, online_passphrase=_online_passphrase(args, passphrase))
+    with recorded(args.db, "keys.rotate", {"role": args.role, "repo": str(args.repo)}) as params:
+        version = repo.rotate(args.role, passphrase, online_passphrase=_online_passphrase(args, passphrase))
+        params["root_version"] = version
     print(f"rotated the {args.role} keys of {args.repo}; root is now version {version}")
     return 0
 
 
 def run_revoke(args: argparse.Namespace) -> int:
-    version = _repository(args).revoke(args.role, args.keyid, _passphrase(args))
+    params = {"role": args.role, "keyid": args.keyid[:64], "repo": str(args.repo)}
+    with recorded(args.db, "keys.revoke", params):
+        version = _repository(args).revoke(args.role, args.keyid, _passphrase(args))
     print(f"revoked {args.role} key {args.keyid[:12]}... of {args.repo}; root is now version {version}")
     return 0
 
@@ -251,7 +259,10 @@ def run_migrate(args: argparse.Namespace) -> int:
 
 def run_publish(args: argparse.Namespace) -> int:
     repo, passphrase = _repository(args), _passphrase(args)
-    added = repo.publish(args.bundles, passphrase, online_passphrase=_online_passphrase(args, passphrase))
+    params: dict[str, Any] = {"bundles": [b.name for b in args.bundles][:32], "repo": str(args.repo)}
+    with recorded(args.db, "release.publish", params):
+        added = repo.publish(args.bundles, passphrase, online_passphrase=_online_passphrase(args, passphrase))
+        params["targets"] = len(added)
     print(f"published {len(added)} target(s) from {len(args.bundles)} bundle(s) to {args.repo}")
     return 0
 

@@ -10,6 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from cli._record import audit_db_arg, recorded
 from edgec.errors import OptionError
 
 __all__ = ["register"]
@@ -27,6 +28,7 @@ def register(commands: Any) -> None:
         "--name", default="", help="who holds it (the audit log names it); default: its digest"
     )
     token.add_argument("--json", action="store_true", help="print JSON: token, name, sha256, role")
+    audit_db_arg(token)
     token.set_defaults(run=run_token)
 
 
@@ -59,6 +61,9 @@ def run_token(args: argparse.Namespace) -> int:
         token = secrets.token_urlsafe(32)
     digest = hashlib.sha256(token.encode()).hexdigest()
     name = check_name(args.name, "token name") if args.name else ""
+    params = {"name": name or digest[:12], "role": args.role, "sha256_prefix": digest[:12]}
+    with recorded(args.db, "token.create", params):
+        pass  # made here; it grants nothing until server.toml lists it
     if args.json:
         print(json.dumps({"token": token, "name": name or digest[:12], "sha256": digest, "role": args.role}))
         return 0

@@ -225,9 +225,9 @@ class LocalFleet:
             path = self.root / name
             path.write_bytes(text + b"\n")
             path.chmod(0o600)
-        self.edgec("keys", "init", *self._repo_args())
+        self.edgec("keys", "init", *self.repo_args())
 
-    def _repo_args(self) -> tuple[str | Path, ...]:
+    def repo_args(self) -> tuple[str | Path, ...]:
         return (
             "--repo", self.repo_dir, "--keys", self.root / "keys", "--online-keys", self.online_keys,
             "--passphrase-file", self.root / "passphrase",
@@ -266,7 +266,7 @@ class LocalFleet:
 
     # -- the operator's side ----------------------------------------------------------------------
     def publish(self, *bundles: Path) -> None:
-        self.edgec("publish", *bundles, *self._repo_args())
+        self.edgec("publish", *bundles, *self.repo_args())
 
     def add_agent(
         self, device: str, profile: str = "x86-64-cpu", group: str = "g", *, tls: bool = False,

@@ -16,9 +16,10 @@ works offline (its files are in ``ota_server/static/vendor``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from http import HTTPStatus
 from typing import Annotated, Any
 
@@ -31,6 +32,9 @@ from edgec.errors import UserInputError
 from edgec.rollout_spec import RolloutSpec
 from ota_server._asgi_app import ErrorBody, HttpError, needs, new_app, refusal
 from ota_server._asgi_server import ApiLimits, ServerThread
+from ota_server.audit import AuditAction, AuditLog
+from ota_server.audit import failed as audit_failed
+from ota_server.audit import refused as audit_refused
 from ota_server.auth import Authenticator, Principal, Role, StaticToken
 from ota_server.dashboard import Dashboard
 from ota_server.metrics import CONTENT_TYPE as METRICS_TYPE
@@ -90,11 +94,13 @@ class HttpApi:
         metrics: ServerMetrics | None = None,
         dashboard: bool = True,
         secure_cookie: bool = False,
+        audit: AuditLog | None = None,
     ) -> None:
         """``tokens`` (plain token → role) and ``token_digests`` (sha256 hex → role) make the
         authenticator when none is given; ``assign`` signs and publishes a director document
         (the server's), ``rollouts`` runs rollouts: without them those routes answer 503.
-        ``metrics``: served at /metrics (to a viewer); ``dashboard``: the web pages under /ui."""
+        ``metrics``: served at /metrics (to a viewer); ``dashboard``: the web pages under /ui;
+        ``audit``: every action (assign, rollouts) recorded with who asked and how it ended."""
         self.repository = repository
         self.registry = registry
         self._assign = assign
@@ -105,8 +111,9 @@ class HttpApi:
             authenticator = Authenticator(tokens, static=named)
         self.authenticator = authenticator
         self.metrics = metrics
+        self.audit = audit
         self.dashboard = (
-            Dashboard(authenticator, registry, repository, rollouts, secure_cookie=secure_cookie)
+            Dashboard(authenticator, registry, repository, rollouts, audit=audit, secure_cookie=secure_cookie)
             if dashboard
             else None
         )
@@ -247,11 +254,9 @@ class HttpApi:
         """Sign and publish a director document: the device runs this release (operator)."""
         if self._assign is None:
             raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "this server cannot sign director documents")
-        try:
+        params = {"device": device_id, "release": body.release, "action": body.action.value}
+        with self._audited(who, AuditAction.DEVICE_ASSIGN, params):
             document = self._assign(device_id, body.release, body.action)
-        except UserInputError as e:
-            raise refusal(e) from None
-        logger.info("%s (%s) assigned %s to %s", who.name, who.via, body.release, device_id)
         return document.model_dump(mode="json")
 
     def _scheduler(self) -> Rollouts:
@@ -265,10 +270,11 @@ class HttpApi:
 
     def _start_rollout(self, body: RolloutSpec, who: Operator) -> dict[str, Any]:
         """Start a rollout: a release to a group, in waves, judged by its abort rules (operator)."""
-        try:
-            return self._scheduler().start(body, who.name)
-        except UserInputError as e:
-            raise refusal(e) from None
+        params = body.model_dump(mode="json", exclude_none=True)
+        with self._audited(who, AuditAction.ROLLOUT_START, params) as done:
+            started = self._scheduler().start(body, who.name)
+            done["rollout"] = started["id"]
+        return started
 
     def _rollout(self, rollout_id: str) -> dict[str, Any]:
         """One rollout: waves, abort rules with canary and control figures, devices (viewer)."""
@@ -286,15 +292,35 @@ class HttpApi:
                 "abort": rollouts.abort,
                 "rollback": rollouts.rollback,
             }[action]
-            try:
+            with self._audited(who, AuditAction(f"rollout.{action}"), {"rollout": rollout_id}):
                 answer = act(rollout_id)
-            except UserInputError as e:
-                raise refusal(e) from None
-            logger.info("%s (%s) asked rollout %s to %s", who.name, who.via, rollout_id, action)
             return answer
 
         steer.__doc__ = f"{action.capitalize()} a rollout (operator; a body, if any, is read and ignored)."
         return steer
+
+    @contextlib.contextmanager
+    def _audited(
+        self, who: Principal, action: AuditAction, params: dict[str, Any]
+    ) -> Iterator[dict[str, Any]]:
+        """Run an action: refused as a 4xx by the error's type, and recorded in the audit log
+        with who asked, the parameters (the block may add to them) and how it ended."""
+        outcome = "ok"
+        try:
+            yield params
+        except UserInputError as e:
+            outcome = audit_refused(str(e))
+            raise refusal(e) from None
+        except HttpError as e:
+            outcome = audit_refused(str(e))
+            raise
+        except Exception as e:
+            outcome = audit_failed(type(e).__name__)
+            raise
+        finally:
+            logger.info("%s (%s) %s %s: %s", who.name, who.via, action.value, params, outcome)
+            if self.audit is not None:
+                self.audit.record(who.name, who.role, who.via, action, params=params, outcome=outcome)
 
     # -- serving ------------------------------------------------------------------------------
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> int:

@@ -302,6 +302,16 @@ class Registry:
             raise NotFoundError(f"no device {device_id!r} in the registry (see edgec fleet ls)")
         return self._row(row)
 
+    def remove_device(self, device_id: str) -> Device:
+        """Delete the device and its telemetry history; the device as it was. Its director
+        document versions are kept: a device re-added under the same id must not be sent a
+        version it has already seen (it would refuse it as a replay)."""
+        device = self.get(device_id)
+        with self.engine.begin() as conn:
+            conn.execute(text("DELETE FROM telemetry_windows WHERE device_id = :id"), {"id": device_id})
+            conn.execute(text("DELETE FROM devices WHERE id = :id"), {"id": device_id})
+        return device
+
     def password_hash(self, device_id: str) -> str:
         with self.engine.connect() as conn:
             value = conn.execute(

@@ -25,6 +25,7 @@ from edgec.director import Action, SignedDirectorDocument
 from edgec.errors import NotFoundError, ProtocolError, UserInputError
 from edgec.reports import DeviceState, Telemetry
 from edgec.topics import PREFIX, device_topics, parse_topic
+from ota_server.audit import AuditLog
 from ota_server.auth import Authenticator, NamedToken, token_grants
 from ota_server.director import DirectorIssuer, import_versions_file, release_files
 from ota_server.fetch import FetchServer
@@ -155,6 +156,7 @@ class OtaServer:
                 head_timeout_s=config.http.head_timeout_s, max_connections=config.http.max_connections
             ),
             metrics=self.metrics,
+            audit=AuditLog(self.registry),
             dashboard=config.http.dashboard,
             secure_cookie=config.http.behind_https,
         )

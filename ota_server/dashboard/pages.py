@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import urllib.parse
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,8 @@ from starlette.concurrency import run_in_threadpool
 
 from edgec.errors import NotFoundError, UserInputError
 from ota_server._asgi_app import refusal
+from ota_server.audit import AuditAction, AuditLog
+from ota_server.audit import refused as audit_refused
 from ota_server.auth import Authenticator, AuthError, ForbiddenError, Principal, Role
 from ota_server.dashboard.series import series
 from ota_server.dashboard.sessions import COOKIE, CSRF_HEADER, Session, SessionStore
@@ -38,7 +39,6 @@ HERE = Path(__file__).parent
 MAX_FORM_BYTES = 16 * 1024  # the sign-in form: a token or a JWT
 DEFAULT_HISTORY_S = 15 * 60  # what the fleet and device plots show
 ACTIONS = ("pause", "resume", "abort", "rollback")
-Audit = Callable[[Principal, str, dict[str, Any], str], None]  # who, action, params, outcome
 
 
 class Dashboard:
@@ -50,7 +50,7 @@ class Dashboard:
         rollouts: Rollouts | None,
         *,
         sessions: SessionStore | None = None,
-        audit: Audit | None = None,
+        audit: AuditLog | None = None,
         secure_cookie: bool = False,
     ) -> None:
         self.authenticator = authenticator
@@ -81,6 +81,7 @@ class Dashboard:
         r.add_api_route("/ui/devices/{device_id}", self._device_page, methods=["GET"])
         r.add_api_route("/ui/releases", self._releases_page, methods=["GET"])
         r.add_api_route("/ui/rollouts", self._rollouts_page, methods=["GET"])
+        r.add_api_route("/ui/audit", self._audit_page, methods=["GET"])
         r.add_api_route("/ui/rollouts/{rollout_id}", self._rollout_page, methods=["GET"])
         r.add_api_route("/ui/rollouts/{rollout_id}/{action}", self._steer, methods=["POST"])
         r.add_api_route("/ui/data/fleet", self._fleet_data, methods=["GET"])
@@ -193,6 +194,17 @@ class Dashboard:
             return self._render("missing.html", session, 404, what=f"rollout {rollout_id[:64]}")
         return self._render("rollout.html", session, rollout=status, actions=ACTIONS)
 
+    def _audit_page(self, request: Request) -> Response:
+        """The newest 200 entries of the audit log and whether its chain is intact."""
+        session = self._page_or_login(request)
+        if not isinstance(session, Session):
+            return session
+        if self.audit is None:
+            return self._render("missing.html", session, 404, what="audit log on this server")
+        entries = self.audit.entries(limit=200, newest=True)
+        report = self.audit.verify()
+        return self._render("audit.html", session, entries=list(reversed(entries)), report=report)
+
     # -- live data ------------------------------------------------------------------------------
     def _fleet_data(self, request: Request) -> Response:
         self._data_session(request)
@@ -236,16 +248,21 @@ class Dashboard:
             raise ForbiddenError(f"a {session.principal.role.name.lower()} cannot {action} a rollout")
         rollouts = self._store()
         steer = {"pause": rollouts.pause, "resume": rollouts.resume, "abort": rollouts.abort}
-        params = {"rollout": rollout_id, "via": "dashboard"}
+        params = {"rollout": rollout_id, "from": "dashboard"}
+        who = session.principal
         try:
             status = rollouts.rollback(rollout_id) if action == "rollback" else steer[action](rollout_id)
         except UserInputError as e:
-            if self.audit is not None:
-                self.audit(session.principal, f"rollout.{action}", params, f"refused: {e}")
+            self._record(who, action, params, audit_refused(str(e)))
             raise refusal(e) from None
-        if self.audit is not None:
-            self.audit(session.principal, f"rollout.{action}", params, "ok")
+        self._record(who, action, params, "ok")
         return JSONResponse(status)
+
+    def _record(self, who: Principal, action: str, params: dict[str, Any], outcome: str) -> None:
+        if self.audit is not None:
+            self.audit.record(
+                who.name, who.role, who.via, AuditAction(f"rollout.{action}"), params=params, outcome=outcome
+            )
 
     # -- reading --------------------------------------------------------------------------------
     def _store(self) -> Rollouts:

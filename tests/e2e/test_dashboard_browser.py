@@ -96,12 +96,22 @@ def _text(driver, element_id: str) -> str:
 
 
 def _plotted(driver) -> bool:
-    """Every plot on the page has drawn points (uPlot's canvas and the page's count)."""
+    """The latency, request-rate and error-rate plots have drawn points (uPlot's canvas and the
+    page's count; PSI needs enough values per window first, so it may still be empty)."""
     return bool(
         driver.execute_script(
-            "const p = [...document.querySelectorAll('.plot')];"
-            "return p.length > 0 && p.every(e => e.querySelector('canvas') && Number(e.dataset.points) > 0);"
+            "const p = [...document.querySelectorAll('.plot')]"
+            ".filter(e => ['latency', 'rate', 'errors'].includes(e.dataset.plot));"
+            "return p.length === 3"
+            " && p.every(e => e.querySelector('canvas') && Number(e.dataset.points) > 0);"
         )
+    )
+
+
+def _rows_text(driver, css: str) -> list[str]:
+    """The rows' text, read in one script (the page redraws its tables every 2 s)."""
+    return list(
+        driver.execute_script(f"return [...document.querySelectorAll('{css}')].map(r => r.innerText);")
     )
 
 
@@ -119,9 +129,7 @@ def test_operator_watches_a_rollout_live_and_steers_it_a_viewer_cannot(
     rows = "#fleet-table tbody tr"
     assert wait_for(lambda: len(driver.find_elements(By.CSS_SELECTOR, rows)) == DEVICES, 20)
     assert "operator-" not in driver.page_source  # the credential never reaches the page
-    assert wait_for(
-        lambda: all("digits:1.0.0" in r.text for r in driver.find_elements(By.CSS_SELECTOR, rows)), 30
-    )
+    assert wait_for(lambda: all("digits:1.0.0" in r for r in _rows_text(driver, rows)), 30)
     assert wait_for(lambda: _plotted(driver), 30)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(SCREENSHOTS / "dashboard-fleet.png"))
@@ -154,6 +162,13 @@ def test_operator_watches_a_rollout_live_and_steers_it_a_viewer_cannot(
     )
     assert wait_for(lambda: _plotted(driver), 30)
     driver.save_screenshot(str(SCREENSHOTS / "dashboard-rollout.png"))
+
+    # the audit page shows who paused and resumed it from here, and that the chain is intact
+    driver.get(f"http://127.0.0.1:{fleet.http_port}/ui/audit")
+    rows = _rows_text(driver, "#audit-table tbody tr")
+    for action in ("rollout.pause", "rollout.resume"):
+        assert any(action in r and "operator" in r and r.rstrip().endswith("ok") for r in rows), rows
+    assert _text(driver, "chain").startswith("chain intact")
 
     # a viewer sees the pages, has no buttons, and the server refuses the action anyway
     _sign_in(driver, fleet, tokens["viewer"], f"/ui/rollouts/{rollout}")
