@@ -95,6 +95,7 @@ bench: $(STAMP) zoo
 	$(PY) bench/bench_formats.py
 	$(PY) bench/bench_cache.py
 	$(PY) bench/bench_agent_serving.py
+	$(PY) bench/bench_agent_serving.py --metrics-overhead
 	$(PY) bench/bench_agent_instructions.py
 	$(PY) bench/bench_hot_swap.py
 	$(PY) bench/bench_delivery.py

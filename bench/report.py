@@ -169,6 +169,8 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict[str, Any]], str]]] = [
     ("agent_serving", "Serving", "bench_agent_serving.py", markdown("agent_serving")),
     ("agent_serving_baseline", "Serving: the agent against its HTTP layer before llhttp",
      "bench_agent_serving.py --baseline 1a6018d", markdown("agent_serving_baseline")),
+    ("agent_serving_metrics", "Serving: Prometheus metrics on against off",
+     "bench_agent_serving.py --metrics-overhead", markdown("agent_serving_metrics")),
     ("agent_instructions",
      "Serving: instructions per request against the HTTP layer before llhttp (callgrind)",
      "bench_agent_instructions.py", markdown("agent_instructions")),
