@@ -5,7 +5,8 @@ broker, the OTA server and one agent per device; ``LoadGenerator`` (``load.py``)
 inference requests to the agents; ``processes.py`` starts and stops them.
 """
 
-from localfleet.fleet import ROOT, AgentProcess, CliResult, LocalFleet, code_env, http_status, run_edgec
+from localfleet.commands import ROOT, CliResult, code_env, http_status, run_edgec
+from localfleet.fleet import AgentProcess, LocalFleet
 from localfleet.load import LoadGenerator, Response
 from localfleet.processes import (
     EmbeddedBroker,

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from localfleet.commands import ROOT, CliResult, code_env, run_edgec
 from localfleet.processes import (
     EmbeddedBroker,
     HarnessError,
@@ -40,49 +41,9 @@ from localfleet.processes import (
     wait_for,
 )
 
-__all__ = ["ROOT", "AgentProcess", "CliResult", "LocalFleet", "code_env", "http_status", "run_edgec"]
-
-ROOT = Path(__file__).resolve().parents[1]  # the checkout: samples/, and where commands run
+__all__ = ["AgentProcess", "LocalFleet"]
 
 Echo = Callable[[str], None]
-
-
-@dataclass
-class CliResult:
-    returncode: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-
-def code_env(code: Path | None, base: dict[str, str] | None = None) -> dict[str, str] | None:
-    """The environment that runs ``code`` (a source tree of another release) instead of this
-    checkout: it goes first on the module path, before the installed editable package."""
-    if code is None:
-        return base
-    return {**(base or os.environ), "PYTHONPATH": str(code)}
-
-
-def run_edgec(
-    *args: str | Path,
-    cwd: Path | None = None,
-    env: dict[str, str] | None = None,
-    prefix: Sequence[str] = (),
-    timeout_s: float = 600,
-) -> CliResult:
-    """Run the real command line in a subprocess, as a user would."""
-    proc = subprocess.run(
-        [*prefix, sys.executable, "-m", "edgec", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd or ROOT,
-        env=env,
-        timeout=timeout_s,
-        check=False,
-    )
-    return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
 @dataclass
@@ -401,7 +362,8 @@ class LocalFleet:
             grants.insert(0, grant)
         self.http_port = self.http_port or free_port()
         config = self.root / "server.toml"
-        tokens = "".join(_token_toml(grant) for grant in grants)
+        # an older release's server (version skew) reads only the digest form
+        tokens = "".join(_token_toml(grant, named=self.server_code is None) for grant in grants)
         config.write_text(
             f"repo = {json.dumps(str(self.repo_dir))}\n"
             f"online_keys = {json.dumps(str(self.online_keys))}\n"
@@ -462,8 +424,11 @@ class LocalFleet:
             self.embedded = None
 
 
-def _token_toml(grant: dict[str, str]) -> str:
-    """The table of ``[http.tokens]`` that grants a named token: its sha256 digest and role."""
+def _token_toml(grant: dict[str, str], named: bool = True) -> str:
+    """What grants a token under ``[http.tokens]``: a named table (sha256 and role), or the
+    older line ``"<sha256>" = "role"``."""
+    if not named:
+        return f"{json.dumps(grant['sha256'])} = {json.dumps(grant['role'])}\n"
     return f"\n[http.tokens.{json.dumps(grant['name'])}]\nsha256 = {json.dumps(grant['sha256'])}\n" + (
         f"role = {json.dumps(grant['role'])}\n"
     )
@@ -495,14 +460,3 @@ def _merge_toml_sections(text: str, settings: dict[str, dict[str, Any]]) -> str:
         else:
             text += f"\n{header}{lines}"
     return text
-
-
-def http_status(url: str) -> int:
-    """The HTTP status of ``GET url`` (0 when nothing answers)."""
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as e:
-        return int(e.code)
-    except OSError:
-        return 0

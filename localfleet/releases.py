@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from localfleet.fleet import ROOT, run_edgec
+from localfleet.commands import ROOT, run_edgec
 from localfleet.processes import HarnessError
 
 __all__ = ["DIGITS", "build_digits", "doubled_logits"]

@@ -46,7 +46,6 @@ import datetime as dt
 import enum
 import getpass
 import hashlib
-import json
 import logging
 import os
 import re
@@ -71,7 +70,16 @@ from sqlalchemy import (
 )
 
 from edgec._bounded_json import loads as bounded_loads
-from edgec.errors import TrustError, UserInputError
+from edgec.errors import UserInputError
+from ota_server._audit_chain import (
+    GENESIS,
+    AuditReport,
+    AuditTamperedError,
+    ChainWalk,
+    Tamper,
+    canonical_json,
+    entry_hash,
+)
 from ota_server.registry import Registry
 
 __all__ = [
@@ -96,7 +104,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-GENESIS = "0" * 64  # the prev_hash of row 1
 PARAMS_MAX_BYTES = 4096  # canonical JSON; larger params are stored as their size and digest
 PARAMS_MAX_DEPTH = 8
 ACTOR_MAX = 256
@@ -157,28 +164,6 @@ class Via(enum.StrEnum):
 ROLES = frozenset({"viewer", "operator", "admin"})
 
 
-class Tamper(enum.StrEnum):
-    """What ``verify`` found wrong, by the first row it concerns."""
-
-    EDITED = "edited"  # the row's hash does not match its fields
-    MISSING = "missing"  # a gap in the ids: rows deleted from the start or the middle
-    RELINKED = "relinked"  # prev_hash is not the previous row's hash: reordered, replaced, inserted
-    TRUNCATED = "truncated"  # the head names rows that are gone: the newest rows deleted
-    PAST_HEAD = "past-head"  # rows after the head: added without the log
-    HEAD = "head"  # the head row is missing or does not match the newest row
-    ANCHOR = "anchor"  # the anchored row is gone or has another hash
-
-
-class AuditTamperedError(TrustError):
-    """The audit log's chain is broken: ``row`` names the first bad row (None: the head row
-    itself), ``tamper`` what is wrong with it."""
-
-    def __init__(self, message: str, row: int | None, tamper: Tamper) -> None:
-        super().__init__(message, "audit_log")
-        self.row = row
-        self.tamper = tamper
-
-
 class AuditFieldError(UserInputError):
     """A field given to ``record`` is outside its allowed values (a caller's bug)."""
 
@@ -208,44 +193,6 @@ class AuditEntry:
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "params": self.params_dict()}
-
-
-@dataclass(frozen=True)
-class AuditReport:
-    """The result of walking the chain. ``ok``: every row links and the head matches.
-    ``count`` rows were checked; ``head_id``/``head_hash`` name the newest good row (the value
-    to anchor outside the database). When not ok, ``row``, ``tamper`` and ``problem`` say
-    where it first went wrong."""
-
-    ok: bool
-    count: int
-    head_id: int
-    head_hash: str
-    row: int | None = None
-    tamper: Tamper | None = None
-    problem: str | None = None
-
-    @property
-    def anchor(self) -> str:
-        return f"{self.head_id}:{self.head_hash}"
-
-    def raise_if_tampered(self) -> None:
-        if not self.ok:
-            raise AuditTamperedError(
-                self.problem or "audit log tampered", self.row, self.tamper or Tamper.HEAD
-            )
-
-
-def canonical_json(value: Any) -> str:
-    """Sorted keys, no spaces, ASCII only, no NaN: one text for one value."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-
-
-def entry_hash(prev_hash: str, fields: Mapping[str, Any]) -> str:
-    """sha256 over ``prev_hash`` then the canonical JSON of the row's other fields (id, at,
-    actor, role, via, action, params, outcome)."""
-    body = {k: fields[k] for k in ("id", "at", "actor", "role", "via", "action", "params", "outcome")}
-    return hashlib.sha256((prev_hash + canonical_json(body)).encode("ascii")).hexdigest()
 
 
 def local_actor() -> str:
@@ -413,7 +360,7 @@ class AuditLog:
         bad row ends the walk (``report.raise_if_tampered()`` makes it an error)."""
         with self._transaction(write=False) as conn:
             head = conn.execute(select(AUDIT_HEAD).where(AUDIT_HEAD.c.id == 1)).first()
-            walk = _Walk()
+            walk = ChainWalk()
             after = 0
             while walk.ok:
                 query = select(AUDIT_LOG).where(AUDIT_LOG.c.id > after).order_by(AUDIT_LOG.c.id)
@@ -427,80 +374,3 @@ class AuditLog:
         if walk.ok:
             walk.finish(None if head is None else (int(head.last_id), str(head.last_hash)), anchor)
         return walk.report()
-
-
-class _Walk:
-    """The chain check as a state machine over rows in id order: no I/O, one row at a time."""
-
-    def __init__(self) -> None:
-        self.last_id, self.last_hash = 0, GENESIS
-        self.anchor_seen = False
-        self.problem: tuple[int | None, Tamper, str] | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.problem is None
-
-    def _fail(self, row: int | None, tamper: Tamper, message: str) -> bool:
-        self.problem = (row, tamper, f"audit log {message}")
-        return False
-
-    def step(self, entry: AuditEntry, anchor: tuple[int, str] | None) -> bool:
-        expected = self.last_id + 1
-        if entry.id != expected:
-            gone = f"row {expected}" if entry.id == expected + 1 else f"rows {expected}-{entry.id - 1}"
-            where = (
-                f"row {self.last_id} is followed by row {entry.id}" if self.last_id else "they are the oldest"
-            )
-            return self._fail(expected, Tamper.MISSING, f"{gone} deleted ({where})")
-        if entry.prev_hash != self.last_hash:
-            before = f"row {self.last_id}'s hash" if self.last_id else "the genesis hash"
-            return self._fail(
-                entry.id,
-                Tamper.RELINKED,
-                f"row {entry.id}'s prev_hash is not {before}: rows reordered or inserted there, "
-                f"or row {self.last_id} rewritten with a new hash",
-            )
-        if entry_hash(entry.prev_hash, entry.__dict__) != entry.hash:
-            return self._fail(
-                entry.id, Tamper.EDITED, f"row {entry.id} edited: its hash does not match its fields"
-            )
-        if anchor is not None and entry.id == anchor[0]:
-            self.anchor_seen = True
-            if entry.hash != anchor[1]:
-                return self._fail(
-                    entry.id,
-                    Tamper.ANCHOR,
-                    f"row {entry.id}'s hash {entry.hash[:16]}… is not the anchored {anchor[1][:16]}…: "
-                    f"the log up to row {entry.id} was rewritten",
-                )
-        self.last_id, self.last_hash = entry.id, entry.hash
-        return True
-
-    def finish(self, head: tuple[int, str] | None, anchor: tuple[int, str] | None) -> None:
-        """The newest row against the head row, and the anchor's row found."""
-        if head is None:
-            self._fail(None, Tamper.HEAD, "head row deleted: the count of rows cannot be checked")
-        elif head[0] > self.last_id:
-            gone = f"row {head[0]}" if head[0] == self.last_id + 1 else f"rows {self.last_id + 1}-{head[0]}"
-            self._fail(self.last_id + 1, Tamper.TRUNCATED, f"{gone} deleted: the newest rows are gone")
-        elif head[0] < self.last_id:
-            self._fail(
-                head[0] + 1, Tamper.PAST_HEAD, f"row {head[0] + 1} is past the head: added outside the log"
-            )
-        elif head[1] != self.last_hash:
-            self._fail(
-                self.last_id,
-                Tamper.HEAD,
-                f"row {self.last_id}'s hash is not the head's: the newest row was replaced",
-            )
-        elif anchor is not None and not self.anchor_seen:
-            self._fail(
-                anchor[0], Tamper.ANCHOR, f"anchored row {anchor[0]} is not in the log ({self.last_id} rows)"
-            )
-
-    def report(self) -> AuditReport:
-        if self.problem is None:
-            return AuditReport(True, self.last_id, self.last_id, self.last_hash)
-        row, tamper, message = self.problem
-        return AuditReport(False, self.last_id, self.last_id, self.last_hash, row, tamper, message)

@@ -7,7 +7,6 @@ state and telemetry in the registry. Malformed reports are logged and dropped.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import socket
@@ -44,6 +43,18 @@ logger = logging.getLogger(__name__)
 REPORTS = f"{PREFIX}/+/devices/+/+"
 DROP_LOG_EVERY_S = 60.0  # a flood of bad reports logs one line a minute per reason, and counts
 PUBLISH_WAIT_S = 5.0  # how long an assign waits for the broker to take a director document
+
+
+def _seconds_between(earlier: str | None, later: str) -> float:
+    """Seconds from ``earlier`` (a device's clock, ISO 8601; naive is taken as UTC) to ``later``
+    (ours); -1 when ``earlier`` is missing or unreadable (not counted)."""
+    try:
+        start = dt.datetime.fromisoformat((earlier or "").replace("Z", "+00:00"))
+    except ValueError:
+        return -1.0
+    if start.tzinfo is None:
+        start = start.replace(tzinfo=dt.UTC)
+    return (dt.datetime.fromisoformat(later) - start).total_seconds()
 
 
 def _no_delay(_client: Any, _userdata: Any, sock: Any) -> None:
@@ -278,10 +289,7 @@ class OtaServer:
         except NotFoundError:
             raise ReportRefused(f"no device {device!r} in the registry", "unknown device") from None
         self.registry.add_window(device, window.figures(), now)  # the history rollouts judge
-        if window.ended_at is not None:
-            with contextlib.suppress(ValueError):
-                ended = dt.datetime.fromisoformat(window.ended_at.replace("Z", "+00:00"))
-                self.metrics.lag((dt.datetime.fromisoformat(now) - ended).total_seconds())
+        self.metrics.lag(_seconds_between(window.ended_at, now))
         if self._is_newer(stored, window):
             self.registry.update(device, last_seen=now, telemetry=window.figures())
 
