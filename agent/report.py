@@ -38,12 +38,12 @@ def install_event(kind: EventKind, release: str | None, detail: str | None = Non
 
 def state_report(status: DeviceStatus, installed: str | None, detail: str | None = None) -> DeviceState:
     """The device's retained state as the contract reads it (an empty detail is left out)."""
-    return DeviceState(status=status, installed=installed, detail=detail or None)
+    return DeviceState(status=status, installed=installed, detail=detail or None, at=_now())
 
 
 def offline_state() -> str:
     """The retained state the broker publishes for the device when its connection goes (its will)."""
-    return wire_json(state_report(DeviceStatus.OFFLINE, None))
+    return wire_json(DeviceState(status=DeviceStatus.OFFLINE))  # no time: the broker sends it later
 
 
 def wire_json(report: Event | DeviceState) -> str:

@@ -59,6 +59,12 @@ def register(commands: Any) -> None:
     config.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     config.add_argument("--host", action="append", default=[], help="name or IP in the TLS certificate")
     config.add_argument("--run-as", default="mosquitto", help="user Mosquitto drops to (default mosquitto)")
+    config.add_argument(
+        "--server-replicas",
+        type=int,
+        default=1,
+        help="server processes sharing the registry: logins edgec-server, edgec-server-2, ... (default 1)",
+    )
     _db_arg(config)
     config.set_defaults(run=run_broker_config)
 
@@ -242,6 +248,7 @@ def run_broker_config(args: argparse.Namespace) -> int:
         bind=args.bind,
         hosts=args.host or None,
         run_as=args.run_as,
+        server_replicas=args.server_replicas,
     )
     print(f"wrote {files.config}; the server's MQTT password is in {files.config.parent / 'server.secret'}")
     print(f"devices verify the broker with {files.ca_cert}; start it with: mosquitto -c {files.config}")

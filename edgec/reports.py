@@ -169,6 +169,9 @@ class DeviceState(BaseModel):
     status: Status
     installed: Text | None = None  # NAME:VERSION of the committed model
     detail: Detail | None = None
+    # the device's clock when this state began (ISO 8601): server replicas take a device's
+    # reports in parallel, and a state older than the one stored is not written over it
+    at: Text | None = None
 
     @model_validator(mode="before")
     @classmethod

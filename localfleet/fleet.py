@@ -20,15 +20,15 @@ import json
 import os
 import pwd
 import shlex
-import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from localfleet.agent_process import AgentProcess, Echo
 from localfleet.commands import ROOT, CliResult, code_env, run_edgec
 from localfleet.processes import (
     EmbeddedBroker,
@@ -43,79 +43,6 @@ from localfleet.processes import (
 
 __all__ = ["AgentProcess", "LocalFleet"]
 
-Echo = Callable[[str], None]
-
-
-@dataclass
-class AgentProcess:
-    """One device's agent: its config, state folder, inference port and log."""
-
-    device: str
-    profile: str
-    config: Path
-    state: Path
-    http_port: int
-    log: Path
-    env: dict[str, str] | None = None
-    code: Path | None = None  # another release's source tree to run (version skew); None: this one
-    service: Service | None = None
-
-    @property
-    def proc(self) -> subprocess.Popen[bytes] | None:
-        return None if self.service is None else self.service.proc
-
-    def spawn(self, echo: Echo | None = None) -> Service:
-        argv = [sys.executable, "-m", "edgec", "-v", "agent", "run", "--config", str(self.config)]
-        if echo is not None:
-            echo(f"$ edgec {shlex.join(argv[3:])} > {self.log} 2>&1 &")
-        self.service = start_service(
-            f"agent {self.device}",
-            argv,
-            self.log,
-            cwd=self.code or ROOT,
-            env=code_env(self.code, self.env),
-            new_session=True,
-        )
-        return self.service
-
-    def start(self, timeout_s: float = 60.0) -> None:
-        """Start it and wait for its inference API."""
-        self.spawn().wait_for_port(self.http_port, timeout_s)
-
-    def kill9(self) -> None:
-        assert self.service is not None
-        self.service.kill9()
-
-    def stop(self) -> None:
-        if self.service is not None:
-            self.service.stop()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.http_port}{path}"
-
-    def infer(self, x: Any, timeout_s: float = 10) -> tuple[str, Any]:
-        """``(model_version, first output)`` for one input (a numpy array) through the v2 API."""
-        import numpy as np
-
-        body = {
-            "inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]
-        }
-        request = urllib.request.Request(
-            self.url("/v2/models/digits/infer"), data=json.dumps(body).encode(), method="POST"
-        )
-        request.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            answer = json.loads(response.read())
-        out = answer["outputs"][0]
-        return answer["model_version"], np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
-
-    def journal(self) -> dict[str, Any] | None:
-        try:
-            journal: dict[str, Any] = json.loads((self.state / "install.json").read_text())
-            return journal
-        except (FileNotFoundError, ValueError):
-            return None
-
 
 @dataclass
 class LocalFleet:
@@ -127,6 +54,9 @@ class LocalFleet:
     echo: Echo | None = None  # shows each command as typed (edgec demo); None: quiet
     rollout_tick_s: float = 0.5
     server_code: Path | None = None  # another release's source tree for the server (version skew)
+    database: str | None = None  # the registry's URL (PostgreSQL for replicas); None: SQLite here
+    replicas: int = 1  # server processes sharing the registry (each its own login and HTTP port)
+    lease_s: float = 10.0  # the scheduler's lease, with more than one replica
     broker_port: int = 0
     tls_port: int = 0
     http_port: int = 0
@@ -134,14 +64,16 @@ class LocalFleet:
     agents: dict[str, AgentProcess] = field(default_factory=dict)
     services: list[Service] = field(default_factory=list)
     embedded: EmbeddedBroker | None = None
-    server: Service | None = None
+    server: Service | None = None  # replica 1
+    servers: dict[int, Service] = field(default_factory=dict)  # replica number -> its process
+    replica_ports: dict[int, int] = field(default_factory=dict)  # replica number -> its HTTP port
     broker_service: Service | None = None
     env: dict[str, str] = field(default_factory=dict)
 
     # -- folders and settings -------------------------------------------------------------------
     @property
     def db(self) -> str:
-        return f"sqlite:///{self.root / 'fleet.db'}"
+        return self.database or f"sqlite:///{self.root / 'fleet.db'}"
 
     @property
     def repo_dir(self) -> Path:
@@ -321,6 +253,7 @@ class LocalFleet:
         self.edgec(
             "broker", "config", "--out", self.broker_dir, "--port", str(self.broker_port),
             "--tls-port", str(self.tls_port), "--run-as", user,
+            *(("--server-replicas", str(self.replicas)) if self.replicas > 1 else ()),
         )  # fmt: skip
 
     def start_broker(self) -> None:
@@ -353,50 +286,84 @@ class LocalFleet:
         grant = self.edgec("server", "token", "--role", role, "--name", name, "--json", show=False).json()
         return grant.pop("token"), grant
 
+    def server_config(self, replica: int = 1) -> Path:
+        return self.root / ("server.toml" if replica == 1 else f"server-{replica}.toml")
+
+    def server_log(self, replica: int = 1) -> Path:
+        return self.root / "logs" / ("server.log" if replica == 1 else f"server-{replica}.log")
+
     def write_server_config(self, grants: Sequence[dict[str, str]] = ()) -> Path:
-        """server.toml for this fleet, granting ``grants`` (and an operator token, made first
-        unless the fleet has one)."""
+        """server.toml for this fleet (server-N.toml for replica N), granting ``grants`` (and
+        an operator token, made first unless the fleet has one); replica 1's path."""
+        from ota_server.logins import server_logins
+
         grants = list(grants)
         if not self.token:
             self.token, grant = self.new_token()
             grants.insert(0, grant)
         self.http_port = self.http_port or free_port()
-        config = self.root / "server.toml"
         # an older release's server (version skew) reads only the digest form
         tokens = "".join(_token_toml(grant, named=self.server_code is None) for grant in grants)
-        config.write_text(
-            f"repo = {json.dumps(str(self.repo_dir))}\n"
-            f"online_keys = {json.dumps(str(self.online_keys))}\n"
-            f"db = {json.dumps(self.db)}\n"
-            f"passphrase_file = {json.dumps(str(self.root / 'online-passphrase'))}\n"
-            f"rollout_tick_s = {self.rollout_tick_s}\n\n"
-            f"[mqtt]\nport = {self.broker_port}\n"
-            f"password_file = {json.dumps(str(self.broker_dir / 'server.secret'))}\n\n"
-            f"[http]\nport = {self.http_port}\n\n[http.tokens]\n{tokens}"
-        )
-        return config
+        for replica, login in enumerate(server_logins(self.replicas), start=1):
+            port = self.replica_ports.setdefault(replica, self.http_port if replica == 1 else free_port())
+            mqtt = f"username = {json.dumps(login)}\nclient_id = {json.dumps(login)}\n" if replica > 1 else ""
+            cluster = ""  # an older release's server knows no [cluster]
+            if self.replicas > 1:
+                cluster = f"[cluster]\nlease_s = {self.lease_s}\n\n"
+            elif self.broker == "embedded" and self.server_code is None:
+                cluster = "[cluster]\nshared_subscriptions = false\n\n"  # amqtt has none
+            self.server_config(replica).write_text(
+                f"repo = {json.dumps(str(self.repo_dir))}\n"
+                f"online_keys = {json.dumps(str(self.online_keys))}\n"
+                f"db = {json.dumps(self.db)}\n"
+                f"passphrase_file = {json.dumps(str(self.root / 'online-passphrase'))}\n"
+                f"rollout_tick_s = {self.rollout_tick_s}\n\n"
+                f"[mqtt]\nport = {self.broker_port}\n{mqtt}"
+                f"password_file = {json.dumps(str(self.broker_dir / 'server.secret'))}\n\n{cluster}"
+                f"[http]\nport = {port}\n\n[http.tokens]\n{tokens}"
+            )
+        return self.server_config()
 
     def start_server(self, timeout_s: float = 60.0) -> None:
-        config = self.root / "server.toml"
-        if not config.exists():
+        """Every replica, in turn."""
+        if not self.server_config().exists():
             self.write_server_config()
+        for replica in range(1, self.replicas + 1):
+            self.start_replica(replica, timeout_s)
+
+    def start_replica(self, replica: int, timeout_s: float = 60.0) -> Service:
+        config, log = self.server_config(replica), self.server_log(replica)
+        connected = _read(log).count("connected to the broker")  # the log is appended to
         argv = [sys.executable, "-m", "edgec", "-v", "server", "run", "--config", str(config)]
-        log = self.root / "logs" / "server.log"
         self._say(f"$ edgec {shlex.join(argv[3:])} > {log} 2>&1 &")
-        self.server = start_service(
-            "the OTA server", argv, log, cwd=self.server_code or ROOT,
+        name = "the OTA server" if self.replicas == 1 else f"OTA server replica {replica}"
+        service = start_service(
+            name, argv, log, cwd=self.server_code or ROOT,
             env=code_env(self.server_code, self.env), new_session=True,
         )  # fmt: skip
-        self.services.append(self.server)
-        self.server.wait_for_port(self.http_port, timeout_s)
+        self.services.append(service)
+        self.servers[replica] = service
+        if replica == 1:
+            self.server = service
+        service.wait_for_port(self.replica_ports[replica], timeout_s)
         # its MQTT subscriptions: the server answers on HTTP once it has connected and subscribed
-        wait_for(lambda: self.server is not None and "connected to the broker" in _read(log), 5)
+        wait_for(lambda: _read(log).count("connected to the broker") > connected, 5)
+        return service
+
+    def kill9_replica(self, replica: int) -> None:
+        """``kill -9`` a server replica (its broker session and lease are left behind)."""
+        service = self.servers.pop(replica)
+        service.kill9()
+        self.services.remove(service)
+        if replica == 1:
+            self.server = None
 
     def stop_server(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-            self.services.remove(self.server)
-            self.server = None
+        for replica in sorted(self.servers, reverse=True):
+            service = self.servers.pop(replica)
+            service.stop()
+            self.services.remove(service)
+        self.server = None
 
     def start_agents(self, echo: bool = True) -> None:
         started = [
@@ -418,6 +385,7 @@ class LocalFleet:
                 agent.stop()
         stop_services(list(reversed(self.services)))
         self.services.clear()
+        self.servers.clear()
         self.server = self.broker_service = None
         if self.embedded is not None:
             self.embedded.stop()

@@ -26,7 +26,8 @@ from cryptography.x509.oid import NameOID
 
 from edgec.errors import UserInputError
 from edgec.topics import PREFIX, device_topics, fetch_request, fetch_response
-from ota_server.registry import SERVER_USER, Device, Registry, hash_password
+from ota_server.logins import SERVER_USER, is_server_login, server_logins
+from ota_server.registry import Device, Registry, hash_password
 
 __all__ = ["SERVER_USER", "BrokerFiles", "write_broker_config"]
 
@@ -45,8 +46,10 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
     os.chmod(path, mode)
 
 
-def _acl(devices: list[Device]) -> str:
-    lines = [f"user {SERVER_USER}", f"topic readwrite {PREFIX}/#", ""]
+def _acl(devices: list[Device], servers: list[str]) -> str:
+    lines = []
+    for login in servers:  # shared subscriptions ($share/GROUP/edgec/...) are checked as edgec/...
+        lines += [f"user {login}", f"topic readwrite {PREFIX}/#", ""]
     for device in devices:
         topics = device_topics(device.fleet, device.id)
         lines += [
@@ -118,25 +121,32 @@ def write_broker_config(
     bind: str = "127.0.0.1",
     hosts: list[str] | None = None,
     run_as: str = "mosquitto",
+    server_replicas: int = 1,
 ) -> BrokerFiles:
     """Write ``mosquitto.conf``, ``passwords``, ``acl`` and TLS files into ``folder``.
 
     The secrets are 0600: Mosquitto started as root drops to ``run_as``, which must own them
-    (``chown -R mosquitto DIR``), or ``run_as`` is the user that runs it.
+    (``chown -R mosquitto DIR``), or ``run_as`` is the user that runs it. ``server_replicas``
+    server processes get a login each (``ota_server.logins``), sharing one secret.
     """
     devices = registry.devices()
-    if any(d.id == SERVER_USER for d in devices):  # its login, client id and session: the server's
+    taken = [d.id for d in devices if is_server_login(d.id)]  # its login, client id and session: a server's
+    if taken:
         raise UserInputError(
-            f"device id {SERVER_USER!r} is the server's login; re-add that device under another id"
+            f"device id {taken[0]!r} is a server replica's login; re-add that device under another id"
         )
+    try:
+        servers = server_logins(server_replicas)
+    except ValueError as e:
+        raise UserInputError(str(e)) from None
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "data").mkdir(exist_ok=True)
     server_password = secrets.token_urlsafe(24)
-    passwords = [f"{SERVER_USER}:{hash_password(server_password)}"]
+    passwords = [f"{login}:{hash_password(server_password)}" for login in servers]
     passwords += [f"{d.id}:{registry.password_hash(d.id)}" for d in devices]
     _write(folder / "passwords", "\n".join(passwords) + "\n", 0o600)
     _write(folder / "server.secret", server_password + "\n", 0o600)
-    _write(folder / "acl", _acl(devices), 0o600)
+    _write(folder / "acl", _acl(devices, servers), 0o600)
     ca = _tls(folder, hosts or [bind, "localhost"])
     config = "\n".join(
         [
@@ -153,6 +163,9 @@ def write_broker_config(
             # the server's one session takes every device's reports: Mosquitto's default queue
             # of 1,000 messages per client drops reports when a thousand devices answer a wave
             "max_queued_messages 200000",
+            # a server acknowledges a report once it is in the registry (batched): the default
+            # of 20 unacknowledged messages in flight per client would throttle it
+            "max_inflight_messages 1000",
             # a connection's client id is its username: no login takes over another's
             # connection or persistent session (the server's is "edgec-server")
             f"listener {port} {bind}",

@@ -57,8 +57,11 @@ class FetchServer:
         workers: int = 4,
         queue_per_device: int = 8,
         on_sent: Callable[[int], None] | None = None,
+        shared_group: str | None = None,
     ) -> None:
-        """``on_sent(nbytes)`` is told of every chunk of a target file sent (the server's metrics)."""
+        """``on_sent(nbytes)`` is told of every chunk of a target file sent (the server's metrics).
+        With ``shared_group``, requests are taken through the shared subscription
+        ``$share/GROUP/...``: each reaches one of the server replicas."""
         self.folder = folder.resolve()
         self.on_sent = on_sent
         self.client = client
@@ -71,11 +74,14 @@ class FetchServer:
         self._work = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._stopping = False
-        client.message_callback_add(REQUEST_FILTER, self._on_request)
+        self.subscription = f"$share/{shared_group}/{REQUEST_FILTER}" if shared_group else REQUEST_FILTER
+        client.message_callback_add(REQUEST_FILTER, self.on_request)
 
     def start(self) -> None:
         """Subscribe (again, after a reconnect) and start the workers (once)."""
-        self.client.subscribe(REQUEST_FILTER, qos=1)
+        if self.subscription != REQUEST_FILTER:  # an unshared one a persistent session kept
+            self.client.unsubscribe(REQUEST_FILTER)
+        self.client.subscribe(self.subscription, qos=1)
         with self._work:
             missing = self.workers - len(self._threads)
             for i in range(missing):
@@ -90,7 +96,10 @@ class FetchServer:
         for thread in self._threads:
             thread.join(timeout=5)
 
-    def _on_request(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+    def on_request(self, client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        """A request from ``client``'s connection (this server's, or a session it adopted);
+        acknowledged at once: a lost request is asked for again by its device."""
+        client.ack(message.mid, message.qos)
         try:
             topic = parse_topic(message.topic)
             raw = decode_request(message.payload)  # bounded: fetch_protocol.MAX_REQUEST_BYTES

@@ -25,10 +25,10 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from edgec.errors import ConflictError, NotFoundError, UserInputError
 from edgec.names import check_name
+from ota_server.logins import SERVER_USER, is_server_login
 
 __all__ = ["SERVER_USER", "Device", "DeviceExistsError", "Registry", "hash_password", "verify_password"]
 
-SERVER_USER = "edgec-server"  # the server's broker login (and, bound to it, its client id)
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,32 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "INSERT INTO audit_head (id, last_id, last_hash) VALUES (1, 0, '" + "0" * 64 + "')",
         ],
     ),
+    (
+        7,
+        [
+            # server replicas sharing this registry (ota_server.cluster): who is alive, by
+            # heartbeat (seconds since the epoch, the replicas' clocks), and its broker login
+            """CREATE TABLE server_replicas (
+                name VARCHAR(128) PRIMARY KEY,
+                mqtt_username VARCHAR(128) NOT NULL,
+                host VARCHAR(256) NOT NULL,
+                pid INTEGER NOT NULL,
+                started_at VARCHAR(40) NOT NULL,
+                beat_at DOUBLE PRECISION NOT NULL
+            )""",
+            # leases (the rollout scheduler's): one holder until expires_at; epoch counts holders
+            """CREATE TABLE leases (
+                name VARCHAR(64) PRIMARY KEY,
+                holder VARCHAR(128),
+                epoch BIGINT NOT NULL,
+                expires_at DOUBLE PRECISION NOT NULL
+            )""",
+            "INSERT INTO leases (name, holder, epoch, expires_at) VALUES ('rollouts', NULL, 0, 0)",
+            # the device's clock when its stored state began: an older state taken later by
+            # another replica is not written over a newer one
+            "ALTER TABLE devices ADD COLUMN state_at VARCHAR(40)",
+        ],
+    ),
 ]
 
 
@@ -259,8 +285,8 @@ class Registry:
         check_name(fleet, "fleet")
         check_name(group, "group")
         check_name(profile, "profile")
-        if device_id == SERVER_USER:
-            raise UserInputError(f"device id {SERVER_USER!r} is the server's broker login; choose another id")
+        if is_server_login(device_id):
+            raise UserInputError(f"device id {device_id!r} is a server replica's login; choose another id")
         password = secrets.token_urlsafe(24)
         try:
             with self.engine.begin() as conn:

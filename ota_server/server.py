@@ -1,8 +1,13 @@
-"""``edgec server run``: the OTA server process.
+"""``edgec server run``: the OTA server process, one replica or several.
 
 Connects to the broker with a persistent session (so device reports sent while the server was
 down are delivered when it returns), answers fetch requests, serves HTTP, and records device
-state and telemetry in the registry. Malformed reports are logged and dropped.
+state and telemetry in the registry, in batches, acknowledging each report to the broker once
+it is committed. Malformed reports are logged and dropped.
+
+Several replicas share one PostgreSQL registry (``ota_server.cluster``): each takes its share
+of the devices' messages through MQTT shared subscriptions, the rollout scheduler runs on the
+holder of a lease, and the holder drains the broker session of a replica that died.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,13 +27,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edgec._service import run_until_signalled
 from edgec.director import Action, SignedDirectorDocument
-from edgec.errors import NotFoundError, ProtocolError, UserInputError
+from edgec.errors import ProtocolError, UserInputError
 from edgec.reports import DeviceState, Telemetry
 from edgec.topics import PREFIX, device_topics, parse_topic
+from ota_server._adopted import AdoptedSessions
+from ota_server._report_writer import Received, ReportWriter
 from ota_server.audit import AuditLog
 from ota_server.auth import Authenticator, NamedToken, token_grants
+from ota_server.cluster import Cluster
 from ota_server.director import DirectorIssuer, import_versions_file, release_files
-from ota_server.fetch import FetchServer
+from ota_server.fetch import REQUEST_FILTER, FetchServer
 from ota_server.http_api import ApiLimits, HttpApi
 from ota_server.ingest import KINDS as REPORT_KINDS
 from ota_server.ingest import ReportLimits, ReportRefused, WindowRateLimiter, parse_report
@@ -71,12 +80,24 @@ class _Model(BaseModel):
 class MqttSettings(_Model):
     host: str = "127.0.0.1"
     port: int = 1883
+    # each replica its own login: edgec-server, edgec-server-2, ... (edgec broker config
+    # --server-replicas N writes them, sharing one secret)
     username: str = "edgec-server"
     password_file: Path
     # a broker that binds client ids to usernames (the config ``edgec broker config`` writes)
     # replaces it with the username: the persistent session is then the username's
     client_id: str = "edgec-server-1"
     ca_file: Path | None = None
+
+
+class ClusterSettings(_Model):
+    name: str | None = None  # this replica's name among those sharing the registry (default: mqtt.username)
+    # the rollout scheduler's lease: a dead holder is replaced within this (plus one heartbeat)
+    lease_s: Annotated[float, Field(ge=1, le=600)] = 10.0
+    # $share/GROUP/... subscriptions: each device message reaches one replica. false only for
+    # a broker without shared subscriptions, and then with one replica
+    shared_subscriptions: bool = True
+    group: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] = "edgec"
 
 
 _TokenEntry = Literal["viewer", "operator", "admin"] | NamedToken  # the old form's role, or a named one
@@ -114,6 +135,7 @@ class ServerConfig(_Model):
     rollout_tick_s: float = 1.0  # how often the rollout scheduler looks at the devices
     mqtt: MqttSettings
     http: HttpSettings = HttpSettings()
+    cluster: ClusterSettings = ClusterSettings()
 
 
 class OtaServer:
@@ -131,21 +153,24 @@ class OtaServer:
             self.report_limits.window_burst,
             self.report_limits.max_tracked_devices,
         )
-        self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
-            client_id=config.mqtt.client_id,
-            clean_session=False,
-            protocol=mqtt.MQTTv311,
-        )
-        password = config.mqtt.password_file.read_text(encoding="utf-8").strip()
-        self.client.username_pw_set(config.mqtt.username, password)
-        if config.mqtt.ca_file:
-            self.client.tls_set(ca_certs=str(config.mqtt.ca_file))
+        self._password = config.mqtt.password_file.read_text(encoding="utf-8").strip()
+        self.client = self._mqtt_client(config.mqtt.username, config.mqtt.client_id)
         self.client.on_connect = self._on_connect
-        self.client.on_socket_open = _no_delay
-        self.client.message_callback_add(REPORTS, self._on_report)
         self.metrics = ServerMetrics()
-        self.fetch = FetchServer(config.repo, self.client, on_sent=lambda n: self.metrics.fetched("mqtt", n))
+        cluster = config.cluster
+        self.shared_group = cluster.group if cluster.shared_subscriptions else None
+        self.reports = f"$share/{self.shared_group}/{REPORTS}" if self.shared_group else REPORTS
+        self.fetch = FetchServer(
+            config.repo,
+            self.client,
+            on_sent=lambda n: self.metrics.fetched("mqtt", n),
+            shared_group=self.shared_group,
+        )
+        self.cluster = Cluster(
+            self.registry, cluster.name or config.mqtt.username, config.mqtt.username, cluster.lease_s
+        )
+        self.adopted = AdoptedSessions(self._adopter, config.mqtt.host, config.mqtt.port)
+        self.writer = ReportWriter(self.registry, self._on_events, self._drop)
         import_versions_file(self.registry, config.repo)  # an older server's counters, once
         self.issuer: DirectorIssuer | None = None
         if config.passphrase_file is not None:
@@ -173,6 +198,44 @@ class OtaServer:
         )
         self._stopping = threading.Event()
         self._scheduler = threading.Thread(target=self._schedule, name="rollouts", daemon=True)
+        self._heart = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+
+    def _mqtt_client(self, username: str, client_id: str) -> mqtt.Client:
+        """A broker connection with a persistent session whose reports are acknowledged only
+        once they are in the registry (manual acks)."""
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=False,
+            protocol=mqtt.MQTTv311,
+            manual_ack=True,
+        )
+        client.username_pw_set(username, self._password)
+        if self.config.mqtt.ca_file:
+            client.tls_set(ca_certs=str(self.config.mqtt.ca_file))
+        client.on_socket_open = _no_delay
+        client.message_callback_add(REPORTS, self._on_report)
+        return client
+
+    def _adopter(self, login: str) -> mqtt.Client:
+        """A client for a dead replica's session: its reports and fetch requests are ours now."""
+        client = self._mqtt_client(login, login)
+        client.message_callback_add(REQUEST_FILTER, self.fetch.on_request)
+        return client
+
+    def _beat(self) -> None:
+        """Heartbeat, the scheduler's lease, and the sessions of dead replicas, every lease_s/3."""
+        every = self.cluster.lease_s / 3
+        while True:
+            try:
+                self.cluster.beat()
+                held = self.cluster.hold_lease()
+                dead = self.cluster.dead_logins() if held and self.shared_group else []
+                self.adopted.update(dead)
+            except Exception:  # the database is away: try again next beat (the lease runs out)
+                logger.exception("heartbeat failed")
+            if self._stopping.wait(every):
+                return
 
     def _bundle_profiles(self, release: str) -> set[str]:
         name, _, version = release.partition(":")
@@ -181,6 +244,8 @@ class OtaServer:
     def _schedule(self) -> None:
         pruned = 0.0
         while not self._stopping.wait(self.config.rollout_tick_s):
+            if not self.cluster.holds():  # another replica schedules
+                continue
             if self.issuer is not None:
                 self.rollouts.tick()
             if time.monotonic() - pruned > 600:  # telemetry history: a day is plenty to judge on
@@ -229,7 +294,9 @@ class OtaServer:
         if reason.is_failure:
             logger.error("broker refused the server: %s", reason)
             return
-        self.client.subscribe(REPORTS, qos=1)
+        if self.shared_group:  # an unshared subscription an older server left in the session
+            self.client.unsubscribe(REPORTS)
+        self.client.subscribe(self.reports, qos=1)
         self.fetch.start()
         self.metrics.connected()
         logger.info("connected to the broker")
@@ -247,73 +314,83 @@ class OtaServer:
         logger.warning("dropped a report on %s: %s (%d %s so far)", shown, why, self.drops[reason], reason)
         return True
 
-    def _on_report(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
+    def _on_report(self, client: mqtt.Client, _u: Any, message: mqtt.MQTTMessage) -> None:
+        """Validate a report on the network thread and hand it to the writer, which acknowledges
+        it once it is committed; a report that is dropped is acknowledged at once."""
         try:
             topic = parse_topic(message.topic)
         except ProtocolError as e:
             self._drop(message.topic, str(e), "bad topic")
+            client.ack(message.mid, message.qos)
             return
         if topic.kind not in REPORT_KINDS:
+            client.ack(message.mid, message.qos)
             return  # desired documents are ours
         try:
             report = parse_report(topic.kind, message.payload, self.report_limits)
             self.metrics.report(topic.kind)
             now = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
-            if isinstance(report, DeviceState):
-                self.registry.update(
-                    topic.device, last_seen=now, status=report.status, installed_release=report.installed
-                )
-            elif isinstance(report, Telemetry):
-                self._store_window(topic.device, report, now)
-            else:
+            if isinstance(report, Telemetry):
+                self._limit_windows(topic.device)
+                self.metrics.lag(_seconds_between(report.ended_at, now))
+            elif not isinstance(report, DeviceState):
                 release, detail = report.release or "", (report.detail or "")[:200]
                 logger.info("event from %s: %s %s %s", topic.device, report.event, release, detail)
-                self.registry.update(topic.device, last_seen=now)
                 self.metrics.event(report.event, report.step)
-                self.rollouts.on_event(topic.device, report.model_dump())
         except ReportRefused as e:
             self._drop(message.topic, str(e), e.reason)
-        except Exception:  # never let one report kill the MQTT loop
-            if self._drop(message.topic, "unexpected failure (traceback follows)", "failed"):
-                logger.exception("unexpected failure handling a report on %s", message.topic[:200])
+            client.ack(message.mid, message.qos)
+            return
+        self.writer.put(
+            Received(message.topic, topic.device, report, now, partial(client.ack, message.mid, message.qos))
+        )
 
-    def _store_window(self, device: str, window: Telemetry, now: str) -> None:
-        """Keep the window for the rollouts to judge, within the device's rate limit, and make
-        it the device's latest unless a newer one is already there."""
+    def _limit_windows(self, device: str) -> None:
+        """Telemetry windows are kept within the device's rate limit (per replica)."""
         if not self._window_limiter.allow(device, time.monotonic()):
             limits = self.report_limits
             message = f"over {limits.windows_per_s:g} windows/s (burst {limits.window_burst})"
             raise ReportRefused(message, "rate limited")
-        try:
-            stored = self.registry.get(device).telemetry or {}
-        except NotFoundError:
-            raise ReportRefused(f"no device {device!r} in the registry", "unknown device") from None
-        self.registry.add_window(device, window.figures(), now)  # the history rollouts judge
-        self.metrics.lag(_seconds_between(window.ended_at, now))
-        if self._is_newer(stored, window):
-            self.registry.update(device, last_seen=now, telemetry=window.figures())
 
-    @staticmethod
-    def _is_newer(stored: dict[str, Any], window: Telemetry) -> bool:
-        """A window sent twice (QoS 1 is at least once) or late must not replace a newer one;
-        a device whose counter restarted (a new state folder) has newer windows, not higher seqs."""
-        if window.seq is None or stored.get("seq") is None:
-            return True
-        return window.seq > stored["seq"] or (window.ended_at or "") > stored.get("ended_at", "")
+    def _on_events(self, events: list[tuple[str, dict[str, Any]]]) -> None:
+        """A committed batch's install events, for the rollouts to settle their members."""
+        for device, event in events:  # TODO(lead): Rollouts.on_events, one query per batch
+            self.rollouts.on_event(device, event)
 
     def start(self) -> None:
+        self.cluster.beat()  # alive before connecting: a peer draining our session lets it go
+        self.cluster.hold_lease()
+        self.writer.start()
         self.client.connect(self.config.mqtt.host, self.config.mqtt.port)
         self.client.loop_start()
         self.http_port = self.http.serve(self.config.http.host, self.config.http.port)
         logger.info("serving HTTP on %s:%d", self.config.http.host, self.http_port)
+        self._heart.start()
         self._scheduler.start()
 
     def stop(self) -> None:
+        """A clean stop: with other replicas alive, leave the shared subscriptions first (the
+        broker stops routing to this session); alone, keep them (reports wait for the restart)."""
         self._stopping.set()
         self.http.close()
         self.fetch.stop()
-        self.client.loop_stop()
+        if self.shared_group and self._others_alive():
+            self.client.unsubscribe([self.reports, self.fetch.subscription])
+        self.adopted.close()
+        self.writer.stop()  # writes and acknowledges what it has taken
         self.client.disconnect()
+        self.client.loop_stop()
+        try:
+            self.cluster.release()
+            self.cluster.leave()
+        except Exception as e:  # the database is away: the lease runs out by itself
+            logger.warning("could not leave the cluster cleanly: %s", e)
+
+    def _others_alive(self) -> bool:
+        try:
+            return self.cluster.others_alive()
+        except Exception:
+            return False
 
     def run_forever(self) -> None:
         run_until_signalled(self.start, self.stop)

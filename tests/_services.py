@@ -3,8 +3,11 @@ process helpers), and a test's own broker login."""
 
 from __future__ import annotations
 
+import os
 import secrets
 import subprocess
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,7 @@ __all__ = [
     "free_port",
     "needs_mosquitto",
     "port_open",
+    "postgres_url",
     "start_mosquitto",
     "stop",
     "wait_for",
@@ -35,6 +39,29 @@ needs_mosquitto = pytest.mark.skipif(
     MOSQUITTO is None, reason="the mosquitto binary is not installed (make test installs it)"
 )
 stop = stop_process
+
+
+PG_ADMIN = os.environ.get("EDGEC_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+def postgres_url() -> Iterator[str]:
+    """Create a fresh database on the machine's PostgreSQL; yield its URL; drop it."""
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    pytest.importorskip("psycopg")
+    admin = sqlalchemy.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    name = f"edgec_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    except sqlalchemy.exc.OperationalError as e:
+        admin.dispose()
+        pytest.skip(f"no PostgreSQL at {PG_ADMIN}: {str(e.orig).strip().splitlines()[0]}")
+    try:
+        yield PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 def add_broker_login(folder: Path, user: str, access: str = "readwrite edgec/v1/#") -> str:

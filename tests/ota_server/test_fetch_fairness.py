@@ -27,6 +27,9 @@ class RecordingClient:
     def subscribe(self, *_args, **_kwargs) -> None:
         pass
 
+    def ack(self, *_args) -> None:
+        pass
+
     def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
         with self.lock:
             self.active += 1
@@ -41,6 +44,7 @@ class RecordingClient:
 class Message:
     def __init__(self, device: str, request_id: str, offset: int) -> None:
         self.topic = f"edgec/v1/lab/fetch/{device}/request"
+        self.mid, self.qos = 1, 1
         self.payload = json.dumps({"id": request_id, "path": "targets/blob", "offset": offset}).encode()
 
 
@@ -60,8 +64,8 @@ def test_a_greedy_device_cannot_starve_another(tmp_path):
     client = RecordingClient()
     server = FetchServer(_folder(tmp_path), client, chunk_bytes=1024, workers=1, queue_per_device=8)
     for i in range(200):  # device A asks for 200 chunks at once
-        server._on_request(None, None, Message("dev-a", f"a{i}", (i % 16) * 1024))
-    server._on_request(None, None, Message("dev-b", "b0", 0))  # then B asks for one
+        server.on_request(client, None, Message("dev-a", f"a{i}", (i % 16) * 1024))
+    server.on_request(client, None, Message("dev-b", "b0", 0))  # then B asks for one
     server.start()
     _wait_for(client, 9)
     server.stop()
@@ -76,7 +80,7 @@ def test_devices_take_turns_and_workers_bound_concurrency(tmp_path):
     server = FetchServer(_folder(tmp_path), client, chunk_bytes=1024, workers=3, queue_per_device=4)
     for i in range(4):
         for device in ("dev-a", "dev-b", "dev-c", "dev-d", "dev-e"):
-            server._on_request(None, None, Message(device, f"{device}-{i}", i * 1024))
+            server.on_request(client, None, Message(device, f"{device}-{i}", i * 1024))
     server.start()
     _wait_for(client, 20)
     server.stop()
