@@ -10,6 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from cli._api import add_server_args, call
 from cli._record import audit_db_arg, recorded
 from edgec.errors import OptionError
 
@@ -30,6 +31,12 @@ def register(commands: Any) -> None:
     token.add_argument("--json", action="store_true", help="print JSON: token, name, sha256, role")
     audit_db_arg(token)
     token.set_defaults(run=run_token)
+    replicas = sub.add_parser(
+        "replicas", help="the server replicas sharing the registry, and the scheduler's"
+    )
+    add_server_args(replicas, required=True)
+    replicas.add_argument("--json", action="store_true", help="print JSON")
+    replicas.set_defaults(run=run_replicas)
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -75,4 +82,34 @@ def run_token(args: argparse.Namespace) -> int:
         )
     else:
         print(f'add to server.toml under [http.tokens]:\n"{digest}" = "{args.role}"')
+    return 0
+
+
+def run_replicas(args: argparse.Namespace) -> int:
+    import time
+
+    from edgec._table import render_table
+
+    replicas = call(args, "GET", "/v1/replicas")
+    if args.json:
+        print(json.dumps(replicas, indent=2))
+        return 0
+    now = time.time()
+    rows = [
+        (
+            r["name"],
+            r["mqtt_username"],
+            f"{r['host']}:{r['pid']}",
+            r["started_at"],
+            f"{now - r['beat_at']:.1f} s ago",
+            "alive" if r["alive"] else "dead",
+            "yes" if r["holds_scheduler"] else "",
+        )
+        for r in replicas
+    ]
+    print(
+        render_table(
+            ("replica", "broker login", "host:pid", "started", "heartbeat", "state", "scheduler"), rows
+        )
+    )
     return 0

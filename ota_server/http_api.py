@@ -95,12 +95,14 @@ class HttpApi:
         dashboard: bool = True,
         secure_cookie: bool = False,
         audit: AuditLog | None = None,
+        replicas: Callable[[], list[dict[str, Any]]] | None = None,
     ) -> None:
         """``tokens`` (plain token → role) and ``token_digests`` (sha256 hex → role) make the
         authenticator when none is given; ``assign`` signs and publishes a director document
         (the server's), ``rollouts`` runs rollouts: without them those routes answer 503.
         ``metrics``: served at /metrics (to a viewer); ``dashboard``: the web pages under /ui;
-        ``audit``: every action (assign, rollouts) recorded with who asked and how it ended."""
+        ``audit``: every action (assign, rollouts) recorded with who asked and how it ended;
+        ``replicas``: the server replicas sharing the registry (``ota_server.cluster``)."""
         self.repository = repository
         self.registry = registry
         self._assign = assign
@@ -112,6 +114,7 @@ class HttpApi:
         self.authenticator = authenticator
         self.metrics = metrics
         self.audit = audit
+        self._replicas = replicas
         self.dashboard = (
             Dashboard(authenticator, registry, repository, rollouts, audit=audit, secure_cookie=secure_cookie)
             if dashboard
@@ -176,6 +179,8 @@ class HttpApi:
                 name=f"{action}_rollout",
                 responses={**_BODY, **_errors(404, 409, 503)},
             )
+        if self._replicas is not None:
+            route("/v1/replicas", self._replicas, methods=["GET"], dependencies=viewer, responses=_READ)
         if self.metrics is not None:
             route(
                 "/metrics",

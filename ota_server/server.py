@@ -195,6 +195,7 @@ class OtaServer:
             audit=AuditLog(self.registry),
             dashboard=config.http.dashboard,
             secure_cookie=config.http.behind_https,
+            replicas=lambda: [r.as_dict() for r in self.cluster.replicas()],
         )
         self._stopping = threading.Event()
         self._scheduler = threading.Thread(target=self._schedule, name="rollouts", daemon=True)

@@ -85,6 +85,15 @@ def test_rollout_completes_when_the_scheduler_replica_is_killed_mid_wave_two(rep
         api = fleet.replica_ports[survivor]
         fleet.http_port = api  # the operator's commands now go to a live replica
 
+        # what an operator sees: the dead replica (once its heartbeat is stale) and the new scheduler
+        def listed() -> dict[str, tuple[bool, bool]]:
+            shown = fleet.edgec("server", "replicas", "--json", *fleet.api_args(), show=False).json()
+            return {r["name"]: (r["alive"], r["holds_scheduler"]) for r in shown}
+
+        assert wait_for(lambda: listed().get(holder) == (False, False), 2 * LEASE_S), listed()
+        assert sum(held for _, held in listed().values()) == 1
+        assert len(listed()) == 3
+
         assert wait_for(lambda: fleet.rollout_status(rollout_id)["state"] == "completed", 180, step_s=0.5), (
             fleet.rollout_status(rollout_id)
         )
