@@ -160,19 +160,21 @@ class ReportWriter:
 
     def write(self, batch: list[Received]) -> None:
         """Write ``batch`` in one transaction, then hand its events to the rollouts."""
-        devices = sorted({item.device for item in batch})
-        stored = self._stored_telemetry(devices)
+        # the stored latest windows, where windows came (an unknown device's are dropped; its
+        # states and events change no row)
+        windowed = sorted({item.device for item in batch if isinstance(item.report, Telemetry)})
+        stored = self._stored_telemetry(windowed) if windowed else {}
         states: dict[str, dict[str, Any]] = {}
         seen: dict[str, str] = {}
         windows: list[dict[str, Any]] = []
         latest: dict[str, dict[str, Any]] = {}
         events: list[tuple[str, dict[str, Any]]] = []
         for item in batch:
-            if item.device not in stored:
+            report = item.report
+            if isinstance(report, Telemetry) and item.device not in stored:
                 self.drop(item.topic, f"no device {item.device!r} in the registry", "unknown device")
                 continue
             seen[item.device] = max(seen.get(item.device, ""), item.at)
-            report = item.report
             if isinstance(report, DeviceState):
                 before = states.get(item.device)
                 if before is None or not (report.at and before["at"] and report.at < before["at"]):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from localfleet import (
     stop_process,
     wait_for,
 )
+from localfleet.database import postgres_database
 
 __all__ = [
     "MOSQUITTO",
@@ -46,22 +46,16 @@ PG_ADMIN = os.environ.get("EDGEC_TEST_PG", "postgresql+psycopg://postgres@127.0.
 
 def postgres_url() -> Iterator[str]:
     """Create a fresh database on the machine's PostgreSQL; yield its URL; drop it."""
-    sqlalchemy = pytest.importorskip("sqlalchemy")
     pytest.importorskip("psycopg")
-    admin = sqlalchemy.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    name = f"edgec_test_{uuid.uuid4().hex[:12]}"
+    database = postgres_database(PG_ADMIN, "edgec_test")
     try:
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    except sqlalchemy.exc.OperationalError as e:
-        admin.dispose()
-        pytest.skip(f"no PostgreSQL at {PG_ADMIN}: {str(e.orig).strip().splitlines()[0]}")
+        url = database.__enter__()
+    except HarnessError as e:
+        pytest.skip(str(e))
     try:
-        yield PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+        yield url
     finally:
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        database.__exit__(None, None, None)
 
 
 def add_broker_login(folder: Path, user: str, access: str = "readwrite edgec/v1/#") -> str:
