@@ -1,21 +1,59 @@
 """The rollout tables as the registry's migrations made them (the registry owns the schema),
-and their rows as typed values: the store's side of ``ota_server.rollouts``."""
+their rows as typed values, and the reads and writes a tick makes: the store's side of
+``ota_server.rollouts``.
+
+A tick's cost does not grow in queries with the rollout: a wave's members and their devices'
+installed releases are read in one query, a tick's member changes written in one transaction
+(one executemany per set of columns). Every member write is a compare-and-set on the state it
+was read in, so an event settled by the MQTT thread is never overwritten by the scheduler's
+older view (nor the other way round)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import enum
 import logging
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
-from sqlalchemy import Column, Integer, MetaData, String, Table, Text
+from sqlalchemy import (
+    Column,
+    Connection,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    bindparam,
+    func,
+    select,
+    update,
+)
 
 from edgec.rollout_spec import MemberState, RolloutSpec, RolloutState
 from ota_server.rollout_policy import Member
 
-__all__ = ["MEMBERS", "ROLLOUTS", "RolloutRow", "iso", "member_of", "moment", "stored"]
+__all__ = [
+    "DEVICES",
+    "MAX_IN_LIST",
+    "MEMBERS",
+    "ROLLOUTS",
+    "MemberChange",
+    "RolloutRow",
+    "assigned_in_wave",
+    "chunks",
+    "iso",
+    "member_of",
+    "moment",
+    "read_members",
+    "stored",
+    "wave_counts",
+    "write_members",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +86,15 @@ MEMBERS = Table(
     Column("finished_at", String(40)),
     Column("detail", Text),
 )
+DEVICES = Table(  # the registry's devices table: only the columns the scheduler reads
+    "devices",
+    _TABLES,
+    Column("id", String(128), primary_key=True),
+    Column("installed_release", String(256)),
+)
+MAX_IN_LIST = 1000  # ids per IN list: a statement's parameters stay well under every driver's limit
+
+_T = TypeVar("_T")
 
 
 def iso(when: dt.datetime) -> str:
@@ -104,6 +151,86 @@ class RolloutRow:
 
 def member_of(row: Any) -> Member:
     """A ``rollout_devices`` row as the policy's ``Member``."""
-    r = {k: v for k, v in row._mapping.items() if k != "rollout_id"}
+    return _member_of_mapping(row._mapping)
+
+
+def _member_of_mapping(mapping: Mapping[str, Any]) -> Member:
+    r = {k: v for k, v in mapping.items() if k != "rollout_id"}
     times = {"assigned_at": moment(r["assigned_at"]), "finished_at": moment(r["finished_at"])}
     return Member(**{**r, **times, "state": MemberState(r["state"])})
+
+
+# -- reads and writes ---------------------------------------------------------------------------------
+def chunks(items: Sequence[_T], size: int = MAX_IN_LIST) -> Iterator[Sequence[_T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def read_members(
+    conn: Connection, rollout_id: str, wave: int | None = None, state: MemberState | None = None
+) -> list[Member]:
+    """A rollout's members (of one wave, in one state, where given), by wave and device."""
+    query = select(MEMBERS).where(MEMBERS.c.rollout_id == rollout_id)
+    if wave is not None:
+        query = query.where(MEMBERS.c.wave == wave)
+    if state is not None:
+        query = query.where(MEMBERS.c.state == state.value)
+    return [member_of(row) for row in conn.execute(query.order_by(MEMBERS.c.wave, MEMBERS.c.device_id))]
+
+
+def wave_counts(conn: Connection, rollout_id: str, wave: int) -> Counter[MemberState]:
+    """How many members of the wave are in each state."""
+    query = (
+        select(MEMBERS.c.state, func.count())
+        .where(MEMBERS.c.rollout_id == rollout_id, MEMBERS.c.wave == wave)
+        .group_by(MEMBERS.c.state)
+    )
+    return Counter({MemberState(state): int(n) for state, n in conn.execute(query)})
+
+
+def assigned_in_wave(conn: Connection, rollout_id: str, wave: int) -> list[tuple[Member, str | None]]:
+    """The wave's assigned members, each with the release its device reports installed (None
+    for a device since removed from the registry), in one query."""
+    query = (
+        select(MEMBERS, DEVICES.c.installed_release.label("installed_now"))
+        .select_from(MEMBERS.outerjoin(DEVICES, DEVICES.c.id == MEMBERS.c.device_id))
+        .where(
+            MEMBERS.c.rollout_id == rollout_id,
+            MEMBERS.c.wave == wave,
+            MEMBERS.c.state == MemberState.ASSIGNED.value,
+        )
+        .order_by(MEMBERS.c.device_id)
+    )
+    found = []
+    for row in conn.execute(query):
+        r = row._mapping
+        member = _member_of_mapping({c.name: r[c.name] for c in MEMBERS.c})
+        found.append((member, r["installed_now"]))
+    return found
+
+
+@dataclass(frozen=True)
+class MemberChange:
+    """Set ``fields`` on a member, if it is still in state ``was`` (the state it was read in;
+    None: whatever its state)."""
+
+    device_id: str
+    was: MemberState | None
+    fields: Mapping[str, Any]
+
+
+def write_members(conn: Connection, rollout_id: str, changes: Sequence[MemberChange]) -> None:
+    """Every change in the caller's transaction: one executemany per set of columns written."""
+    groups: dict[tuple[bool, tuple[str, ...]], list[dict[str, Any]]] = {}
+    for change in changes:
+        values = stored(dict(change.fields))
+        row = {"_d": change.device_id, **{f"v_{k}": v for k, v in values.items()}}
+        if change.was is not None:
+            row["_was"] = change.was.value
+        groups.setdefault((change.was is not None, tuple(sorted(values))), []).append(row)
+    for (checked, columns), rows in groups.items():
+        mine = and_(MEMBERS.c.rollout_id == rollout_id, MEMBERS.c.device_id == bindparam("_d"))
+        if checked:
+            mine = and_(mine, MEMBERS.c.state == bindparam("_was"))
+        statement = update(MEMBERS).where(mine).values({c: bindparam(f"v_{c}") for c in columns})
+        conn.execute(statement, rows)

@@ -6,6 +6,7 @@ the answer; everything here can be tested (and reasoned about) without either::
 
     pending → START_WAVE 0 → WAIT_FOR_DEVICES (members assigned) → START_BAKE → BAKE
             → JUDGE → ABORT (a rule fired) | WAIT_FOR_FIGURES | START_WAVE n+1 | COMPLETE
+    a wave with members still waiting (its sending was cut short) → START_WAVE n again
     paused, completed, aborted, rolled-back → HOLD
 """
 
@@ -319,6 +320,9 @@ def decide(progress: Progress, now: dt.datetime, judgement: Sequence[RuleResult]
         return Decision(Step.START_WAVE, wave=0)
     if progress.state is not RolloutState.RUNNING:
         return Decision(Step.HOLD)
+    if progress.wave >= 0 and MemberState.WAITING in progress.wave_states:
+        # the wave was left half-sent (its scheduler died while assigning it): send the rest
+        return Decision(Step.START_WAVE, wave=progress.wave)
     if MemberState.ASSIGNED in progress.wave_states:
         return Decision(Step.WAIT_FOR_DEVICES)
     if progress.bake_until is None and progress.bake_s > 0:

@@ -14,9 +14,13 @@ old release. A device with no bundle for its profile is reported, never guessed.
 that does not answer within ``device_timeout_s`` counts as a failure and does not hold up
 its wave.
 
-This module is the store and the plumbing: each tick reads a rollout and its members once,
-asks ``ota_server.rollout_policy`` what to do, and writes the answer. The spec and the states
-are ``edgec.rollout_spec``'s.
+This module is the store and the plumbing: each tick reads a rollout and its current wave
+(the counts of its states, and its assigned members with their devices' installed releases,
+in one query), asks ``ota_server.rollout_policy`` what to do, and writes the answer in one
+transaction; every member is read only when a wave is judged or rolled back. A wave is sent
+in batches, each recorded once its documents are out: a scheduler that dies mid-wave leaves
+the rest waiting, and the next tick (on whichever replica runs it) sends them. The spec and
+the states are ``edgec.rollout_spec``'s.
 """
 
 from __future__ import annotations
@@ -30,19 +34,35 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, or_, select, update
 
 from edgec.director import Action
 from edgec.errors import ConflictError, NotFoundError, UserInputError
 from edgec.reports import EventKind
 from edgec.rollout_spec import MemberState, RolloutSpec, RolloutState
 from ota_server import rollout_policy as policy
-from ota_server._rollout_tables import MEMBERS, ROLLOUTS, RolloutRow, iso, member_of, moment, stored
+from ota_server._rollout_tables import (
+    MEMBERS,
+    ROLLOUTS,
+    MemberChange,
+    RolloutRow,
+    assigned_in_wave,
+    chunks,
+    iso,
+    moment,
+    read_members,
+    stored,
+    wave_counts,
+    write_members,
+)
 from ota_server.registry import Registry
 
 __all__ = ["Rollouts"]
 
 logger = logging.getLogger(__name__)
+
+SEND_BATCH = 200  # a wave's members recorded as sent per transaction: what a crash may send twice
+Answer = tuple[str, dict[str, Any]]  # (device id, an install event as ``Event.model_dump`` gives it)
 
 
 class Rollouts:
@@ -81,19 +101,16 @@ class Rollouts:
         with self.registry.engine.begin() as conn:
             conn.execute(update(ROLLOUTS).where(ROLLOUTS.c.id == rollout_id).values(values))
 
-    def _members(self, rollout_id: str) -> list[policy.Member]:
-        query = (
-            select(MEMBERS)
-            .where(MEMBERS.c.rollout_id == rollout_id)
-            .order_by(MEMBERS.c.wave, MEMBERS.c.device_id)
-        )
+    def _members(
+        self, rollout_id: str, wave: int | None = None, state: MemberState | None = None
+    ) -> list[policy.Member]:
         with self.registry.engine.connect() as conn:
-            return [member_of(row) for row in conn.execute(query)]
+            return read_members(conn, rollout_id, wave, state)
 
-    def _set_member(self, rollout_id: str, device_id: str, **fields: Any) -> None:
-        mine = (MEMBERS.c.rollout_id == rollout_id) & (MEMBERS.c.device_id == device_id)
-        with self.registry.engine.begin() as conn:
-            conn.execute(update(MEMBERS).where(mine).values(stored(fields)))
+    def _set_members(self, rollout_id: str, changes: Sequence[MemberChange]) -> None:
+        if changes:
+            with self.registry.engine.begin() as conn:
+                write_members(conn, rollout_id, changes)
 
     # -- operator commands ----------------------------------------------------------------------
     def start(self, spec: RolloutSpec, created_by: str) -> dict[str, Any]:
@@ -196,23 +213,24 @@ class Rollouts:
     def _advance(self, rollout_id: str) -> None:
         """One tick of one rollout: read it once, settle its wave, decide, write the decision."""
         row = self._rollout(rollout_id)
-        members = self._members(rollout_id)
         spec, problem = row.parsed_spec()
         if spec is None:
-            self._abort(rollout_id, f"its stored spec is invalid ({problem}); start a new rollout", members)
+            reason = f"its stored spec is invalid ({problem}); start a new rollout"
+            self._abort(rollout_id, reason, self._members(rollout_id))
             return
         now = self._now()
-        members = self._settle(row, spec, members, now)
         progress = policy.Progress(
             state=row.state,
             wave=row.wave,
             waves=len(spec.waves),
             bake_s=spec.bake_s,
             bake_until=moment(row.bake_until),
-            wave_states=tuple(m.state for m in members if m.wave == row.wave),
+            wave_states=self._settle(row, spec, now),
         )
         decision = policy.decide(progress, now)
+        members: list[policy.Member] = []
         if decision.step is policy.Step.JUDGE:
+            members = self._members(rollout_id)  # every wave's, once the wave is settled
             if row.bake_until is None:  # no bake: it ends now
                 self._set(rollout_id, bake_until=decision.bake_until)
             judgement = self._judgement(row, spec, members, now)
@@ -226,78 +244,107 @@ class Rollouts:
     ) -> None:
         step = decision.step
         if step is policy.Step.START_WAVE and decision.wave is not None:
-            self._start_wave(row.id, spec, members, decision.wave)
+            self._start_wave(row.id, spec, decision.wave)
         elif step is policy.Step.START_BAKE:
             self._set(row.id, bake_until=decision.bake_until)
         elif step is policy.Step.WAIT_FOR_FIGURES:
             self._set(row.id, reason=decision.reason)
         elif step is policy.Step.ABORT:
-            self._abort(row.id, decision.reason or "aborted", members)
+            self._abort(row.id, decision.reason or "aborted", members or self._members(row.id))
         elif step is policy.Step.COMPLETE:
             self._set(row.id, state=RolloutState.COMPLETED, reason=decision.reason)
             logger.info("rollout %s completed", row.id)
         # HOLD, WAIT_FOR_DEVICES, BAKE: nothing to write
 
-    def _start_wave(
-        self, rollout_id: str, spec: RolloutSpec, members: list[policy.Member], wave: int
-    ) -> None:
+    def _start_wave(self, rollout_id: str, spec: RolloutSpec, wave: int) -> None:
+        """Send the release to the wave's waiting members (all of them, or those a scheduler
+        that died mid-wave left), recording each batch once its documents are out."""
         self._set(rollout_id, state=RolloutState.RUNNING, wave=wave, bake_until=None, reason=None)
-        for member in members:
-            if member.wave != wave or member.state is not MemberState.WAITING:
-                continue
+        waiting = self._members(rollout_id, wave, MemberState.WAITING)
+        for batch in chunks(waiting, SEND_BATCH):
+            sent: list[MemberChange] = []
             try:
-                self.assign(member.device_id, spec.release, Action.INSTALL, rollout_id)
-                state, detail = MemberState.ASSIGNED, None
-            except UserInputError as e:  # e.g. the device was removed
-                state, detail = MemberState.FAILED, str(e)
-            self._set_member(
-                rollout_id, member.device_id, state=state, detail=detail, assigned_at=self.clock()
-            )
-        logger.info("rollout %s: wave %d started", rollout_id, wave + 1)
+                for member in batch:
+                    try:
+                        self.assign(member.device_id, spec.release, Action.INSTALL, rollout_id)
+                        state, detail = MemberState.ASSIGNED, None
+                    except UserInputError as e:  # e.g. the device was removed
+                        state, detail = MemberState.FAILED, str(e)
+                    fields = {"state": state, "detail": detail, "assigned_at": self.clock()}
+                    sent.append(MemberChange(member.device_id, MemberState.WAITING, fields))
+            finally:  # a broker error stops the wave: what was sent is recorded, the rest waits
+                self._set_members(rollout_id, sent)
+        logger.info("rollout %s: wave %d sent to %d devices", rollout_id, wave + 1, len(waiting))
 
-    def _settle(
-        self, row: RolloutRow, spec: RolloutSpec, members: list[policy.Member], now: dt.datetime
-    ) -> list[policy.Member]:
-        """The current wave's members once installed (the device reports the release) or timed out."""
-        settled = []
-        for member in members:
-            after = member
-            if member.wave == row.wave and member.state is MemberState.ASSIGNED:
-                installed = self.registry.get(member.device_id).installed_release
-                after = policy.settle(member, installed, spec.release, now, spec.device_timeout_s)
-                changed = {k: v for k, v in dataclasses.asdict(after).items() if getattr(member, k) != v}
-                if changed:
-                    self._set_member(row.id, member.device_id, **changed)
-            settled.append(after)
-        return settled
+    def _settle(self, row: RolloutRow, spec: RolloutSpec, now: dt.datetime) -> tuple[MemberState, ...]:
+        """Settle the current wave's assigned members (installed: the device reports the release;
+        or timed out); the states of the wave's members after it."""
+        if row.wave < 0:
+            return ()
+        with self.registry.engine.connect() as conn:
+            counts = wave_counts(conn, row.id, row.wave)
+            assigned = assigned_in_wave(conn, row.id, row.wave) if counts[MemberState.ASSIGNED] else []
+        changes = []
+        for member, installed in assigned:
+            after = policy.settle(member, installed, spec.release, now, spec.device_timeout_s)
+            if after is member:  # still waiting for its device (most members on most ticks)
+                continue
+            names = (f.name for f in dataclasses.fields(after))
+            changed = {k: getattr(after, k) for k in names if getattr(member, k) != getattr(after, k)}
+            changes.append(MemberChange(member.device_id, member.state, changed))
+            counts[member.state] -= 1
+            counts[after.state] += 1
+        self._set_members(row.id, changes)
+        return tuple(counts.elements())
 
     def on_event(self, device_id: str, event: dict[str, Any]) -> None:
         """A device's install event (an ``Event`` dumped): ``committed`` or ``refused`` settles
         its part; any other kind, a newer agent's included, is ignored."""
-        kind, release = event.get("event"), event.get("release")
-        if kind not in (EventKind.COMMITTED, EventKind.REFUSED) or not isinstance(release, str):
+        self.on_events([(device_id, event)])
+
+    def on_events(self, events: Sequence[Answer]) -> None:
+        """Install events of many devices, in order, in one query and one transaction. A member
+        is settled by its first ``committed`` or ``refused`` event for the rollout's release,
+        while it is assigned, or still waiting in the wave being sent (its event can outrun the
+        record that it was sent)."""
+        answers = [
+            (device, event)
+            for device, event in events
+            if event.get("event") in (EventKind.COMMITTED, EventKind.REFUSED)
+            and isinstance(event.get("release"), str)
+        ]
+        if not answers:
             return
-        query = (
-            select(ROLLOUTS.c.id)
+        open_parts: dict[str, list[tuple[str, str, MemberState]]] = {}
+        with self.registry.engine.connect() as conn:
+            for ids in chunks(sorted({device for device, _ in answers})):
+                for rollout_id, device, release, state in conn.execute(self._open_parts(ids)):
+                    open_parts.setdefault(device, []).append((rollout_id, release, MemberState(state)))
+        now = self.clock()
+        settled: dict[tuple[str, str], MemberChange] = {}
+        for device, event in answers:
+            for rollout_id, release, state in open_parts.get(device, ()):
+                if release == event["release"] and (rollout_id, device) not in settled:
+                    settled[rollout_id, device] = MemberChange(device, state, _answered(event, now))
+        if settled:
+            with self.registry.engine.begin() as conn:
+                for rollout_id in sorted({r for r, _ in settled}):
+                    write_members(conn, rollout_id, [c for (r, _), c in settled.items() if r == rollout_id])
+
+    @staticmethod
+    def _open_parts(devices: Sequence[str]) -> Any:
+        """The running or paused rollouts' members among ``devices`` that an install event settles."""
+        active = (RolloutState.RUNNING.value, RolloutState.PAUSED.value)
+        being_sent = (MEMBERS.c.state == MemberState.WAITING.value) & (MEMBERS.c.wave == ROLLOUTS.c.wave)
+        return (
+            select(ROLLOUTS.c.id, MEMBERS.c.device_id, ROLLOUTS.c.release, MEMBERS.c.state)
             .join(MEMBERS, MEMBERS.c.rollout_id == ROLLOUTS.c.id)
             .where(
-                MEMBERS.c.device_id == device_id,
-                MEMBERS.c.state == MemberState.ASSIGNED.value,
-                ROLLOUTS.c.release == release,
-                ROLLOUTS.c.state.in_((RolloutState.RUNNING.value, RolloutState.PAUSED.value)),
+                MEMBERS.c.device_id.in_(devices),
+                ROLLOUTS.c.state.in_(active),
+                or_(MEMBERS.c.state == MemberState.ASSIGNED.value, being_sent),
             )
         )
-        with self.registry.engine.connect() as conn:
-            rows = conn.execute(query).all()
-        now = self.clock()
-        for (rollout_id,) in rows:
-            if kind == EventKind.COMMITTED:
-                self._set_member(rollout_id, device_id, state=MemberState.INSTALLED, finished_at=now)
-            else:
-                detail = f"refused at {event.get('step')}: {event.get('detail')}"
-                self._set_member(
-                    rollout_id, device_id, state=MemberState.FAILED, finished_at=now, detail=detail
-                )
 
     def _abort(self, rollout_id: str, reason: str, members: Sequence[policy.Member]) -> None:
         logger.warning("rollout %s aborted: %s", rollout_id, reason)
@@ -305,20 +352,24 @@ class Rollouts:
         self._roll_back(rollout_id, members)
 
     def _roll_back(self, rollout_id: str, members: Sequence[policy.Member]) -> None:
-        for member in members:
-            if member.state not in policy.ROLLED_BACK_FROM:
-                continue
-            previous = member.from_release
-            if not previous:
-                self._set_member(rollout_id, member.device_id, detail="nothing to roll back to")
-                continue
-            try:
-                self.assign(member.device_id, previous, Action.ROLLBACK, rollout_id)
-                self._set_member(
-                    rollout_id, member.device_id, state=MemberState.ROLLED_BACK, detail=f"back to {previous}"
-                )
-            except UserInputError as e:
-                self._set_member(rollout_id, member.device_id, detail=f"rollback failed: {e}")
+        changes: list[MemberChange] = []
+        try:
+            for member in members:
+                if member.state not in policy.ROLLED_BACK_FROM:
+                    continue
+                previous = member.from_release
+                if not previous:
+                    fields: dict[str, Any] = {"detail": "nothing to roll back to"}
+                else:
+                    try:
+                        self.assign(member.device_id, previous, Action.ROLLBACK, rollout_id)
+                        fields = {"state": MemberState.ROLLED_BACK, "detail": f"back to {previous}"}
+                    except UserInputError as e:
+                        fields = {"detail": f"rollback failed: {e}"}
+                # whatever its state now: an answer to the install may have come in meanwhile
+                changes.append(MemberChange(member.device_id, None, fields))
+        finally:
+            self._set_members(rollout_id, changes)
 
     # -- figures ----------------------------------------------------------------------------------
     def _figures(
@@ -421,3 +472,11 @@ class Rollouts:
                 }
             )
         return result
+
+
+def _answered(event: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
+    """A member's fields once its device answered: ``committed`` installs, ``refused`` fails."""
+    if event.get("event") == EventKind.COMMITTED:
+        return {"state": MemberState.INSTALLED, "finished_at": now}
+    detail = f"refused at {event.get('step')}: {event.get('detail')}"
+    return {"state": MemberState.FAILED, "finished_at": now, "detail": detail}

@@ -355,8 +355,7 @@ class OtaServer:
 
     def _on_events(self, events: list[tuple[str, dict[str, Any]]]) -> None:
         """A committed batch's install events, for the rollouts to settle their members."""
-        for device, event in events:  # TODO(lead): Rollouts.on_events, one query per batch
-            self.rollouts.on_event(device, event)
+        self.rollouts.on_events(events)
 
     def start(self) -> None:
         self.cluster.beat()  # alive before connecting: a peer draining our session lets it go
