@@ -1,4 +1,4 @@
-"""``edgec keys init|rotate|revoke|migrate``, ``edgec publish``, ``edgec repo ls|refresh``:
+"""``edgec keys init|rotate|revoke|migrate``, ``edgec publish``, ``edgec repo ls|refresh|cdn-config``:
 the signed image repository.
 
 Three folders: ``--repo`` (what the server serves: metadata and targets), ``--keys`` (the
@@ -133,6 +133,30 @@ def register(commands: Any) -> None:
         "--passphrase-file", type=Path, metavar="FILE", help=f"(as for publish; else ${PASSPHRASE_ENV})"
     )
     refresh.set_defaults(run=run_refresh)
+    cdn = repo_sub.add_parser(
+        "cdn-config", help="a web server config serving only metadata/ and targets/ (nginx, a CDN's origin)"
+    )
+    _repo_arg(cdn)
+    cdn.add_argument("--kind", choices=["nginx"], default="nginx", help="the web server (default nginx)")
+    cdn.add_argument("--port", type=int, required=True, help="the port it listens on")
+    cdn.add_argument("--listen", default="127.0.0.1", metavar="ADDR", help="the address (default 127.0.0.1)")
+    cdn.add_argument(
+        "--prefix",
+        default="/v1/repo/",
+        help="the URL path devices' install.http_url ends in (default /v1/repo/)",
+    )
+    cdn.add_argument(
+        "--run-dir",
+        type=Path,
+        metavar="DIR",
+        help="pid, logs, temp files; created (default: REPO-nginx, beside REPO)",
+    )
+    cdn.add_argument("--user", help="the workers' user when nginx starts as root")
+    cdn.add_argument(
+        "--server-block", action="store_true", help="only the server { } block, for /etc/nginx/conf.d"
+    )
+    cdn.add_argument("--out", type=Path, metavar="FILE", help="write it here (default: stdout)")
+    cdn.set_defaults(run=run_cdn_config)
 
 
 def _read_file(flag: str, path: Path) -> bytes:
@@ -289,4 +313,30 @@ def run_refresh(args: argparse.Namespace) -> int:
     repo = ImageRepository(args.repo, online_keys=args.online_keys)
     repo.refresh(_online_passphrase(args))
     print(f"re-signed snapshot and timestamp of {args.repo}")
+    return 0
+
+
+def run_cdn_config(args: argparse.Namespace) -> int:
+    from edgec._atomic import atomic_write
+    from ota_server.cdn import nginx_config, nginx_server
+
+    where = {"port": args.port, "listen": args.listen, "prefix": args.prefix}
+    if args.server_block:
+        if args.run_dir or args.user:
+            raise OptionError(
+                "--server-block goes into an nginx of its own: --run-dir and --user do not apply"
+            )
+        text = nginx_server(args.repo, **where)
+    else:
+        run_dir = args.run_dir or args.repo.resolve().parent / f"{args.repo.resolve().name}-nginx"
+        text = nginx_config(args.repo, run_dir=run_dir, user=args.user, **where)
+        run_dir.mkdir(parents=True, exist_ok=True)  # nginx needs it to exist
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        atomic_write(args.out, text.encode(), mode=0o644)
+    except OSError as e:
+        raise OptionError(f"cannot write --out {args.out}: {e.strerror}") from e
+    print(f"wrote {args.out}: serves {args.repo}'s metadata/ and targets/ on {args.listen}:{args.port}")
     return 0
