@@ -50,10 +50,24 @@ def register(commands: Any) -> None:
     _db_arg(remove)
     remove.set_defaults(run=run_remove)
 
-    broker = commands.add_parser("broker", help="Mosquitto configuration from the registry")
+    broker = commands.add_parser("broker", help="Mosquitto or EMQX configuration from the registry")
     broker_sub = broker.add_subparsers(dest="broker_command", metavar="ACTION", required=True)
-    config = broker_sub.add_parser("config", help="write mosquitto.conf, passwords, ACL and TLS files")
+    config = broker_sub.add_parser(
+        "config",
+        help="write mosquitto.conf, passwords, ACL and TLS files (--kind emqx: EMQX reading the registry)",
+    )
     config.add_argument("--out", type=Path, required=True, help="folder for the broker's files")
+    config.add_argument(
+        "--kind",
+        choices=["mosquitto", "emqx"],
+        default="mosquitto",
+        help="mosquitto (files from the registry) or emqx (a cluster asking the PostgreSQL registry)",
+    )
+    config.add_argument(
+        "--emqx-db",
+        metavar="URL",
+        help="--kind emqx: the PostgreSQL URL EMQX connects with, a read-only role (default: --db)",
+    )
     config.add_argument("--port", type=int, default=1883, help="plain MQTT port (default 1883)")
     config.add_argument("--tls-port", type=int, default=8883, help="MQTT over TLS port (default 8883)")
     config.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -240,6 +254,10 @@ def run_broker_config(args: argparse.Namespace) -> int:
     from ota_server.broker import write_broker_config
     from ota_server.registry import Registry
 
+    if args.kind == "emqx":
+        return _emqx_config(args)
+    if args.emqx_db:
+        raise OptionError("--emqx-db is for --kind emqx: Mosquitto reads files, not the database")
     files = write_broker_config(
         Registry.open(args.db),
         args.out,
@@ -252,4 +270,24 @@ def run_broker_config(args: argparse.Namespace) -> int:
     )
     print(f"wrote {files.config}; the server's MQTT password is in {files.config.parent / 'server.secret'}")
     print(f"devices verify the broker with {files.ca_cert}; start it with: mosquitto -c {files.config}")
+    return 0
+
+
+def _emqx_config(args: argparse.Namespace) -> int:
+    from ota_server.broker_emqx import write_emqx_config
+    from ota_server.registry import Registry
+
+    files = write_emqx_config(
+        Registry.open(args.db),
+        args.out,
+        port=args.port,
+        tls_port=args.tls_port,
+        bind=args.bind,
+        hosts=args.host or None,
+        server_replicas=args.server_replicas,
+        db_url=args.emqx_db,
+    )
+    print(f"wrote {files.config}; the server's MQTT password is in {files.config.parent / 'server.secret'}")
+    print(f"append it to etc/emqx.conf on every EMQX node, with {args.out} at the same path on each;")
+    print(f"devices verify the broker with {files.ca_cert}; EMQX reads devices from the registry at CONNECT")
     return 0

@@ -29,7 +29,7 @@ from edgec.topics import PREFIX, device_topics, fetch_request, fetch_response
 from ota_server.logins import SERVER_USER, is_server_login, server_logins
 from ota_server.registry import Device, Registry, hash_password
 
-__all__ = ["SERVER_USER", "BrokerFiles", "write_broker_config"]
+__all__ = ["SERVER_USER", "BrokerFiles", "replica_logins", "write_broker_config", "write_tls"]
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def _name(common: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
 
-def _tls(folder: Path, hosts: list[str]) -> Path:
+def write_tls(folder: Path, hosts: list[str]) -> Path:
     """A CA and a server certificate for ``hosts`` (names or IP addresses), both ECDSA P-256."""
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -112,6 +112,20 @@ def _tls(folder: Path, hosts: list[str]) -> Path:
     return folder / "ca.crt"
 
 
+def replica_logins(devices: list[Device], server_replicas: int) -> list[str]:
+    """The broker logins of ``server_replicas`` server replicas; ``UserInputError`` when a device
+    holds one of them as its id (its login, client id and session would be a server's)."""
+    taken = [d.id for d in devices if is_server_login(d.id)]
+    if taken:
+        raise UserInputError(
+            f"device id {taken[0]!r} is a server replica's login; re-add that device under another id"
+        )
+    try:
+        return server_logins(server_replicas)
+    except ValueError as e:
+        raise UserInputError(str(e)) from None
+
+
 def write_broker_config(
     registry: Registry,
     folder: Path,
@@ -130,15 +144,7 @@ def write_broker_config(
     server processes get a login each (``ota_server.logins``), sharing one secret.
     """
     devices = registry.devices()
-    taken = [d.id for d in devices if is_server_login(d.id)]  # its login, client id and session: a server's
-    if taken:
-        raise UserInputError(
-            f"device id {taken[0]!r} is a server replica's login; re-add that device under another id"
-        )
-    try:
-        servers = server_logins(server_replicas)
-    except ValueError as e:
-        raise UserInputError(str(e)) from None
+    servers = replica_logins(devices, server_replicas)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "data").mkdir(exist_ok=True)
     server_password = secrets.token_urlsafe(24)
@@ -147,7 +153,7 @@ def write_broker_config(
     _write(folder / "passwords", "\n".join(passwords) + "\n", 0o600)
     _write(folder / "server.secret", server_password + "\n", 0o600)
     _write(folder / "acl", _acl(devices, servers), 0o600)
-    ca = _tls(folder, hosts or [bind, "localhost"])
+    ca = write_tls(folder, hosts or [bind, "localhost"])
     config = "\n".join(
         [
             "# written by edgec broker config: regenerate after adding devices",
