@@ -118,7 +118,7 @@ def register(commands: Any) -> None:
     audit_db_arg(publish)
     publish.set_defaults(run=run_publish)
 
-    repo = commands.add_parser("repo", help="list releases, re-sign snapshot and timestamp")
+    repo = commands.add_parser("repo", help="list releases, re-sign snapshot and timestamp, CDN config")
     repo_sub = repo.add_subparsers(dest="repo_command", metavar="ACTION", required=True)
     ls = repo_sub.add_parser("ls", help="the published releases")
     _repo_arg(ls)

@@ -28,7 +28,7 @@ import re
 from pathlib import Path
 
 from edgec.errors import OptionError
-from ota_server.served import _METADATA
+from ota_server.served import METADATA_NAME
 
 __all__ = ["DEFAULT_PREFIX", "METADATA_MAX_AGE_S", "nginx_config", "nginx_server"]
 
@@ -109,7 +109,7 @@ def nginx_server(
     log = f'    access_log "{_folder(access_log, "the access log")}" edgec_repo;\n' if access_log else ""
     rate = f"        limit_rate {limit_rate_bytes_per_s};\n" if limit_rate_bytes_per_s else ""
     quoted = re.escape(prefix)
-    metadata = _METADATA.pattern
+    metadata = METADATA_NAME.pattern
     return f"""\
 server {{
     listen {address};

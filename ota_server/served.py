@@ -13,17 +13,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-__all__ = ["MAX_PATH_CHARS", "served_file"]
+__all__ = ["MAX_PATH_CHARS", "METADATA_NAME", "served_file"]
 
 MAX_PATH_CHARS = 1024
-_METADATA = re.compile(r"(?:[1-9][0-9]{0,9}\.(?:root|targets|snapshot)|timestamp)\.json")
+METADATA_NAME = re.compile(r"(?:[1-9][0-9]{0,9}\.(?:root|targets|snapshot)|timestamp)\.json")
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
 def _allowed(parts: list[str]) -> bool:
     top, rest = parts[0], parts[1:]
     if top == "metadata":
-        return len(rest) == 1 and _METADATA.fullmatch(rest[0]) is not None
+        return len(rest) == 1 and METADATA_NAME.fullmatch(rest[0]) is not None
     if top == "targets":
         return bool(rest) and all(part and not part.startswith(".") for part in rest)
     return False
