@@ -17,6 +17,7 @@ that only the report that cannot be written is dropped, counted and acknowledged
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import queue
@@ -37,6 +38,7 @@ __all__ = ["Received", "ReportWriter"]
 logger = logging.getLogger(__name__)
 
 RETRY_S = 1.0  # after a database error, before the batch is tried again
+REORDER_S = 60.0  # how far apart two of one device's states can be written out of order
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,36 @@ class Received:
     report: DeviceState | Telemetry | Event
     at: str  # the server's clock when it arrived (ISO 8601, UTC)
     ack: Callable[[], object]
+
+
+def state_time(at: str | None) -> str | None:
+    """A device's state time in one form (UTC, milliseconds), so that times compare as text;
+    None when there is none or it does not read as a time (the state is then written as it comes)."""
+    if not at:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(at.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.astimezone(dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _later(at: str | None, seconds: float) -> str | None:
+    if at is None:
+        return None
+    return (dt.datetime.fromisoformat(at) + dt.timedelta(seconds=seconds)).isoformat(timespec="milliseconds")
+
+
+def overtaken(at: str | None, stored: str | None) -> bool:
+    """Whether a state stamped ``at`` arrived after one stamped ``stored`` that is newer, by
+    less than ``REORDER_S``: two replicas wrote one device's states out of order. A state older
+    by more is the device's clock going back (a Pi without a real-time clock, corrected by
+    NTP), and is written: a device whose clock jumped can never freeze its own status."""
+    if at is None or stored is None or stored <= at:
+        return False
+    return stored <= (_later(at, REORDER_S) or "")
 
 
 def is_newer(stored: dict[str, Any] | None, window: dict[str, Any]) -> bool:
@@ -176,12 +208,14 @@ class ReportWriter:
                 continue
             seen[item.device] = max(seen.get(item.device, ""), item.at)
             if isinstance(report, DeviceState):
+                at = state_time(report.at)
                 before = states.get(item.device)
-                if before is None or not (report.at and before["at"] and report.at < before["at"]):
+                if before is None or not overtaken(at, before["at"]):
                     states[item.device] = {
                         "s": report.status,
                         "r": report.installed,
-                        "at": report.at,
+                        "at": at,
+                        "until": _later(at, REORDER_S),
                         "id": item.device,
                     }
             elif isinstance(report, Telemetry):
@@ -214,11 +248,12 @@ class ReportWriter:
                     [{"t": json.dumps(f, sort_keys=True), "id": d} for d, f in latest.items()],
                 )
             if states:
-                conn.execute(  # a state stamped older than the stored one is not written over it
+                conn.execute(  # a state overtaken by the stored one (see overtaken) is not written
                     text(
                         "UPDATE devices SET status = :s, installed_release = :r, "
                         "state_at = COALESCE(CAST(:at AS VARCHAR(40)), state_at) WHERE id = :id "
-                        "AND (CAST(:at AS VARCHAR(40)) IS NULL OR state_at IS NULL OR state_at <= :at)"
+                        "AND (CAST(:at AS VARCHAR(40)) IS NULL OR state_at IS NULL OR state_at <= :at "
+                        "OR state_at > :until)"
                     ),
                     list(states.values()),
                 )

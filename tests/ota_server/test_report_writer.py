@@ -139,3 +139,28 @@ def test_the_writer_thread_batches_and_writes_everything_before_it_stops(registr
     figures = json.dumps(registry.get("dev-a").telemetry)
     assert json.loads(figures)["seq"] == 499
     assert len(registry.windows(["dev-a"], "0")["dev-a"]) == 500
+
+
+def test_a_device_whose_clock_went_back_is_not_frozen_by_its_own_future_state(registry):
+    writer = _writer(registry)
+    acks = Acks(registry)
+    # a Pi without a real-time clock booted hours ahead, then NTP set it back
+    ahead = _state("serving", "digits:1.0.0", "2026-12-02T14:00:00.000+00:00")
+    corrected = _state("installing", "digits:1.0.0", "2026-12-02T10:00:00.000+00:00")
+    writer.put(Received("t", "dev-a", ahead, AT, acks.ack_for("dev-a")))
+    writer.drain()
+    writer.put(Received("t", "dev-a", corrected, AT, acks.ack_for("dev-a")))
+    writer.drain()
+    assert registry.get("dev-a").status == "installing"
+
+
+def test_state_times_in_other_offsets_compare_as_the_same_moment(registry):
+    writer = _writer(registry)
+    acks = Acks(registry)
+    newer = _state("serving", None, "2026-12-02T11:00:02+01:00")  # 10:00:02 UTC
+    older = _state("installing", None, "2026-12-02T10:00:01.000Z")
+    writer.put(Received("t", "dev-a", newer, AT, acks.ack_for("dev-a")))
+    writer.drain()
+    writer.put(Received("t", "dev-a", older, AT, acks.ack_for("dev-a")))
+    writer.drain()
+    assert registry.get("dev-a").status == "serving"
