@@ -197,6 +197,7 @@ class OtaServer:
             secure_cookie=config.http.behind_https,
             replicas=lambda: [r.as_dict() for r in self.cluster.replicas()],
         )
+        self._targets_cache: tuple[int, dict[str, Any]] | None = None
         self._stopping = threading.Event()
         self._scheduler = threading.Thread(target=self._schedule, name="rollouts", daemon=True)
         self._heart = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
@@ -238,6 +239,15 @@ class OtaServer:
             if self._stopping.wait(every):
                 return
 
+    def _signed_targets(self) -> dict[str, Any]:
+        """The newest targets metadata's targets, read again only when the metadata folder
+        changed (publishing renames a new file into it): a wave of thousands of assignments
+        parses it once."""
+        changed = (self.repository.metadata_dir).stat().st_mtime_ns
+        if self._targets_cache is None or self._targets_cache[0] != changed:
+            self._targets_cache = (changed, self.repository.load("targets").signed.targets)
+        return self._targets_cache[1]
+
     def _bundle_profiles(self, release: str) -> set[str]:
         name, _, version = release.partition(":")
         return {r.profile for r in self.repository.releases() if (r.name, r.version) == (name, version)}
@@ -263,7 +273,7 @@ class OtaServer:
         if self.issuer is None:
             raise UserInputError("the server has no director key passphrase (passphrase_file in server.toml)")
         device = self.registry.get(device_id)
-        files = release_files(self.repository.load("targets").signed.targets, release, device.profile)
+        files = release_files(self._signed_targets(), release, device.profile)
         document = self.issuer.issue(
             fleet=device.fleet,
             device=device.id,
