@@ -5,7 +5,7 @@ broker, the OTA server and one agent per device; ``LoadGenerator`` (``load.py``)
 inference requests to the agents; ``processes.py`` starts and stops them.
 """
 
-from localfleet.commands import ROOT, CliResult, code_env, http_status, run_edgec
+from localfleet.commands import ROOT, CliResult, code_env, export_commit, http_status, run_edgec
 from localfleet.fleet import AgentProcess, LocalFleet
 from localfleet.load import LoadGenerator, Response
 from localfleet.processes import (
@@ -34,6 +34,7 @@ __all__ = [
     "Service",
     "choose_broker",
     "code_env",
+    "export_commit",
     "find_mosquitto",
     "free_port",
     "http_status",

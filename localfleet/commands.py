@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ROOT", "CliResult", "code_env", "http_status", "run_edgec"]
+__all__ = ["ROOT", "CliResult", "code_env", "export_commit", "http_status", "run_edgec"]
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: samples/, and where commands run
 
@@ -34,6 +35,23 @@ def code_env(code: Path | None, base: dict[str, str] | None = None) -> dict[str,
     if code is None:
         return base
     return {**(base or os.environ), "PYTHONPATH": str(code)}
+
+
+def export_commit(commit: str, folder: Path) -> Path | None:
+    """This repository's source tree at ``commit``, extracted into ``folder/edgec`` (to run
+    with ``code_env``); None when the history does not have it (a shallow clone)."""
+    known = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{commit}^{{commit}}"], check=False)
+    if known.returncode != 0:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    archive = folder / "source.tar"
+    subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", "-o", str(archive), commit], check=True
+    )
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder / "edgec", filter="data")
+    archive.unlink()
+    return folder / "edgec"
 
 
 def run_edgec(

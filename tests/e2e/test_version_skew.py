@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
 
-from tests._cli import ROOT
+from localfleet import export_commit
 from tests._fleet import Fleet, code_env, up
 from tests._services import needs_mosquitto, wait_for
 
@@ -30,22 +29,9 @@ PREVIOUS_RELEASE = "c6ede08"
 @pytest.fixture(scope="module")
 def previous(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The previous release's source tree, exported from this repository's history."""
-    known = subprocess.run(
-        ["git", "-C", str(ROOT), "cat-file", "-e", f"{PREVIOUS_RELEASE}^{{commit}}"],
-        check=False,
-        capture_output=True,
-    )
-    if known.returncode != 0:
+    code = export_commit(PREVIOUS_RELEASE, tmp_path_factory.mktemp("previous-release"))
+    if code is None:
         pytest.skip(f"needs this repository's history with commit {PREVIOUS_RELEASE} (a full git clone)")
-    folder = tmp_path_factory.mktemp("previous-release")
-    archive = folder / "source.tar"
-    subprocess.run(
-        ["git", "-C", str(ROOT), "archive", "--format=tar", "-o", str(archive), PREVIOUS_RELEASE],
-        check=True,
-    )
-    with tarfile.open(archive) as tar:
-        tar.extractall(folder / "edgec", filter="data")
-    code = folder / "edgec"
     # the processes started with code_env(code) import its packages, not this checkout's
     where = subprocess.run(
         [sys.executable, "-c", "import agent, ota_server; print(agent.__file__, ota_server.__file__)"],
