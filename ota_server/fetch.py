@@ -10,6 +10,11 @@ one chunk per device in turn: each device has a short queue of its own (requests
 are dropped; the device asks again when its answer does not come), and the devices with
 work wait in a round-robin line, so one device asking for a thousand chunks delays another
 device's next chunk by at most one chunk per busy device.
+
+Answers wait while more than ``max_unsent_bytes`` of them are queued in the MQTT client and
+not yet written to the broker (paho's ``on_publish`` says when a QoS 0 message has been
+written): a broker slower than the workers holds them back instead of the answers piling up
+in the server's memory (10,000 devices' downloads queued up a gigabyte before).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from edgec.topics import PREFIX, fetch_response, parse_topic
 from ota_server.served import served_file
 
 __all__ = ["FetchServer"]
+
+UNSENT_WAIT_S = 30.0
 
 logger = logging.getLogger(__name__)
 REQUEST_FILTER = f"{PREFIX}/+/fetch/+/request"
@@ -58,6 +65,7 @@ class FetchServer:
         queue_per_device: int = 8,
         on_sent: Callable[[int], None] | None = None,
         shared_group: str | None = None,
+        max_unsent_bytes: int = 8 * 1024 * 1024,
     ) -> None:
         """``on_sent(nbytes)`` is told of every chunk of a target file sent (the server's metrics).
         With ``shared_group``, requests are taken through the shared subscription
@@ -76,9 +84,17 @@ class FetchServer:
         self._stopping = False
         self.subscription = f"$share/{shared_group}/{REQUEST_FILTER}" if shared_group else REQUEST_FILTER
         client.message_callback_add(REQUEST_FILTER, self.on_request)
+        self.max_unsent_bytes = max_unsent_bytes
+        self._unsent = 0  # bytes of answers handed to the client, not yet written
+        self._unsent_sizes: dict[int, int] = {}  # message id -> its size
+        self._sending = threading.Condition(threading.RLock())
+        client.on_publish = self._on_written
 
     def start(self) -> None:
         """Subscribe (again, after a reconnect) and start the workers (once)."""
+        with self._sending:  # what was queued on the lost connection is gone, not unsent
+            self._unsent, self._unsent_sizes = 0, {}
+            self._sending.notify_all()
         if self.subscription != REQUEST_FILTER:  # an unshared one a persistent session kept
             self.client.unsubscribe(REQUEST_FILTER)
         self.client.subscribe(self.subscription, qos=1)
@@ -93,6 +109,8 @@ class FetchServer:
         with self._work:
             self._stopping = True
             self._work.notify_all()
+        with self._sending:
+            self._sending.notify_all()
         for thread in self._threads:
             thread.join(timeout=5)
 
@@ -149,7 +167,7 @@ class FetchServer:
         topic = fetch_response(request.fleet, request.device)
         if target is None:
             header = {"id": request.id, "path": request.path, "status": 404}
-            self.client.publish(topic, encode_response(header), qos=1)
+            self._send(topic, encode_response(header))
             return
         total = target.stat().st_size
         with target.open("rb") as f:
@@ -164,6 +182,28 @@ class FetchServer:
         }
         # QoS 0: a response is only useful to the request waiting for it, and a lost one is
         # asked for again; QoS 1 here cost a ~40 ms stall per chunk (5.7 vs 167 MB/s measured)
-        self.client.publish(topic, encode_response(header, data), qos=0)
+        self._send(topic, encode_response(header, data))
         if self.on_sent is not None and request.path.startswith("targets/"):
             self.on_sent(len(data))
+
+    def _send(self, topic: str, payload: bytes) -> None:
+        """Publish an answer (QoS 0: a response is only useful to the request waiting for it,
+        and a lost one is asked for again; QoS 1 cost a ~40 ms stall per chunk), once fewer
+        than ``max_unsent_bytes`` wait to be written; after ``UNSENT_WAIT_S`` it goes anyway."""
+        with self._sending:
+            waited = self._sending.wait_for(
+                lambda: self._unsent <= self.max_unsent_bytes or self._stopping, UNSENT_WAIT_S
+            )
+            if not waited:
+                logger.warning("%d bytes of answers unwritten for %g s", self._unsent, UNSENT_WAIT_S)
+            # the network thread reports it written (``_on_written``) only once we let go of the lock
+            mid = self.client.publish(topic, payload, qos=0).mid
+            self._unsent_sizes[mid] = len(payload)
+            self._unsent += len(payload)
+
+    def _on_written(self, _c: Any, _u: Any, mid: int, _reason: Any = None, _props: Any = None) -> None:
+        with self._sending:
+            size = self._unsent_sizes.pop(mid, None)
+            if size is not None:  # else not an answer (a director document, acknowledged)
+                self._unsent -= size
+                self._sending.notify_all()

@@ -9,6 +9,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from edgec.fetch_protocol import decode_response
 from ota_server.fetch import FetchServer
@@ -20,6 +21,8 @@ class RecordingClient:
         self.lock = threading.Lock()
         self.active = 0
         self.most_active = 0
+        self.mid = 0
+        self.on_publish = None
 
     def message_callback_add(self, *_args) -> None:
         pass
@@ -30,15 +33,20 @@ class RecordingClient:
     def ack(self, *_args) -> None:
         pass
 
-    def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
+    def publish(self, topic: str, payload: bytes, qos: int = 0) -> SimpleNamespace:
         with self.lock:
             self.active += 1
             self.most_active = max(self.most_active, self.active)
+            self.mid += 1
+            mid = self.mid
         time.sleep(0.002)  # a publish that takes a moment, so workers overlap
         header, _ = decode_response(payload)
         with self.lock:
             self.active -= 1
             self.answers.append((topic.split("/")[4], header))
+        # written to the broker a moment later, from another thread (paho's network thread)
+        threading.Timer(0.001, self.on_publish, (self, None, mid, None, None)).start()
+        return SimpleNamespace(mid=mid)
 
 
 class Message:
@@ -92,3 +100,44 @@ def test_devices_take_turns_and_workers_bound_concurrency(tmp_path):
     third_chunks = [i for i, d in enumerate(order) if order[: i + 1].count(d) == 3]
     first_chunks = [order.index(d) for d in set(order)]
     assert max(first_chunks) < min(third_chunks), order
+
+
+class SlowBroker(RecordingClient):
+    """A broker that takes the answers only when the test lets it (paho's on_publish then)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unwritten: list[int] = []
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0) -> SimpleNamespace:
+        with self.lock:
+            self.mid += 1
+            self.unwritten.append(self.mid)
+            self.answers.append((topic.split("/")[4], {}))
+            return SimpleNamespace(mid=self.mid)
+
+    def write_all(self) -> None:
+        with self.lock:
+            written, self.unwritten = self.unwritten, []
+        for mid in written:
+            self.on_publish(self, None, mid, None, None)
+
+
+def test_answers_wait_while_the_broker_has_not_taken_the_earlier_ones(tmp_path):
+    client = SlowBroker()
+    server = FetchServer(_folder(tmp_path), client, chunk_bytes=1024, workers=2, max_unsent_bytes=4096)
+    server.start()
+    try:
+        for i in range(20):
+            server.on_request(client, None, Message(f"dev-{i}", f"r{i}", 0))
+        time.sleep(0.5)
+        held = len(client.answers)
+        assert held <= 6  # ~4 KiB of 1 KiB answers handed over (+ one per worker), not 20
+        deadline = time.monotonic() + 10
+        while (len(client.answers) < 20 or client.unwritten) and time.monotonic() < deadline:
+            client.write_all()  # the broker catches up: the rest go
+            time.sleep(0.02)
+        assert len(client.answers) == 20
+        assert server._unsent == 0
+    finally:
+        server.stop()
