@@ -28,7 +28,8 @@ $(STAMP): pyproject.toml constraints.txt | $(PY)
 install: $(STAMP)
 
 # What the integration tests run beside Python, from Debian's packages where apt can: the
-# Mosquitto broker, and Chromium with its driver for the dashboard's browser tests.
+# Mosquitto broker, Chromium with its driver for the dashboard's browser tests, and nginx
+# (nginx-light) for the CDN delivery tests.
 system-deps:
 	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || \
 	  { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
@@ -38,6 +39,10 @@ system-deps:
 	  { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
 	  echo "note: chromium/chromedriver are not installed; browser tests will skip"
+	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || \
+	  { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; } || \
+	  echo "note: nginx is not installed; the CDN delivery tests will skip"
 
 # Without a Mosquitto binary (system-deps could not install one), edgec demo runs an embedded
 # Python broker from the demo extra.

@@ -102,7 +102,7 @@ class ReportWriter:
         drop: Callable[[str, str, str], Any],
         *,
         max_batch: int = 1000,
-        linger_s: float = 0.02,
+        linger_s: float = 0.1,  # a report is in the registry within this of arriving (when idle)
         max_waiting: int = 20_000,
     ) -> None:
         self.registry = registry

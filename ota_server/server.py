@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from edgec._service import run_until_signalled
 from edgec.director import Action, SignedDirectorDocument
 from edgec.errors import ProtocolError, UserInputError
-from edgec.reports import DeviceState, Telemetry
+from edgec.reports import DeviceState, EventKind, Telemetry
 from edgec.topics import PREFIX, device_topics, parse_topic
 from ota_server._adopted import AdoptedSessions
 from ota_server._report_writer import Received, ReportWriter
@@ -284,7 +284,8 @@ class OtaServer:
             files=files,
             deliver=self._publish_desired,
         )
-        logger.info("assigned %s to %s (director document %d)", release, device.id, document.signed.version)
+        # one line per device is a thousand lines a wave: -vv shows them
+        logger.debug("assigned %s to %s (director document %d)", release, device.id, document.signed.version)
         return document
 
     def _publish_desired(self, document: SignedDirectorDocument) -> None:
@@ -346,7 +347,8 @@ class OtaServer:
                 self.metrics.lag(_seconds_between(report.ended_at, now))
             elif not isinstance(report, DeviceState):
                 release, detail = report.release or "", (report.detail or "")[:200]
-                logger.info("event from %s: %s %s %s", topic.device, report.event, release, detail)
+                level = logging.INFO if report.event == EventKind.REFUSED else logging.DEBUG
+                logger.log(level, "event from %s: %s %s %s", topic.device, report.event, release, detail)
                 self.metrics.event(report.event, report.step)
         except ReportRefused as e:
             self._drop(message.topic, str(e), e.reason)
