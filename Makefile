@@ -104,7 +104,7 @@ bench: $(STAMP) zoo
 	$(PY) bench/bench_agent_instructions.py
 	$(PY) bench/bench_hot_swap.py
 	$(PY) bench/bench_delivery.py
-	$(PY) bench/bench_fleet.py
+	$(PY) bench/bench_fleet.py --sim-state /dev/shm/edgec-bench
 	$(PY) bench/bench_kdf.py
 	$(PY) bench/bench_zoo.py
 	$(PY) bench/report.py

@@ -141,25 +141,33 @@ def cache(data: dict[str, Any]) -> str:
 
 
 def fleet(data: dict[str, Any]) -> str:
+    machine = data.get("machine", {})
+    lines = []
+    if machine:
+        flags = ", ".join(machine.get("flags", [])) or "?"
+        lines = [f"{machine.get('cpu', '?')} ({flags}), {machine.get('cores', '?')} cores.", ""]
     rows = [
         (
             r["devices"],
-            r["waves"],
-            r["model_kib"],
-            r["connect_s"],
+            r.get("setup", "now, sqlite, 1 replica"),
             r["time_to_100_s"],
             r["lost"],
+            r.get("server_cpu_ms_per_device", round(r["server_cpu_s"] * 1000 / r["devices"], 1)),
             r["server_cpu_s"],
             r["server_rss_mib"],
-            r.get("sim_cpu_s"),
+            r.get("broker_cpu_s"),
+            r.get("db_cpu_s"),
+            r.get("sim_cpu_ms_per_device"),
+            r.get("repeats", 1),
         )
         for r in data["runs"]
     ]
     headers = (
-        "devices", "waves", "model KiB", "all connected s", "rollout to 100% s", "devices lost",
-        "server CPU s", "server RSS MiB", "simulator CPU s",
+        "devices", "server", "rollout to 100% s", "devices lost", "server CPU ms per device",
+        "server CPU s", "server peak RSS MiB", "broker CPU s", "PostgreSQL CPU s",
+        "simulator CPU ms per device", "runs",
     )  # fmt: skip
-    return _table(headers, rows) + _image("fleet")
+    return ("\n".join(lines) + "\n" if lines else "") + _table(headers, rows) + _image("fleet")
 
 
 SECTIONS: list[tuple[str, str, str, Callable[[dict[str, Any]], str]]] = [

@@ -40,10 +40,18 @@ On the command line: ``--behaviour 2.0.0:latency_ms=8,error_rate=0.02,drift=ok``
 
 Scale: paho's own network loop needs a thread and ``select()`` per client, and ``select()``
 stops at file descriptor 1024 (about 340 clients). Here one thread drives every client with
-epoll (``sim._network.NetworkLoop``); installs run on a bounded pool of workers and queue
-beyond it; one thread closes every device's telemetry windows. What is left out: TLS to the
-broker, the local inference API, the on-disk telemetry buffer (a window due while the broker
-is away is dropped), and traffic feeding probation (golden probes do, as on an idle device).
+epoll (``sim._network.NetworkLoop``); a packet is written by the thread that queues it when
+no other thread is writing that socket, and keepalives are checked a slice of the fleet at a
+time. Installs run on a bounded pool of workers (64 by default: probation holds a worker for
+``probation_s``, so the pool bounds installs a second) and queue beyond it; one thread closes
+every device's telemetry windows. What the simulator does that a device does not, to be
+cheap per device: probation figures are computed again only when a request was recorded
+(``SimProbation``), and a window's percentiles come from one sort; every check of the
+install pipeline still runs for every device, and nothing verified is shared between them.
+Measured with ``bench/bench_fleet.py`` (its ``sim_cpu_ms_per_device``). What is left out: TLS
+to the broker, the local inference API, the on-disk telemetry buffer (a window due while the
+broker is away is dropped), and traffic feeding probation (golden probes do, as on an idle
+device).
 
 The package sits outside ``agent``, and the agent never imports it (an import-linter
 contract), so a device never loads it. Its modules: ``behaviour`` (``SimBehaviour(s)``),

@@ -26,6 +26,7 @@ from agent.telemetry import DriftConfig
 from edgec._atomic import atomic_write
 from edgec.reports import DeviceStatus, EventKind, Telemetry
 from edgec.topics import device_topics
+from sim._network import BufferedClient
 from sim.behaviour import SimBehaviours
 from sim.runtime import sim_runtime
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["SimDeviceConfig", "SimSettings", "SimulatedDevice"]
 
 logger = logging.getLogger(__name__)
+_DRIFT = DriftConfig()  # the real agent's drift defaults (min samples, verdict thresholds)
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class SimSettings(BaseModel):
     reconnect_max_s: Annotated[float, Field(gt=0)] = 30.0
     connects_per_s: Annotated[float, Field(gt=0)] = 500.0
     window_s: Annotated[float, Field(gt=0)] = 5.0
-    install_workers: Annotated[int, Field(ge=1)] = 16  # installs at once; the rest queue
+    install_workers: Annotated[int, Field(ge=1)] = 64  # installs at once (each holds one through probation)
     install: InstallSettings = InstallSettings(probation_s=1.0, probation_min_requests=5, warmup_runs=1)
     seed: int | None = None  # telemetry noise
 
@@ -76,6 +78,20 @@ class _SimReporter(MqttReporter):
     def state(self, status: DeviceStatus, installed: str | None, detail: str | None = None) -> None:
         self.device.tally.state(self.device, status, installed)
         super().state(status, installed, detail)
+
+
+def _percentiles(sample: np.ndarray, qs: tuple[float, ...]) -> tuple[float, ...]:
+    """``np.percentile(sample, qs)`` (its default, linear interpolation) for a small sample,
+    at a fraction of its cost: one sort, then the two neighbours of each rank."""
+    ordered = np.sort(sample).tolist()
+    last = len(ordered) - 1
+    values = []
+    for q in qs:
+        rank = q / 100 * last
+        low = int(rank)
+        high = min(low + 1, last)
+        values.append(ordered[low] + (ordered[high] - ordered[low]) * (rank - low))
+    return tuple(values)
 
 
 def _iso(seconds: float) -> str:
@@ -135,7 +151,7 @@ class SimulatedDevice:
 
     # -- MQTT ---------------------------------------------------------------------------------
     def _mqtt_client(self) -> mqtt.Client:
-        client = mqtt.Client(
+        client = BufferedClient(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=f"edgec-sim-{self.id}",
             clean_session=True,
@@ -208,10 +224,8 @@ class SimulatedDevice:
         ok = requests - errors
         p50 = p95 = p99 = None
         if ok:
-            p50, p95, p99 = (
-                float(v) for v in np.percentile(b.latencies_ms(rng, min(ok, 4096)), [50, 95, 99])
-            )
-        drift_config = DriftConfig()
+            p50, p95, p99 = _percentiles(b.latencies_ms(rng, min(ok, 4096)), (50, 95, 99))
+        drift_config = _DRIFT
         psi: dict[str, float] = {}
         verdict = None
         if ok >= drift_config.min_samples:  # as the real agent: no verdict from a handful of requests
@@ -240,7 +254,7 @@ class SimulatedDevice:
         window = self.close_window(rng)
         if window is None or not self.client.is_connected():
             return False
-        payload = json.dumps(window.model_dump(mode="json", exclude_none=True))
+        payload = window.model_dump_json(exclude_none=True)  # the same JSON, compact, 10x cheaper
         return self.client.publish(self.topics["telemetry"], payload, qos=1).rc == mqtt.MQTT_ERR_SUCCESS
 
     def _read_seq(self) -> int:

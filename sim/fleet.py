@@ -56,7 +56,11 @@ class SimFleet:
             )
             for index, config in enumerate(devices)
         ]
-        self._network = NetworkLoop(self.settings.connects_per_s, self.settings.reconnect_max_s)
+        self._network = NetworkLoop(
+            self.settings.connects_per_s,
+            self.settings.reconnect_max_s,
+            visit_s=min(5.0, self.settings.keepalive_s / 3),  # pings on time, checked rarely
+        )
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._started = False

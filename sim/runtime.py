@@ -68,12 +68,32 @@ class SimProbation(ProbationMonitor):
     def __init__(self, slot: ModelSlot) -> None:
         super().__init__()
         self._slot = slot
+        self._changes = 0  # requests recorded and watches begun, so far
+        self._figures: tuple[int, tuple[int, int, float | None]] | None = None  # (at _changes, figures)
+
+    def watch(self, version: str | None) -> None:
+        super().watch(version)
+        with self._lock:
+            self._changes += 1
 
     def record(self, version: str, latency_s: float, ok: bool) -> None:
         model = self._slot.model
         if isinstance(model, SimModel) and model.manifest.version == version and model.last_latency_s:
             latency_s = model.last_latency_s
         super().record(version, latency_s, ok)
+        with self._lock:
+            self._changes += 1
+
+    def figures(self) -> tuple[int, int, float | None]:
+        """The monitor's figures, computed again only after a change: probation asks every
+        50 ms, and recomputing the percentile of an unchanged sample was a tenth of the
+        simulator's CPU with a thousand devices (the same figures, computed once)."""
+        changes, memo = self._changes, self._figures
+        if memo is not None and memo[0] == changes:
+            return memo[1]
+        figures = super().figures()
+        self._figures = (changes, figures)
+        return figures
 
 
 @dataclass(frozen=True)
