@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -304,3 +305,25 @@ def test_a_scheduler_killed_while_sending_wave_2_leaves_the_rest_to_the_next_rep
     twice = set(killed_sent) & set(sent.installs_of(NEW))
     assert twice == set(killed_sent), "those the killed replica sent get a second document"
     registry.engine.dispose()
+
+
+def test_a_rollouts_page_reads_the_telemetry_windows_at_most_every_few_seconds(db_url, monkeypatch):
+    registry = _fleet(db_url, 40)
+    rollouts = Rollouts(registry, Sent(registry), lambda _release: {"raspberry-pi-4"})
+    rollout_id = rollouts.start(_spec(waves=["50%", "100%"]), "test")["id"]
+    rollouts.tick()  # wave 1 sent and settled: half the group is the canary
+    reads = []
+    event.listen(
+        registry.engine,
+        "before_cursor_execute",
+        lambda _c, _cur, sql, *_: reads.append(sql) if "telemetry_windows" in sql else None,
+    )
+    monkeypatch.setattr(rollouts_module, "VIEW_FIGURES_S", 0.5)
+    for _ in range(5):  # five viewers at once: one read
+        rollouts.status(rollout_id)
+    assert len(reads) == 1
+    time.sleep(0.6)
+    rollouts.status(rollout_id)  # older than allowed: read again
+    assert len(reads) == 2
+    rollouts.judge(rollout_id)  # what the scheduler judges on is always read afresh
+    assert len(reads) == 3
