@@ -354,6 +354,11 @@ class OtaServer:
             self._drop(message.topic, str(e), e.reason)
             client.ack(message.mid, message.qos)
             return
+        except Exception:  # never let one report kill the MQTT loop
+            if self._drop(message.topic, "unexpected failure (traceback follows)", "failed"):
+                logger.exception("unexpected failure handling a report on %s", message.topic[:200])
+            client.ack(message.mid, message.qos)
+            return
         self.writer.put(
             Received(message.topic, topic.device, report, now, partial(client.ack, message.mid, message.qos))
         )
