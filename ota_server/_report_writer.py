@@ -30,6 +30,7 @@ from typing import Any
 from sqlalchemy import bindparam, text
 from sqlalchemy.exc import OperationalError
 
+from edgec._time import utc_moment
 from edgec.reports import DeviceState, Event, Telemetry
 from ota_server.registry import MAX_IN_LIST, Registry
 
@@ -55,15 +56,8 @@ class Received:
 def state_time(at: str | None) -> str | None:
     """A device's state time in one form (UTC, milliseconds), so that times compare as text;
     None when there is none or it does not read as a time (the state is then written as it comes)."""
-    if not at:
-        return None
-    try:
-        moment = dt.datetime.fromisoformat(at.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)
-    return moment.astimezone(dt.UTC).isoformat(timespec="milliseconds")
+    moment = utc_moment(at)
+    return None if moment is None else moment.isoformat(timespec="milliseconds")
 
 
 def _later(at: str | None, seconds: float) -> str | None:

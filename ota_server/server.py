@@ -26,6 +26,7 @@ import paho.mqtt.client as mqtt
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edgec._service import run_until_signalled
+from edgec._time import utc_moment
 from edgec.director import Action, SignedDirectorDocument
 from edgec.errors import ProtocolError, UserInputError
 from edgec.reports import DeviceState, EventKind, Telemetry
@@ -57,12 +58,9 @@ PUBLISH_WAIT_S = 5.0  # how long an assign waits for the broker to take a direct
 def _seconds_between(earlier: str | None, later: str) -> float:
     """Seconds from ``earlier`` (a device's clock, ISO 8601; naive is taken as UTC) to ``later``
     (ours); -1 when ``earlier`` is missing or unreadable (not counted)."""
-    try:
-        start = dt.datetime.fromisoformat((earlier or "").replace("Z", "+00:00"))
-    except ValueError:
+    start = utc_moment(earlier)
+    if start is None:
         return -1.0
-    if start.tzinfo is None:
-        start = start.replace(tzinfo=dt.UTC)
     return (dt.datetime.fromisoformat(later) - start).total_seconds()
 
 

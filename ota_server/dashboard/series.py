@@ -10,12 +10,13 @@ no window for a release are ``None``, which uPlot draws as a gap.
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from edgec._time import utc_moment
 
 __all__ = ["MAX_BUCKETS", "MAX_INPUTS", "series"]
 
@@ -24,15 +25,8 @@ MAX_INPUTS = 16  # PSI series per release (the inputs that drift most)
 
 
 def _moment(value: Any) -> float | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)
-    return moment.timestamp()
+    moment = utc_moment(value)
+    return None if moment is None else moment.timestamp()
 
 
 def _number(value: Any) -> float | None:
