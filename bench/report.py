@@ -146,6 +146,9 @@ def fleet(data: dict[str, Any]) -> str:
     if machine:
         flags = ", ".join(machine.get("flags", [])) or "?"
         lines = [f"{machine.get('cpu', '?')} ({flags}), {machine.get('cores', '?')} cores.", ""]
+    if data.get("baseline"):
+        baseline = data["baseline"]
+        lines += [f"Baseline: the server of commit {baseline} (before issue 17), same simulator.", ""]
     rows = [
         (
             r["devices"],
