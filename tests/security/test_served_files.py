@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -114,8 +115,9 @@ class _Recorder:
 
     def subscribe(self, *_: Any, **__: Any) -> None: ...
 
-    def publish(self, _topic: str, payload: bytes, qos: int = 0) -> None:
+    def publish(self, _topic: str, payload: bytes, qos: int = 0) -> SimpleNamespace:
         self.published.append(payload)
+        return SimpleNamespace(mid=len(self.published))  # paho's MQTTMessageInfo has the message id
 
 
 def test_fetch_server_answers_not_found_outside_the_allowlist(layout):
