@@ -143,4 +143,22 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "ALTER TABLE devices ADD COLUMN state_at VARCHAR(40)",
         ],
     ),
+    (
+        8,
+        [
+            # the dashboard's sign-in sessions, so that any replica honours them: keyed by the
+            # sha256 of the cookie's id (a reader of the database cannot ride a session)
+            """CREATE TABLE dashboard_sessions (
+                sid_hash VARCHAR(64) PRIMARY KEY,
+                name VARCHAR(256) NOT NULL,
+                role INTEGER NOT NULL,
+                via VARCHAR(16) NOT NULL,
+                csrf VARCHAR(64) NOT NULL,
+                created DOUBLE PRECISION NOT NULL,
+                expires DOUBLE PRECISION NOT NULL,
+                last_used DOUBLE PRECISION NOT NULL
+            )""",
+            "CREATE INDEX dashboard_sessions_by_created ON dashboard_sessions (created)",
+        ],
+    ),
 ]

@@ -57,7 +57,7 @@ class Dashboard:
         self.registry = registry
         self.repository = repository
         self.rollouts = rollouts
-        self.sessions = sessions or SessionStore()
+        self.sessions = sessions or SessionStore(registry)  # in the registry: every replica honours them
         self.audit = audit
         self.secure_cookie = secure_cookie  # set when the server is reached over HTTPS (a proxy)
         self.templates = Environment(
