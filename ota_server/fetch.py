@@ -37,6 +37,7 @@ from ota_server.served import served_file
 __all__ = ["FetchServer"]
 
 UNSENT_WAIT_S = 30.0
+MAX_EARLY = 1024  # message ids reported written before their answer was counted (bounded)
 
 logger = logging.getLogger(__name__)
 REQUEST_FILTER = f"{PREFIX}/+/fetch/+/request"
@@ -87,13 +88,14 @@ class FetchServer:
         self.max_unsent_bytes = max_unsent_bytes
         self._unsent = 0  # bytes of answers handed to the client, not yet written
         self._unsent_sizes: dict[int, int] = {}  # message id -> its size
+        self._written_early: set[int] = set()
         self._sending = threading.Condition(threading.RLock())
         client.on_publish = self._on_written
 
     def start(self) -> None:
         """Subscribe (again, after a reconnect) and start the workers (once)."""
         with self._sending:  # what was queued on the lost connection is gone, not unsent
-            self._unsent, self._unsent_sizes = 0, {}
+            self._unsent, self._unsent_sizes, self._written_early = 0, {}, set()
             self._sending.notify_all()
         if self.subscription != REQUEST_FILTER:  # an unshared one a persistent session kept
             self.client.unsubscribe(REQUEST_FILTER)
@@ -189,21 +191,32 @@ class FetchServer:
     def _send(self, topic: str, payload: bytes) -> None:
         """Publish an answer (QoS 0: a response is only useful to the request waiting for it,
         and a lost one is asked for again; QoS 1 cost a ~40 ms stall per chunk), once fewer
-        than ``max_unsent_bytes`` wait to be written; after ``UNSENT_WAIT_S`` it goes anyway."""
+        than ``max_unsent_bytes`` wait to be written; after ``UNSENT_WAIT_S`` it goes anyway.
+        Workers publish in parallel: the lock is held only to count."""
+        size = len(payload)
         with self._sending:
             waited = self._sending.wait_for(
                 lambda: self._unsent <= self.max_unsent_bytes or self._stopping, UNSENT_WAIT_S
             )
             if not waited:
                 logger.warning("%d bytes of answers unwritten for %g s", self._unsent, UNSENT_WAIT_S)
-            # the network thread reports it written (``_on_written``) only once we let go of the lock
-            mid = self.client.publish(topic, payload, qos=0).mid
-            self._unsent_sizes[mid] = len(payload)
-            self._unsent += len(payload)
+            self._unsent += size  # counted before the network thread can report it written
+        mid = self.client.publish(topic, payload, qos=0).mid
+        with self._sending:
+            if mid in self._written_early:  # written before publish() returned its id
+                self._written_early.discard(mid)
+                self._unsent -= size
+                self._sending.notify_all()
+            else:
+                self._unsent_sizes[mid] = size
 
     def _on_written(self, _c: Any, _u: Any, mid: int, _reason: Any = None, _props: Any = None) -> None:
         with self._sending:
             size = self._unsent_sizes.pop(mid, None)
-            if size is not None:  # else not an answer (a director document, acknowledged)
-                self._unsent -= size
-                self._sending.notify_all()
+            if size is None:  # not recorded yet, or not an answer (a director document, acknowledged)
+                if len(self._written_early) >= MAX_EARLY:
+                    self._written_early.clear()
+                self._written_early.add(mid)
+                return
+            self._unsent -= size
+            self._sending.notify_all()
