@@ -35,7 +35,27 @@ def register(commands: Any) -> None:
         action="append",
         metavar="RULE",
         help='abort rule, repeatable: "install_failure_rate>0.05", "p95_ms>1.5*control", '
-        '"error_rate>0.01", "drift=drift" (default: install_failure_rate>0.05)',
+        '"error_rate>0.01", "drift=drift", and on a shadow run "shadow_agreement<0.98", '
+        '"shadow_p95_ms>1.2*serving", "shadow_error_rate>0" (default: install_failure_rate>0.05)',
+    )
+    start.add_argument(
+        "--shadow",
+        metavar="DURATION",
+        help="run each wave in shadow first for this long (10m): its devices run the release beside "
+        "the serving model on a share of live requests, and serve it only if the shadow rules pass",
+    )
+    start.add_argument(
+        "--shadow-requests",
+        type=int,
+        metavar="N",
+        help="... or until N requests were compared (with --shadow: whichever comes first)",
+    )
+    start.add_argument(
+        "--shadow-sample",
+        type=float,
+        default=0.1,
+        metavar="SHARE",
+        help="share of live requests also run on the candidate in shadow (default 0.1)",
     )
     start.add_argument(
         "--min-devices", type=int, default=1, help="at least this many devices per wave (default 1)"
@@ -89,6 +109,12 @@ def run_start(args: argparse.Namespace) -> int:
         spec["fleet"] = args.fleet
     if args.abort_if:
         spec["abort_if"] = args.abort_if
+    if args.shadow:
+        spec["shadow_s"] = parse_duration(args.shadow)
+    if args.shadow_requests is not None:
+        spec["shadow_requests"] = args.shadow_requests
+    if args.shadow or args.shadow_requests is not None:
+        spec["shadow_sample"] = args.shadow_sample
     status = call(args, "POST", "/v1/rollouts", spec)
     if args.json:
         print(json.dumps(status, indent=2))
@@ -135,7 +161,12 @@ def render_status(status: dict[str, Any]) -> str:
     ]
     if status["reason"]:
         lines.append(f"reason: {status['reason']}")
-    states = ("waiting", "assigned", "installed", "failed", "timed-out", "rolled-back")
+    spec = status.get("spec") or {}
+    shadowed = bool(spec.get("shadow_s") or spec.get("shadow_requests"))
+    states = [
+        *(("waiting", "shadowing", "shadowed") if shadowed else ("waiting",)),
+        *("assigned", "installed", "failed", "timed-out", "rolled-back"),
+    ]
     waves = [(w["wave"], w["size"], w["devices"], *(w.get(s, 0) for s in states)) for w in status["waves"]]
     lines += ["", render_table(("wave", "size", "devices", *states), waves)]
     if status["rules"]:
@@ -156,6 +187,24 @@ def render_status(status: dict[str, Any]) -> str:
         "",
         render_table(("cohort", "reporting", "p50 ms", "p95 ms", "p99 ms", "error rate", "drift"), cohorts),
     ]
+    shadow = status.get("shadow")
+    if shadow and shadow.get("devices"):
+        lines += [
+            "",
+            f"shadow run of wave {status['wave']}: {shadow['devices']} device(s), "
+            f"{shadow['compared']} requests compared, agreement {_shown(shadow['agreement'])}, "
+            f"candidate error rate {_shown(shadow['error_rate'])}",
+            render_table(
+                ("latency", "p50 ms", "p95 ms", "p99 ms"),
+                [
+                    ("candidate", *(_shown(shadow[k]) for k in ("p50_ms", "p95_ms", "p99_ms"))),
+                    (
+                        "serving",
+                        *(_shown(shadow[k]) for k in ("serving_p50_ms", "serving_p95_ms", "serving_p99_ms")),
+                    ),
+                ],
+            ),
+        ]
     devices = status["devices"]
     if len(devices) > MAX_DEVICE_ROWS:  # the ones worth a look first
         notable = [d for d in devices if d["state"] not in ("installed", "waiting")]

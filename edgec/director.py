@@ -1,7 +1,10 @@
 """The director document: the server's signed statement of what one device should run.
 
 Uptane's director role, reduced to what an edge fleet needs: for device D (profile P), run
-target T (its files, with hashes and lengths), for rollout R, as an install or a rollback.
+target T (its files, with hashes and lengths), for rollout R, as an install, a rollback, or a
+shadow run (load T beside the serving model, run a share of live requests on it off the
+request path, report how it agrees; never serve it: an agent that predates the action
+refuses the document, so it cannot serve it either).
 Versions increase strictly per device and every document expires, so an old or frozen
 instruction is refused. The signature covers the canonical JSON of ``signed``.
 
@@ -33,6 +36,7 @@ __all__ = [
     "DirectorDocument",
     "DirectorFile",
     "DirectorSignature",
+    "ShadowRequest",
     "SignedDirectorDocument",
     "canonical",
     "canonical_json",
@@ -52,6 +56,26 @@ class _Model(BaseModel):
 class Action(enum.StrEnum):
     INSTALL = "install"
     ROLLBACK = "rollback"
+    SHADOW = "shadow"  # fetch and load the release beside the serving one, judge it, do not serve it
+
+
+MAX_SHADOW_S = 7 * 24 * 3600.0
+MAX_SHADOW_REQUESTS = 10_000_000
+
+
+class ShadowRequest(_Model):
+    """How long a shadow run lasts (``duration_s``, ``requests`` compared, whichever comes
+    first; at least one is given) and the share of live requests also run on the candidate."""
+
+    duration_s: Annotated[float, Field(gt=0, le=MAX_SHADOW_S, allow_inf_nan=False)] | None = None
+    requests: Annotated[int, Field(ge=1, le=MAX_SHADOW_REQUESTS)] | None = None
+    sample: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.1
+
+    @model_validator(mode="after")
+    def _bounded(self) -> ShadowRequest:
+        if self.duration_s is None and self.requests is None:
+            raise ValueError("a shadow request gives duration_s, requests or both")
+        return self
 
 
 class DirectorFile(_Model):
@@ -71,6 +95,13 @@ class DirectorDocument(_Model):
     action: Action
     release: Release  # NAME:VERSION; the agent's folders are named after it
     files: Annotated[list[DirectorFile], Field(min_length=1)]
+    shadow: ShadowRequest | None = None  # action shadow only: for how long, on what share
+
+    @model_validator(mode="after")
+    def _shadow_with_its_action(self) -> DirectorDocument:
+        if (self.action is Action.SHADOW) != (self.shadow is not None):
+            raise ValueError("a shadow document says how long it shadows (shadow), and only it does")
+        return self
 
     @model_validator(mode="before")
     @classmethod

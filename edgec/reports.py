@@ -106,6 +106,8 @@ class EventKind(enum.StrEnum):
     ACCEPTED = "accepted"  # a director document passed its checks; its install begins
     FETCHED = "fetched"  # one file of the bundle downloaded and checked (figures: file, of, bytes)
     RETRYING = "retrying"  # a transport failure; the fetch starts again (figures: attempt, delay_s)
+    SHADOW = "shadow"  # a window of a shadow run: the candidate beside the serving model (figures)
+    SHADOWED = "shadowed"  # a shadow run ended (its totals), or was skipped (``detail`` says why)
     SWAPPED = "swapped"  # the new model serves, on probation
     COMMITTED = "committed"  # probation passed, the new model is the committed one (figures)
     REFUSED = "refused"  # the install of a document ends here (``step`` says where)
@@ -134,6 +136,7 @@ class InstallStep(enum.StrEnum):
     STAGE = "stage"  # the staged bundle does not match its manifest or the document
     LOAD = "load"
     SELF_TEST = "self-test"
+    SHADOW = "shadow"  # the candidate could not be run in shadow
     PROBATION = "probation"
 
 

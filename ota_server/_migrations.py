@@ -161,4 +161,12 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE INDEX dashboard_sessions_by_created ON dashboard_sessions (created)",
         ],
     ),
+    (
+        9,
+        [
+            # a rollout member's shadow run: the totals its device reported (JSON), judged
+            # before the wave is sent the release to serve
+            "ALTER TABLE rollout_devices ADD COLUMN shadow TEXT",
+        ],
+    ),
 ]

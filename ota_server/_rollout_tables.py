@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import json
 import logging
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -85,6 +86,7 @@ MEMBERS = Table(
     Column("assigned_at", String(40)),
     Column("finished_at", String(40)),
     Column("detail", Text),
+    Column("shadow", Text),  # JSON: the member's shadow run totals
 )
 DEVICES = Table(  # the registry's devices table: only the columns the scheduler reads
     "devices",
@@ -106,11 +108,14 @@ def moment(value: str | None) -> dt.datetime | None:
 
 
 def stored(fields: dict[str, Any]) -> dict[str, Any]:
-    """Column values as the database keeps them: times as ISO text, states as their names."""
+    """Column values as the database keeps them: times as ISO text, states as their names,
+    mappings (a member's shadow figures) as JSON."""
     return {k: iso(v) if isinstance(v, dt.datetime) else _plain(v) for k, v in fields.items()}
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return json.dumps(dict(value), sort_keys=True)
     return value.value if isinstance(value, enum.Enum) else value
 
 
@@ -157,7 +162,16 @@ def member_of(row: Any) -> Member:
 def _member_of_mapping(mapping: Mapping[str, Any]) -> Member:
     r = {k: v for k, v in mapping.items() if k != "rollout_id"}
     times = {"assigned_at": moment(r["assigned_at"]), "finished_at": moment(r["finished_at"])}
-    return Member(**{**r, **times, "state": MemberState(r["state"])})
+    shadow = _shadow_figures(r.get("shadow"))
+    return Member(**{**r, **times, "state": MemberState(r["state"]), "shadow": shadow})
+
+
+def _shadow_figures(text: str | None) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text) if text else None
+    except ValueError:  # written by this module as JSON; anything else is not figures
+        return None
+    return value if isinstance(value, dict) else None
 
 
 # -- reads and writes ---------------------------------------------------------------------------------
@@ -189,15 +203,16 @@ def wave_counts(conn: Connection, rollout_id: str, wave: int) -> Counter[MemberS
 
 
 def assigned_in_wave(conn: Connection, rollout_id: str, wave: int) -> list[tuple[Member, str | None]]:
-    """The wave's assigned members, each with the release its device reports installed (None
-    for a device since removed from the registry), in one query."""
+    """The wave's members waiting for their device (assigned, or shadowing), each with the
+    release its device reports installed (None for a device since removed from the registry),
+    in one query."""
     query = (
         select(MEMBERS, DEVICES.c.installed_release.label("installed_now"))
         .select_from(MEMBERS.outerjoin(DEVICES, DEVICES.c.id == MEMBERS.c.device_id))
         .where(
             MEMBERS.c.rollout_id == rollout_id,
             MEMBERS.c.wave == wave,
-            MEMBERS.c.state == MemberState.ASSIGNED.value,
+            MEMBERS.c.state.in_((MemberState.ASSIGNED.value, MemberState.SHADOWING.value)),
         )
         .order_by(MEMBERS.c.device_id)
     )

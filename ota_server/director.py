@@ -19,6 +19,7 @@ from edgec.director import (
     DirectorDocument,
     DirectorFile,
     DirectorSignature,
+    ShadowRequest,
     SignedDirectorDocument,
     canonical,
 )
@@ -71,6 +72,7 @@ class DirectorIssuer:
         action: Action,
         release: str,
         files: list[DirectorFile],
+        shadow: ShadowRequest | None = None,
         now: dt.datetime | None = None,
         deliver: Callable[[SignedDirectorDocument], None] | None = None,
     ) -> SignedDirectorDocument:
@@ -89,6 +91,7 @@ class DirectorIssuer:
                 action=action,
                 release=release,
                 files=files,
+                shadow=shadow,
             )
             signed = sign_document(document, self.signer)
             if deliver is not None:

@@ -25,9 +25,9 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from edgec.director import Action, SignedDirectorDocument
+from edgec.director import Action, ShadowRequest, SignedDirectorDocument
 from edgec.errors import UserInputError
 from edgec.rollout_spec import RolloutSpec
 from ota_server._asgi_app import ErrorBody, HttpError, needs, new_app, refusal
@@ -59,14 +59,21 @@ class AssignRequest(BaseModel):
 
     release: Annotated[str, Field(min_length=1, max_length=256)]  # NAME:VERSION
     action: Action = Action.INSTALL
+    shadow: ShadowRequest | None = None  # action shadow: for how long, on what share of requests
 
     @field_validator("action", mode="before")
     @classmethod
     def _action(cls, value: Any) -> Any:
         if not isinstance(value, str) or value not in {a.value for a in Action}:
             shown = repr(value) if isinstance(value, str) else f"a JSON {type(value).__name__}"
-            raise ValueError(f"action must be install or rollback, not {shown[:40]}")
+            raise ValueError(f"action must be install, rollback or shadow, not {shown[:40]}")
         return value
+
+    @model_validator(mode="after")
+    def _shadow_with_its_action(self) -> AssignRequest:
+        if (self.action is Action.SHADOW) != (self.shadow is not None):
+            raise ValueError('action shadow goes with "shadow": {"duration_s": 600}, and only it does')
+        return self
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -261,7 +268,8 @@ class HttpApi:
             raise HttpError(HTTPStatus.SERVICE_UNAVAILABLE, "this server cannot sign director documents")
         params = {"device": device_id, "release": body.release, "action": body.action.value}
         with self._audited(who, AuditAction.DEVICE_ASSIGN, params):
-            document = self._assign(device_id, body.release, body.action)
+            asked = {"shadow": body.shadow} if body.shadow else {}  # an assign from before shadows
+            document = self._assign(device_id, body.release, body.action, **asked)
         return document.model_dump(mode="json")
 
     def _scheduler(self) -> Rollouts:

@@ -6,6 +6,9 @@ the answer; everything here can be tested (and reasoned about) without either::
 
     pending → START_WAVE 0 → WAIT_FOR_DEVICES (members assigned) → START_BAKE → BAKE
             → JUDGE → ABORT (a rule fired) | WAIT_FOR_FIGURES | START_WAVE n+1 | COMPLETE
+    with a shadow phase, a wave starts in shadow: START_WAVE → WAIT_FOR_DEVICES (members
+            shadowing) → JUDGE_SHADOW → ABORT | INSTALL_WAVE (the shadowed members are sent
+            the release to serve) → WAIT_FOR_DEVICES → START_BAKE ...
     a wave with members still waiting (its sending was cut short) → START_WAVE n again
     paused, completed, aborted, rolled-back → HOLD
 """
@@ -36,6 +39,7 @@ __all__ = [
     "Member",
     "Progress",
     "RuleResult",
+    "ShadowCohort",
     "Step",
     "WavePlan",
     "cohort_figures",
@@ -47,6 +51,7 @@ __all__ = [
     "judge_rule",
     "plan_waves",
     "settle",
+    "shadow_cohort",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,6 +84,7 @@ class Member:
     assigned_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
     detail: str | None = None
+    shadow: Mapping[str, Any] | None = None  # its shadow run's totals, as its device reported them
 
 
 # -- the wave plan ----------------------------------------------------------------------------
@@ -107,11 +113,12 @@ def plan_waves(
 def settle(
     member: Member, installed_release: str | None, release: str, now: dt.datetime, timeout_s: float
 ) -> Member:
-    """An assigned member is installed once its device reports the release, and timed out (a
-    failure) once it has been silent ``timeout_s``; any other member is left as it is."""
-    if member.state is not MemberState.ASSIGNED:
+    """An assigned member is installed once its device reports the release, and an assigned or
+    shadowing one timed out (a failure) once it has been silent ``timeout_s``; any other member
+    is left as it is."""
+    if member.state not in (MemberState.ASSIGNED, MemberState.SHADOWING):
         return member
-    if installed_release == release:
+    if member.state is MemberState.ASSIGNED and installed_release == release:
         return dataclasses.replace(member, state=MemberState.INSTALLED, finished_at=now)
     if member.assigned_at is not None and now - member.assigned_at > dt.timedelta(seconds=timeout_s):
         return dataclasses.replace(member, state=MemberState.TIMED_OUT, finished_at=now, detail="no answer")
@@ -207,6 +214,54 @@ def _received(window: Mapping[str, Any]) -> dt.datetime:
     return dt.datetime.fromisoformat(window["received_at"])
 
 
+@dataclass(frozen=True)
+class ShadowCohort:
+    """The shadow figures of a wave's members: agreement and the candidate's error rate over
+    every compared request, latency per device then the median over devices (as ``figures``
+    does), for the candidate and for the serving model on the same requests."""
+
+    devices: int = 0  # members whose shadow run compared requests
+    compared: int = 0
+    agreement: float | None = None
+    error_rate: float | None = None
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    serving_p50_ms: float | None = None
+    serving_p95_ms: float | None = None
+    serving_p99_ms: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def shadow_cohort(members: Sequence[Member], wave: int) -> ShadowCohort:
+    """The shadow figures of the members of ``wave`` that reported some."""
+    runs = [m.shadow for m in members if m.wave == wave and m.shadow]
+    compared_runs = [r for r in runs if (_number(r.get("compared")) or 0) > 0]
+    compared = sum(int(_number(r.get("compared")) or 0) for r in compared_runs)
+    agreeing = sum(
+        (_number(r.get("agreement")) or 0.0) * int(_number(r.get("compared")) or 0) for r in compared_runs
+    )
+    errors = sum(int(_number(r.get("errors")) or 0) for r in runs)
+    given = compared + errors
+    latency: dict[str, float | None] = {}
+    for key in ("p50_ms", "p95_ms", "p99_ms", "serving_p50_ms", "serving_p95_ms", "serving_p99_ms"):
+        values = [v for r in compared_runs if (v := _number(r.get(key))) is not None]
+        latency[key] = round(statistics.median(values), 3) if values else None
+    return ShadowCohort(
+        devices=len(compared_runs),
+        compared=compared,
+        agreement=round(agreeing / compared, 5) if compared else None,
+        error_rate=round(errors / given, 5) if given else None,
+        **latency,
+    )
+
+
 def install_failure_rate(members: Sequence[Member], wave: int) -> float | None:
     """Failed and timed-out members over those settled, in the waves started so far."""
     settled = [m for m in members if m.wave is not None and m.wave <= wave and m.state in SETTLED]
@@ -241,7 +296,7 @@ _COMPARE = {
 def judge_rule(rule: AbortRule, canary: float | str | None, control: float | str | None) -> RuleResult:
     """One rule on the canary's figure (and the control's, for ``N*control`` rules); no data
     when a figure it needs is missing."""
-    shown_control = control if rule.of_control else None
+    shown_control = control if rule.relative else None
     if canary is None:
         return RuleResult(rule.text, canary, shown_control, None, Verdict.NO_DATA)
     if rule.metric is Metric.DRIFT:  # drift=warn fires at warn or worse, drift=drift at drift
@@ -250,7 +305,7 @@ def judge_rule(rule: AbortRule, canary: float | str | None, control: float | str
         return RuleResult(rule.text, canary, None, rule.value, verdict)
     if isinstance(rule.value, str) or isinstance(canary, str):  # a drift verdict on a numeric metric
         return RuleResult(rule.text, canary, shown_control, None, Verdict.NO_DATA)
-    if rule.of_control:
+    if rule.relative:
         if not isinstance(control, (int, float)):
             return RuleResult(rule.text, canary, shown_control, None, Verdict.NO_DATA)
         threshold = rule.value * float(control)
@@ -267,12 +322,19 @@ def judge(
     canary: CohortFigures,
     control: CohortFigures,
     failure_rate: float | None,
+    shadow: ShadowCohort | None = None,
 ) -> list[RuleResult]:
     """Every rule on the canary and control figures; ``failure_rate`` is the canaries' install
-    failure rate (the control cohort installed nothing, so it has none)."""
+    failure rate (the control cohort installed nothing, so it has none); the ``shadow_*``
+    rules on the wave's ``shadow`` figures, latency against the serving model's."""
     results = []
     for rule in rules:
-        if rule.metric is Metric.INSTALL_FAILURE_RATE:
+        if rule.metric.shadow:
+            figure = rule.metric.value.removeprefix("shadow_")
+            found = shadow or ShadowCohort()
+            canary_value = getattr(found, figure)
+            control_value = getattr(found, f"serving_{figure}", None)
+        elif rule.metric is Metric.INSTALL_FAILURE_RATE:
             canary_value, control_value = failure_rate, None
         else:
             canary_value, control_value = getattr(canary, rule.metric), getattr(control, rule.metric)
@@ -288,6 +350,8 @@ class Step(enum.StrEnum):
     START_BAKE = "start-bake"  # every member answered: bake until ``Decision.bake_until``
     BAKE = "bake"
     JUDGE = "judge"  # the bake is over: judge the rules, then decide again with the judgement
+    JUDGE_SHADOW = "judge-shadow"  # the wave ran in shadow: judge the shadow rules, then decide again
+    INSTALL_WAVE = "install-wave"  # the wave passed its shadow run: send its shadowed members the release
     WAIT_FOR_FIGURES = "wait-for-figures"  # the canaries have not reported what a rule needs yet
     COMPLETE = "complete"
     ABORT = "abort"
@@ -310,12 +374,14 @@ class Decision:
     step: Step
     wave: int | None = None  # START_WAVE: the wave to send
     bake_until: dt.datetime | None = None  # START_BAKE, JUDGE: the end of the bake, to record
-    reason: str | None = None  # ABORT: why; WAIT_FOR_FIGURES: for what; COMPLETE: without what
+    reason: str | None = None  # ABORT: why; WAIT_FOR_FIGURES: for what; COMPLETE, INSTALL_WAVE: without what
 
 
 def decide(progress: Progress, now: dt.datetime, judgement: Sequence[RuleResult] | None = None) -> Decision:
     """What a tick does with a rollout. Once the bake is over it answers JUDGE until it is given
-    the ``judgement`` of the wave, then ABORT, WAIT_FOR_FIGURES, START_WAVE or COMPLETE."""
+    the ``judgement`` of the wave, then ABORT, WAIT_FOR_FIGURES, START_WAVE or COMPLETE. Once a
+    wave's shadow runs are in, it answers JUDGE_SHADOW until given their judgement, then ABORT
+    or INSTALL_WAVE."""
     if progress.state is RolloutState.PENDING:
         return Decision(Step.START_WAVE, wave=0)
     if progress.state is not RolloutState.RUNNING:
@@ -323,6 +389,20 @@ def decide(progress: Progress, now: dt.datetime, judgement: Sequence[RuleResult]
     if progress.wave >= 0 and MemberState.WAITING in progress.wave_states:
         # the wave was left half-sent (its scheduler died while assigning it): send the rest
         return Decision(Step.START_WAVE, wave=progress.wave)
+    if MemberState.SHADOWING in progress.wave_states:
+        return Decision(Step.WAIT_FOR_DEVICES)
+    if MemberState.SHADOWED in progress.wave_states:  # (members installing already: sent before a crash)
+        if judgement is None:
+            return Decision(Step.JUDGE_SHADOW)
+        fired = [r for r in judgement if r.verdict is Verdict.ABORT]
+        if fired:
+            reasons = "; ".join(f"{r.rule} (canary {r.canary}, threshold {r.threshold})" for r in fired)
+            return Decision(Step.ABORT, reason=f"wave {progress.wave + 1} in shadow: {reasons}")
+        unjudged = [r.rule for r in judgement if r.verdict is Verdict.NO_DATA]
+        note = (
+            f"wave {progress.wave + 1} shadow gave no figures for {', '.join(unjudged)}" if unjudged else None
+        )
+        return Decision(Step.INSTALL_WAVE, wave=progress.wave, reason=note)
     if MemberState.ASSIGNED in progress.wave_states:
         return Decision(Step.WAIT_FOR_DEVICES)
     if progress.bake_until is None and progress.bake_s > 0:

@@ -5,6 +5,8 @@ injectable clock, so a server restart resumes a rollout where it stood::
 
     pending → running (wave 0: assign → every member installed, failed or timed out → bake
               → abort rules on canary vs control) → wave 1 ... → completed
+    with a shadow phase, each wave first runs the release in shadow (members shadowing →
+    shadowed with their figures) and is sent it to serve only if the shadow rules pass
     running ⇄ paused;  running|paused → aborted (canaries get rollback documents)
     completed|aborted|paused → rolled-back (every device that installed it goes back)
 
@@ -40,7 +42,7 @@ from sqlalchemy import insert, or_, select, update
 from edgec.director import Action
 from edgec.errors import ConflictError, NotFoundError, UserInputError
 from edgec.reports import EventKind
-from edgec.rollout_spec import MemberState, RolloutSpec, RolloutState
+from edgec.rollout_spec import MemberState, Metric, RolloutSpec, RolloutState
 from ota_server import rollout_policy as policy
 from ota_server._rollout_tables import (
     MEMBERS,
@@ -65,19 +67,40 @@ Figures = tuple[policy.CohortFigures, policy.CohortFigures]  # canary, control
 
 logger = logging.getLogger(__name__)
 
+# what a member keeps of its device's ``shadowed`` event
+SHADOW_FIGURES = frozenset(
+    {
+        "compared",
+        "agreement",
+        "errors",
+        "dropped",
+        "over_budget",
+        "offered",
+        "sampled",
+        "outputs",
+        "skipped",
+        "p50_ms",
+        "p95_ms",
+        "p99_ms",
+        "serving_p50_ms",
+        "serving_p95_ms",
+        "serving_p99_ms",
+        "reason",
+    }
+)
 SEND_BATCH = 200  # a wave's members recorded as sent per transaction: what a crash may send twice
 Answer = tuple[str, dict[str, Any]]  # (device id, an install event as ``Event.model_dump`` gives it)
 
 
 class Rollouts:
-    """Start, drive and steer rollouts. ``assign(device, release, action, rollout)`` signs and
-    publishes a director document (the server's); ``bundle_profiles(release)`` lists the
-    profiles a release has bundles for."""
+    """Start, drive and steer rollouts. ``assign(device, release, action, rollout, shadow=...)``
+    signs and publishes a director document (the server's); ``bundle_profiles(release)`` lists
+    the profiles a release has bundles for."""
 
     def __init__(
         self,
         registry: Registry,
-        assign: Callable[[str, str, Action, str], Any],
+        assign: Callable[..., Any],  # (device, release, action, rollout[, shadow=ShadowRequest])
         bundle_profiles: Callable[[str], set[str]],
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
@@ -234,7 +257,12 @@ class Rollouts:
         )
         decision = policy.decide(progress, now)
         members: list[policy.Member] = []
-        if decision.step is policy.Step.JUDGE:
+        if decision.step is policy.Step.JUDGE_SHADOW:
+            members = self._members(rollout_id)
+            judgement = self._shadow_judgement(row, spec, members)
+            self._set(rollout_id, judgement=json.dumps([r.as_dict() for r in judgement]))
+            decision = policy.decide(progress, now, judgement)
+        elif decision.step is policy.Step.JUDGE:
             members = self._members(rollout_id)  # every wave's, once the wave is settled
             if row.bake_until is None:  # no bake: it ends now
                 self._set(rollout_id, bake_until=decision.bake_until)
@@ -250,6 +278,9 @@ class Rollouts:
         step = decision.step
         if step is policy.Step.START_WAVE and decision.wave is not None:
             self._start_wave(row.id, spec, decision.wave)
+        elif step is policy.Step.INSTALL_WAVE and decision.wave is not None:
+            self._send(row.id, spec, decision.wave, MemberState.SHADOWED, shadow=False)
+            self._set(row.id, reason=decision.reason)
         elif step is policy.Step.START_BAKE:
             self._set(row.id, bake_until=decision.bake_until)
         elif step is policy.Step.WAIT_FOR_FIGURES:
@@ -262,33 +293,44 @@ class Rollouts:
         # HOLD, WAIT_FOR_DEVICES, BAKE: nothing to write
 
     def _start_wave(self, rollout_id: str, spec: RolloutSpec, wave: int) -> None:
-        """Send the release to the wave's waiting members (all of them, or those a scheduler
-        that died mid-wave left), recording each batch once its documents are out."""
+        """Send the release (to run in shadow, if the spec asks for a shadow phase) to the
+        wave's waiting members: all of them, or those a scheduler that died mid-wave left."""
         self._set(rollout_id, state=RolloutState.RUNNING, wave=wave, bake_until=None, reason=None)
-        waiting = self._members(rollout_id, wave, MemberState.WAITING)
-        for batch in chunks(waiting, SEND_BATCH):
+        self._send(rollout_id, spec, wave, MemberState.WAITING, shadow=spec.shadow is not None)
+
+    def _send(self, rollout_id: str, spec: RolloutSpec, wave: int, was: MemberState, shadow: bool) -> None:
+        """Send the wave's members in state ``was`` the release, to serve or to run in shadow,
+        recording each batch once its documents are out."""
+        members = self._members(rollout_id, wave, was)
+        action, sent_state = (
+            (Action.SHADOW, MemberState.SHADOWING) if shadow else (Action.INSTALL, MemberState.ASSIGNED)
+        )
+        asked = {"shadow": spec.shadow} if shadow else {}  # a callable from before shadows needs no more
+        for batch in chunks(members, SEND_BATCH):
             sent: list[MemberChange] = []
             try:
                 for member in batch:
                     try:
-                        self.assign(member.device_id, spec.release, Action.INSTALL, rollout_id)
-                        state, detail = MemberState.ASSIGNED, None
+                        self.assign(member.device_id, spec.release, action, rollout_id, **asked)
+                        state, detail = sent_state, None
                     except UserInputError as e:  # e.g. the device was removed
                         state, detail = MemberState.FAILED, str(e)
                     fields = {"state": state, "detail": detail, "assigned_at": self.clock()}
-                    sent.append(MemberChange(member.device_id, MemberState.WAITING, fields))
+                    sent.append(MemberChange(member.device_id, was, fields))
             finally:  # a broker error stops the wave: what was sent is recorded, the rest waits
                 self._set_members(rollout_id, sent)
-        logger.info("rollout %s: wave %d sent to %d devices", rollout_id, wave + 1, len(waiting))
+        what = "in shadow" if shadow else "to serve"
+        logger.info("rollout %s: wave %d sent %s to %d devices", rollout_id, wave + 1, what, len(members))
 
     def _settle(self, row: RolloutRow, spec: RolloutSpec, now: dt.datetime) -> tuple[MemberState, ...]:
         """Settle the current wave's assigned members (installed: the device reports the release;
-        or timed out); the states of the wave's members after it."""
+        or timed out) and shadowing ones (timed out); the states of the wave's members after it."""
         if row.wave < 0:
             return ()
         with self.registry.engine.connect() as conn:
             counts = wave_counts(conn, row.id, row.wave)
-            assigned = assigned_in_wave(conn, row.id, row.wave) if counts[MemberState.ASSIGNED] else []
+            waiting = counts[MemberState.ASSIGNED] + counts[MemberState.SHADOWING]
+            assigned = assigned_in_wave(conn, row.id, row.wave) if waiting else []
         changes = []
         for member, installed in assigned:
             after = policy.settle(member, installed, spec.release, now, spec.device_timeout_s)
@@ -303,19 +345,20 @@ class Rollouts:
         return tuple(counts.elements())
 
     def on_event(self, device_id: str, event: dict[str, Any]) -> None:
-        """A device's install event (an ``Event`` dumped): ``committed`` or ``refused`` settles
-        its part; any other kind, a newer agent's included, is ignored."""
+        """A device's install event (an ``Event`` dumped): ``committed``, ``shadowed`` or
+        ``refused`` settles its part; any other kind, a newer agent's included, is ignored."""
         self.on_events([(device_id, event)])
 
     def on_events(self, events: Sequence[Answer]) -> None:
         """Install events of many devices, in order, in one query and one transaction. A member
-        is settled by its first ``committed`` or ``refused`` event for the rollout's release,
-        while it is assigned, or still waiting in the wave being sent (its event can outrun the
-        record that it was sent)."""
+        is settled by its first ``committed``, ``shadowed`` or ``refused`` event for the
+        rollout's release, while it is assigned or shadowing, or still waiting in the wave being
+        sent (its event can outrun the record that it was sent); ``committed`` does not settle a
+        shadowing member, nor ``shadowed`` an assigned one."""
         answers = [
             (device, event)
             for device, event in events
-            if event.get("event") in (EventKind.COMMITTED, EventKind.REFUSED)
+            if event.get("event") in (EventKind.COMMITTED, EventKind.REFUSED, EventKind.SHADOWED)
             and isinstance(event.get("release"), str)
         ]
         if not answers:
@@ -329,8 +372,14 @@ class Rollouts:
         settled: dict[tuple[str, str], MemberChange] = {}
         for device, event in answers:
             for rollout_id, release, state in open_parts.get(device, ()):
-                if release == event["release"] and (rollout_id, device) not in settled:
-                    settled[rollout_id, device] = MemberChange(device, state, _answered(event, now))
+                if release != event["release"] or (rollout_id, device) in settled:
+                    continue
+                kind = event.get("event")
+                if (kind == EventKind.SHADOWED and state is MemberState.ASSIGNED) or (
+                    kind == EventKind.COMMITTED and state is MemberState.SHADOWING
+                ):
+                    continue  # an answer to the other phase (a late one, or an operator's document)
+                settled[rollout_id, device] = MemberChange(device, state, _answered(event, now))
         if settled:
             with self.registry.engine.begin() as conn:
                 for rollout_id in sorted({r for r, _ in settled}):
@@ -347,7 +396,9 @@ class Rollouts:
             .where(
                 MEMBERS.c.device_id.in_(devices),
                 ROLLOUTS.c.state.in_(active),
-                or_(MEMBERS.c.state == MemberState.ASSIGNED.value, being_sent),
+                or_(
+                    MEMBERS.c.state.in_((MemberState.ASSIGNED.value, MemberState.SHADOWING.value)), being_sent
+                ),
             )
         )
 
@@ -404,7 +455,17 @@ class Rollouts:
             return []
         canary, control = self._figures(row, members, now)
         failure_rate = policy.install_failure_rate(members, row.wave)
-        return policy.judge(spec.rules(), canary, control, failure_rate)
+        shadow = policy.shadow_cohort(members, row.wave)
+        return policy.judge(spec.rules(), canary, control, failure_rate, shadow)
+
+    def _shadow_judgement(
+        self, row: RolloutRow, spec: RolloutSpec, members: Sequence[policy.Member]
+    ) -> list[policy.RuleResult]:
+        """The wave's shadow rules (and its install failure rate so far) on its shadow figures."""
+        rules = [r for r in spec.rules() if r.metric.shadow or r.metric is Metric.INSTALL_FAILURE_RATE]
+        failure_rate = policy.install_failure_rate(members, row.wave)
+        empty = policy.CohortFigures()
+        return policy.judge(rules, empty, empty, failure_rate, policy.shadow_cohort(members, row.wave))
 
     def judge(self, rollout_id: str) -> list[dict[str, Any]]:
         """Each abort rule with the canary and control figures behind it, as they stand now."""
@@ -431,8 +492,10 @@ class Rollouts:
         judged = json.loads(row.judgement) if row.judgement else []
         if row.state in (RolloutState.RUNNING, RolloutState.PAUSED):  # live figures while it runs
             failure_rate = policy.install_failure_rate(members, row.wave)
+            shadow = policy.shadow_cohort(members, row.wave)
             rules = [
-                r.as_dict() for r in policy.judge(spec.rules() if spec else [], canary, control, failure_rate)
+                r.as_dict()
+                for r in policy.judge(spec.rules() if spec else [], canary, control, failure_rate, shadow)
             ]
         else:  # once it ended, those it was judged on
             rules = judged
@@ -455,6 +518,7 @@ class Rollouts:
             "last_judgement": judged,  # the rules as judged at the end of the last bake
             "canary": canary.as_dict(),
             "control": control.as_dict(),
+            "shadow": policy.shadow_cohort(members, row.wave).as_dict(),  # the current wave's shadow run
             "devices": [
                 {
                     "device": m.device_id,
@@ -462,6 +526,7 @@ class Rollouts:
                     "state": m.state.value,
                     "from": m.from_release,
                     "detail": m.detail,
+                    "shadow": m.shadow,
                 }
                 for m in members
             ],
@@ -491,8 +556,12 @@ class Rollouts:
 
 
 def _answered(event: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
-    """A member's fields once its device answered: ``committed`` installs, ``refused`` fails."""
+    """A member's fields once its device answered: ``committed`` installs, ``shadowed`` brings
+    its shadow figures, ``refused`` fails."""
     if event.get("event") == EventKind.COMMITTED:
         return {"state": MemberState.INSTALLED, "finished_at": now}
+    if event.get("event") == EventKind.SHADOWED:
+        figures = {k: v for k, v in event.items() if k in SHADOW_FIGURES}
+        return {"state": MemberState.SHADOWED, "shadow": figures, "detail": event.get("detail")}
     detail = f"refused at {event.get('step')}: {event.get('detail')}"
     return {"state": MemberState.FAILED, "finished_at": now, "detail": detail}

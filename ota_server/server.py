@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edgec._service import run_until_signalled
 from edgec._time import utc_moment
-from edgec.director import Action, SignedDirectorDocument
+from edgec.director import Action, ShadowRequest, SignedDirectorDocument
 from edgec.errors import ProtocolError, UserInputError
 from edgec.reports import DeviceState, EventKind, Telemetry
 from edgec.topics import PREFIX, device_topics, parse_topic
@@ -264,10 +264,16 @@ class OtaServer:
         self.http_port = 0
 
     def assign(
-        self, device_id: str, release: str, action: Action = Action.INSTALL, rollout: str = "manual"
+        self,
+        device_id: str,
+        release: str,
+        action: Action = Action.INSTALL,
+        rollout: str = "manual",
+        shadow: ShadowRequest | None = None,
     ) -> SignedDirectorDocument:
         """Sign a director document telling ``device_id`` to run ``release`` ("NAME:VERSION")
-        and publish it, retained, on the device's desired topic."""
+        (or, with ``shadow``, to run it in shadow) and publish it, retained, on the device's
+        desired topic."""
         if self.issuer is None:
             raise UserInputError("the server has no director key passphrase (passphrase_file in server.toml)")
         device = self.registry.get(device_id)
@@ -280,6 +286,7 @@ class OtaServer:
             action=action,
             release=release,
             files=files,
+            shadow=shadow,
             deliver=self._publish_desired,
         )
         # one line per device is a thousand lines a wave: -vv shows them

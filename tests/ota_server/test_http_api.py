@@ -177,7 +177,7 @@ def test_assigning_a_release_needs_an_operator_and_a_matching_bundle(api):
     cases = [
         ("pi-01", b"{not json", 400, "not JSON"),
         ("pi-01", b'{"release": "model:9.9.9"}', 400, "no bundle"),
-        ("pi-01", b'{"release": "model:1.0.0", "action": "explode"}', 400, "install or rollback"),
+        ("pi-01", b'{"release": "model:1.0.0", "action": "explode"}', 400, "install, rollback or shadow"),
         ("pi-99", body, 404, "no device"),
     ]
     for device, payload, expected, fragment in cases:
