@@ -9,7 +9,9 @@ through it, so "verified at build" means the device's own code produced the figu
 - ``session_options``/``OrtSession`` (``ort``): the one onnxruntime session factory, honouring
   the manifest's ``runtime_config``;
 - ``LiteRtSession`` (``litert``): the LiteRT interpreter;
-- ``open_artifact``/``ArtifactRunner`` (``runner``): an artifact that speaks the source's tensors.
+- ``open_artifact``/``ArtifactRunner`` (``runner``): an artifact that speaks the source's tensors;
+- ``compare`` (``bundle_runtime.compare``, imported by name): one model's outputs judged
+  against another's by output kind, the figures of the build's gate and the agent's shadow.
 
 It imports numpy, the runtimes (lazily) and the ``edgec`` wire contract, never a training
 or conversion framework, the compiler, the agent or the server (an import contract says so).

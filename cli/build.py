@@ -227,6 +227,7 @@ def render(result: BuildResult) -> str:
                 b.precision.value,
                 b.status.value,
                 _size(b.size_bytes),
+                _size(b.memory.peak_bytes if b.memory else None),
                 _fmt(m.max_abs_err if m else None, ".2e"),
                 _fmt(m.cosine if m else None, ".5f"),
                 _fmt(m.top1_agreement if m else None, ".4f"),
@@ -239,12 +240,13 @@ def render(result: BuildResult) -> str:
         "precision",
         "status",
         "size",
+        "peak mem",
         "max err",
         "cosine",
         "top-1 agree",
         "acc % (source)",
     )
-    lines = [render_table(headers, rows, right=(4, 5, 6, 7, 8))]
+    lines = [render_table(headers, rows, right=(4, 5, 6, 7, 8, 9))]
     for b in result.bundles:
         if b.metrics is not None and _judged_by_kind(b.metrics.outputs):
             lines.append(f"\n{b.profile} {b.format.value} {b.precision.value}: outputs by kind")
@@ -256,6 +258,8 @@ def render(result: BuildResult) -> str:
     for b in result.bundles:
         if b.path:
             lines.append(f"{b.profile}: {b.path}")
+        if b.path and b.memory_note:
+            lines.append(f"{b.profile}: peak memory {b.memory_note}")
         if b.error or b.reason:
             lines.append(f"{b.profile}: {b.status.value}: {b.error or b.reason}")
     return "\n".join(lines)

@@ -87,6 +87,8 @@ def run_show(args: argparse.Namespace) -> int:
     print(f"  precisions     {precisions} (default {profile.default_precision.value})")
     print(f"  latency budget {profile.max_latency_ms:g} ms")
     print(f"  max artifact   {_gib(profile.max_artifact_bytes)}")
+    if profile.model_memory_budget_bytes is not None:
+        print(f"  model memory   {_gib(profile.model_memory_budget_bytes)} (peak, load + inference)")
     rows = [
         (
             p.value,

@@ -30,6 +30,7 @@ from compiler.limits import (
     format_size,
     memory_budget,
 )
+from compiler.memory_fit import measure, memory_failure, memory_refusal
 from compiler.prepare import PreparedModel
 from compiler.report import BuildResult, TargetResult
 from compiler.runtime import first_line
@@ -58,6 +59,7 @@ from edgec.manifest import (
     FileEntry,
     FrozenInput,
     Manifest,
+    MemoryPeak,
     Precision,
     ProfileRef,
     TargetFormat,
@@ -154,6 +156,8 @@ def _frozen_inputs(prepared: PreparedModel) -> list[FrozenInput]:
 def _gate(profile: DeviceProfile, precision: Precision) -> dict[str, float]:
     gate = profile.gates[precision].flat()
     gate["max_artifact_bytes"] = float(profile.max_artifact_bytes)
+    if profile.model_memory_budget_bytes is not None:
+        gate["model_memory_budget_bytes"] = float(profile.model_memory_budget_bytes)
     return gate
 
 
@@ -232,6 +236,16 @@ def _build_timed(plan: _Plan, shared: Shared, progress: Progress, timings: dict[
             if chosen.precision is Precision.INT8:
                 with_layer_errors(ctx, chosen)
             timings["compile_and_verify"] = time.perf_counter() - started
+            peak: MemoryPeak | None = None
+            unmeasured: str | None = "not measured: the artifact missed its gate"
+            if chosen.converted and (chosen.passed or shared.request.ignore_gates):
+                progress(f"{label}: measuring peak memory")
+                started = time.perf_counter()
+                peak, unmeasured = measure(chosen.artifact, progress)
+                timings["memory"] = time.perf_counter() - started
+                over = memory_failure(plan.profile, peak)
+                if over:
+                    chosen.failures.append(over)
             result = result.model_copy(
                 update={
                     "precision": chosen.precision,
@@ -243,10 +257,14 @@ def _build_timed(plan: _Plan, shared: Shared, progress: Progress, timings: dict[
                     "search": _trail(trials, chosen if chosen.passed else None, plan.precision is None),
                     "cached": chosen.cached,
                     "layer_errors": [e.as_dict() for e in chosen.layer_errors[:LAYER_ERRORS_KEPT]],
+                    "memory": peak,
+                    "memory_note": unmeasured,
                 }
             )
             if chosen.failures and not shared.request.ignore_gates:
-                return result.model_copy(update={"error": _gate_error(chosen, trials), "size_bytes": None})
+                named = f"{plan.profile.id} {plan.format.value} {chosen.precision.value}"
+                error = memory_refusal(named, peak, chosen.failures) or _gate_error(chosen, trials)
+                return result.model_copy(update={"error": error, "size_bytes": None})
             progress(f"{label}: writing {plan.bundle.name}")
             started = time.perf_counter()
             result = _write(plan, shared, chosen, result.model_copy(update={"timings_s": timings}))
@@ -314,7 +332,7 @@ def _write(plan: _Plan, shared: Shared, chosen: Trial, result: TargetResult) -> 
     )
 
     def manifest(files: list[FileEntry]) -> Manifest:
-        return _manifest(plan, shared, chosen, verification, files)
+        return _manifest(plan, shared, chosen, verification, files, memory=result.memory)
 
     write_bundle(
         plan.bundle,
@@ -329,7 +347,13 @@ def _write(plan: _Plan, shared: Shared, chosen: Trial, result: TargetResult) -> 
 
 
 def _manifest(
-    plan: _Plan, shared: Shared, chosen: Trial, verification: Verification, files: list[FileEntry]
+    plan: _Plan,
+    shared: Shared,
+    chosen: Trial,
+    verification: Verification,
+    files: list[FileEntry],
+    *,
+    memory: MemoryPeak | None,
 ) -> Manifest:
     request = shared.request
     artifact = chosen.artifact
@@ -354,6 +378,7 @@ def _manifest(
         tool_versions=_tool_versions(artifact),
         source=shared.source.ref,
         frozen_inputs=_frozen_inputs(shared.prepared),
+        memory=memory,
     )
 
 

@@ -87,8 +87,10 @@ def write_bundle(
         entries = [file_entry(tmp, p) for p in _files_under(tmp)]
         manifest = make_manifest(entries)
         # written only when used: agents released before --freeze refuse fields they do not know
-        unused = {"frozen_inputs"} if not manifest.frozen_inputs else None
-        text = manifest.model_dump_json(indent=2, exclude=unused)
+        unused = {"frozen_inputs"} if not manifest.frozen_inputs else set()
+        if manifest.memory is None:
+            unused.add("memory")
+        text = manifest.model_dump_json(indent=2, exclude=unused or None)
         (tmp / MANIFEST_NAME).write_text(text + "\n", encoding="utf-8")
         for path in _files_under(tmp):
             fsync_path(path)

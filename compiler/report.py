@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from edgec.manifest import BundleStatus, Metrics, Precision, TargetFormat
+from edgec.manifest import BundleStatus, MemoryPeak, Metrics, Precision, TargetFormat
 
 __all__ = ["BuildResult", "TargetResult"]
 
@@ -28,6 +28,8 @@ class TargetResult(BaseModel):
     layer_errors: list[dict[str, object]] = []  # int8: the worst quantized tensors, for explain
     cached: bool = False  # the artifact and its figures came from the build cache
     converter_log: str | None = None  # everything a converter printed, when it failed
+    memory: MemoryPeak | None = None  # peak memory in its runtime (compiler.memory_fit)
+    memory_note: str | None = None  # why the peak was not measured, when it was not
     timings_s: dict[str, float] = {}
 
 

@@ -150,6 +150,9 @@ class DeviceProfile(_Model):
     gates: dict[Precision, Gate]
     max_latency_ms: Annotated[float, Field(gt=0)]
     max_artifact_bytes: Annotated[int, Field(gt=0)]
+    # the peak memory one model may take in its runtime, load and inference (measured at build,
+    # ``edgec.manifest.MemoryPeak``): a share of ``ram_bytes``; None: no memory gate
+    model_memory_budget_bytes: Annotated[int, Field(gt=0)] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> DeviceProfile:
@@ -160,6 +163,8 @@ class DeviceProfile(_Model):
         missing = [p.value for p in self.precisions if p not in self.gates]
         if missing:
             raise ValueError(f"gates has no entry for precision(s) {', '.join(missing)}")
+        if self.model_memory_budget_bytes is not None and self.model_memory_budget_bytes > self.ram_bytes:
+            raise ValueError("model_memory_budget_bytes is more than ram_bytes")
         return self
 
     @property

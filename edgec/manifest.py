@@ -36,6 +36,7 @@ __all__ = [
     "FrozenInput",
     "Layout",
     "Manifest",
+    "MemoryPeak",
     "Metrics",
     "OutputKind",
     "OutputMetrics",
@@ -223,6 +224,18 @@ class TensorStats(_Model):
     bin_fractions: list[float]
 
 
+class MemoryPeak(_Model):
+    """The artifact's peak memory in its runtime, measured when it was built: loaded and run at
+    ``batch`` in a child process, the resident set's high-water mark over the runtime's own
+    (``baseline_bytes``, the process once the runtime is imported). ``method`` says how:
+    ``VmHWM`` (Linux, the mark reset after the imports) or ``ru_maxrss`` (no ``/proc``)."""
+
+    peak_bytes: Annotated[int, Field(ge=0)]
+    baseline_bytes: Annotated[int, Field(ge=0)]
+    method: str
+    batch: Annotated[int, Field(ge=1)]
+
+
 class Manifest(_Model):
     schema_version: int = SCHEMA_VERSION
     name: Name
@@ -243,6 +256,7 @@ class Manifest(_Model):
     tool_versions: dict[str, str]
     source: SourceRef
     frozen_inputs: list[FrozenInput] = []  # source inputs fixed at build time (--freeze)
+    memory: MemoryPeak | None = None  # None: not measured (no runtime on the build host; older compilers)
 
     @model_validator(mode="before")
     @classmethod
