@@ -37,13 +37,13 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import insert, select, update
 
 from edgec.director import Action
 from edgec.errors import ConflictError, NotFoundError, UserInputError
-from edgec.reports import EventKind
 from edgec.rollout_spec import MemberState, Metric, RolloutSpec, RolloutState
 from ota_server import rollout_policy as policy
+from ota_server._rollout_answers import Answer, settle_answers
 from ota_server._rollout_tables import (
     MEMBERS,
     ROLLOUTS,
@@ -67,29 +67,7 @@ Figures = tuple[policy.CohortFigures, policy.CohortFigures]  # canary, control
 
 logger = logging.getLogger(__name__)
 
-# what a member keeps of its device's ``shadowed`` event
-SHADOW_FIGURES = frozenset(
-    {
-        "compared",
-        "agreement",
-        "errors",
-        "dropped",
-        "over_budget",
-        "offered",
-        "sampled",
-        "outputs",
-        "skipped",
-        "p50_ms",
-        "p95_ms",
-        "p99_ms",
-        "serving_p50_ms",
-        "serving_p95_ms",
-        "serving_p99_ms",
-        "reason",
-    }
-)
 SEND_BATCH = 200  # a wave's members recorded as sent per transaction: what a crash may send twice
-Answer = tuple[str, dict[str, Any]]  # (device id, an install event as ``Event.model_dump`` gives it)
 
 
 class Rollouts:
@@ -350,57 +328,9 @@ class Rollouts:
         self.on_events([(device_id, event)])
 
     def on_events(self, events: Sequence[Answer]) -> None:
-        """Install events of many devices, in order, in one query and one transaction. A member
-        is settled by its first ``committed``, ``shadowed`` or ``refused`` event for the
-        rollout's release, while it is assigned or shadowing, or still waiting in the wave being
-        sent (its event can outrun the record that it was sent); ``committed`` does not settle a
-        shadowing member, nor ``shadowed`` an assigned one."""
-        answers = [
-            (device, event)
-            for device, event in events
-            if event.get("event") in (EventKind.COMMITTED, EventKind.REFUSED, EventKind.SHADOWED)
-            and isinstance(event.get("release"), str)
-        ]
-        if not answers:
-            return
-        open_parts: dict[str, list[tuple[str, str, MemberState]]] = {}
-        with self.registry.engine.connect() as conn:
-            for ids in chunks(sorted({device for device, _ in answers})):
-                for rollout_id, device, release, state in conn.execute(self._open_parts(ids)):
-                    open_parts.setdefault(device, []).append((rollout_id, release, MemberState(state)))
-        now = self.clock()
-        settled: dict[tuple[str, str], MemberChange] = {}
-        for device, event in answers:
-            for rollout_id, release, state in open_parts.get(device, ()):
-                if release != event["release"] or (rollout_id, device) in settled:
-                    continue
-                kind = event.get("event")
-                if (kind == EventKind.SHADOWED and state is MemberState.ASSIGNED) or (
-                    kind == EventKind.COMMITTED and state is MemberState.SHADOWING
-                ):
-                    continue  # an answer to the other phase (a late one, or an operator's document)
-                settled[rollout_id, device] = MemberChange(device, state, _answered(event, now))
-        if settled:
-            with self.registry.engine.begin() as conn:
-                for rollout_id in sorted({r for r, _ in settled}):
-                    write_members(conn, rollout_id, [c for (r, _), c in settled.items() if r == rollout_id])
-
-    @staticmethod
-    def _open_parts(devices: Sequence[str]) -> Any:
-        """The running or paused rollouts' members among ``devices`` that an install event settles."""
-        active = (RolloutState.RUNNING.value, RolloutState.PAUSED.value)
-        being_sent = (MEMBERS.c.state == MemberState.WAITING.value) & (MEMBERS.c.wave == ROLLOUTS.c.wave)
-        return (
-            select(ROLLOUTS.c.id, MEMBERS.c.device_id, ROLLOUTS.c.release, MEMBERS.c.state)
-            .join(MEMBERS, MEMBERS.c.rollout_id == ROLLOUTS.c.id)
-            .where(
-                MEMBERS.c.device_id.in_(devices),
-                ROLLOUTS.c.state.in_(active),
-                or_(
-                    MEMBERS.c.state.in_((MemberState.ASSIGNED.value, MemberState.SHADOWING.value)), being_sent
-                ),
-            )
-        )
+        """Install events of many devices, in order, in one query and one transaction
+        (``ota_server._rollout_answers.settle_answers`` says which settle what)."""
+        settle_answers(self.registry.engine, events, self.clock())
 
     def _abort(self, rollout_id: str, reason: str, members: Sequence[policy.Member]) -> None:
         logger.warning("rollout %s aborted: %s", rollout_id, reason)
@@ -455,8 +385,10 @@ class Rollouts:
             return []
         canary, control = self._figures(row, members, now)
         failure_rate = policy.install_failure_rate(members, row.wave)
-        shadow = policy.shadow_cohort(members, row.wave)
-        return policy.judge(spec.rules(), canary, control, failure_rate, shadow)
+        # the shadow rules judged the wave before it served (``_shadow_judgement``): no figures
+        # of theirs come after it, so a wave never waits for them here
+        rules = [r for r in spec.rules() if not r.metric.shadow]
+        return policy.judge(rules, canary, control, failure_rate)
 
     def _shadow_judgement(
         self, row: RolloutRow, spec: RolloutSpec, members: Sequence[policy.Member]
@@ -553,15 +485,3 @@ class Rollouts:
                 }
             )
         return result
-
-
-def _answered(event: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
-    """A member's fields once its device answered: ``committed`` installs, ``shadowed`` brings
-    its shadow figures, ``refused`` fails."""
-    if event.get("event") == EventKind.COMMITTED:
-        return {"state": MemberState.INSTALLED, "finished_at": now}
-    if event.get("event") == EventKind.SHADOWED:
-        figures = {k: v for k, v in event.items() if k in SHADOW_FIGURES}
-        return {"state": MemberState.SHADOWED, "shadow": figures, "detail": event.get("detail")}
-    detail = f"refused at {event.get('step')}: {event.get('detail')}"
-    return {"state": MemberState.FAILED, "finished_at": now, "detail": detail}
