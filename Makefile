@@ -101,9 +101,11 @@ bench: $(STAMP) zoo
 	$(PY) bench/bench_cache.py
 	$(PY) bench/bench_agent_serving.py
 	$(PY) bench/bench_agent_serving.py --metrics-overhead
+	$(PY) bench/bench_agent_serving_shadow.py
 	$(PY) bench/bench_agent_instructions.py
 	$(PY) bench/bench_hot_swap.py
 	$(PY) bench/bench_delivery.py
+	$(PY) bench/bench_delta.py
 	$(PY) bench/bench_fleet.py --sim-state /dev/shm/edgec-bench
 	$(PY) bench/bench_kdf.py
 	$(PY) bench/bench_zoo.py

@@ -52,6 +52,9 @@ class HttpSettings(_Model):
     host: str = "127.0.0.1"  # loopback: the local inference API is for this device's programs
     port: int = 8000
     limits: ServingLimits = ServingLimits()
+    # POST /v2/shadow runs bundles under this folder only (agent._shadow_api); unset: field-tests/
+    # in the state folder
+    shadow_root: Path | None = None
 
 
 class InstallSettings(_Model):
@@ -65,6 +68,16 @@ class InstallSettings(_Model):
     max_error_rate: Annotated[float, Field(ge=0, le=1)] = 0.01
     warmup_runs: Annotated[int, Field(ge=0)] = 5
     max_attempts: Annotated[int, Field(ge=1)] = 5  # retriable failures (network) before abandoning
+    # memory fit (agent.memory): where the available memory is read, and the margin an install
+    # keeps free beyond the release's signed peak
+    meminfo_path: Path = Path("/proc/meminfo")
+    cgroup_root: Path = Path("/sys/fs/cgroup")
+    memory_headroom_bytes: Annotated[int, Field(ge=0)] = 64 << 20
+    # a shadow run (a director document's action shadow): the candidate's share of one core at
+    # most, how often a window of figures is reported, sampled requests waiting for it at most
+    shadow_cpu_budget: Annotated[float, Field(gt=0, le=1)] = 0.5
+    shadow_window_s: Annotated[float, Field(gt=0)] = 10.0
+    shadow_queue: Annotated[int, Field(ge=1, le=1024)] = 8
 
 
 class TelemetrySettings(_Model):

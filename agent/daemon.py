@@ -8,7 +8,8 @@ publishes its retained state, install events and telemetry windows. Threads:
 - the installer: takes the newest desired document and runs the install pipeline;
 - telemetry: closes a window every ``window_s``, buffers it on disk, publishes the buffer
   oldest first whenever the broker is there;
-- the local inference API (``agent.serving``).
+- the local inference API (``agent.serving``), which hands every answered request to the
+  shadow tap (``agent.shadow``): a candidate in shadow runs its share in a thread of its own.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from tuf.ngclient import FetcherInterface
 
+from agent._shadow_api import ShadowControl
 from agent.config import AgentConfig
 from agent.device import DeviceCore, DeviceIdentity, Runtime, parse_director_key
 from agent.metrics import AgentMetrics
@@ -102,13 +104,24 @@ class Agent:
         self.installer = self.core.installer
         self.buffer = TelemetryBuffer(self.store.telemetry, config.telemetry.buffer_max_windows)
         self.recorder = WindowRecorder(window_s=config.telemetry.window_s, first_seq=self.buffer.next_seq)
+        self.shadow = self.core.shadow  # a candidate in shadow takes its share of the served requests
         self.server = InferenceServer(
             self.slot,
             config.http.host,
             config.http.port,
             on_request=self._on_request,
+            on_infer=self.shadow.offer,
             limits=config.http.limits,
             metrics=self.metrics,
+            shadow=ShadowControl(  # POST /v2/shadow: a field test by hand
+                self.shadow,
+                self.slot,
+                config.http.shadow_root or config.state_dir / "field-tests",
+                cpu_budget=config.install.shadow_cpu_budget,
+                window_s=config.install.shadow_window_s,
+                queue=config.install.shadow_queue,
+                memory=config.install,
+            ),
         )
         self.http_port = 0
         self._stopping = threading.Event()

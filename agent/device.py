@@ -30,6 +30,7 @@ from agent.config import InstallSettings
 from agent.director import DirectorState
 from agent.install import Installer, ProbationMonitor, Reporter
 from agent.mqtt_fetch import SCHEME, ChunkSource
+from agent.shadow import ShadowTap
 from agent.slot import LoadedModel, ModelSlot
 from agent.store import StateStore
 from agent.trust import TrustedRepository
@@ -110,6 +111,7 @@ class DeviceCore:
             self.startup_problem = str(e)
         self.slot = ModelSlot()
         self.probation = runtime.probation(self.slot)
+        self.shadow = ShadowTap()  # the serving callback feeds it; a shadow document's run listens
         self.installer = Installer(
             settings=settings,
             store=self.store,
@@ -122,6 +124,7 @@ class DeviceCore:
             self_test=runtime.self_test,
             golden_inputs=runtime.golden_inputs,
             probation=self.probation,
+            shadow=self.shadow,
         )
         self.work = threading.Condition()  # guards the waiting document
         self._desired: SignedDirectorDocument | None = None

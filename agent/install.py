@@ -6,6 +6,12 @@
       → stage (check the bundle) → load a new session → self-test on golden.npz → warm up
       → swap (in-flight requests finish on the old model) → probation → commit, or roll back
 
+A document with action ``shadow`` stops after the warm-up: the candidate runs beside the
+serving model on a sampled share of live requests, off the request path (``agent.shadow``),
+for the time or request count the document gives; the figures are reported (``shadowed``)
+and the candidate is closed, its files kept under models/ so that the install that may
+follow (the server's verdict on the wave) loads them without a download.
+
 Each step that must survive a restart is recorded in ``install.json`` before the next
 begins; after ``kill -9`` the agent serves the committed model (``active.json``) and resumes
 the install from the last recorded step (a download carries on from its last good chunk;
@@ -28,18 +34,25 @@ from typing import Any
 
 import numpy as np
 
+from agent._delivery import already_installed, bundle_path, stage, verify
 from agent._install_parts import (
     InstallSettingsView,
     ProbationMonitor,
+    Refused,
     Reporter,
     check_names,
+    watch_probation,
 )
-from agent.director import DirectorState, RepositoryFile, check_against_repository
-from agent.mqtt_fetch import ChunkSource, ResumableDownload
+from agent._shadow_step import ShadowSkipped, shadow_candidate, skip_reason
+from agent.delta import InstalledChunks, download_for
+from agent.director import DirectorState
+from agent.memory import fit_refusal
+from agent.mqtt_fetch import ChunkSource
+from agent.shadow import ShadowFigures, ShadowTap
 from agent.slot import LoadedModel, ModelSlot
 from agent.store import ActivePointer, InstallJournal, StateStore
 from agent.trust import TrustedRepository
-from edgec.director import DirectorDocument, SignedDirectorDocument
+from edgec.director import Action, DirectorDocument, SignedDirectorDocument
 from edgec.errors import (
     BundleError,
     EdgecError,
@@ -49,8 +62,7 @@ from edgec.errors import (
     PathOutsideRootError,
     TrustError,
 )
-from edgec.manifest import check_files, read_manifest, sha256_file
-from edgec.names import check_relative_path, resolve_inside
+from edgec.names import resolve_inside
 from edgec.reports import DeviceStatus, EventKind, InstallStep
 
 __all__ = ["InstallSettingsView", "Installer", "ProbationMonitor", "Reporter", "Step"]
@@ -78,17 +90,6 @@ _REFUSED_AT = {
 }
 
 
-class Refused(EdgecError):
-    """The install of this document ends here (reported; the current model keeps serving).
-    Whose fault it was is in ``__cause__`` (a ``TrustError``, a ``BundleError``...) or the
-    step that refused it (a self-test, a probation)."""
-
-    def __init__(self, step: InstallStep, reason: str) -> None:
-        super().__init__(f"{step}: {reason}")
-        self.step = step
-        self.reason = reason
-
-
 class _Stopping(EdgecError):
     """The agent is stopping in the middle of an install; its journal resumes it."""
 
@@ -108,6 +109,7 @@ class Installer:
         self_test: Callable[[Any, Path], Any],  # agent.runtime.self_test
         golden_inputs: Callable[[Any, Path], list[dict[str, np.ndarray]]],  # for warm-up and probes
         probation: ProbationMonitor,
+        shadow: ShadowTap | None = None,  # where a shadow run is fed live requests; None: no shadows
         now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -122,6 +124,7 @@ class Installer:
         self.self_test_fn = self_test
         self.golden_inputs = golden_inputs
         self.probation_monitor = probation
+        self.shadow_tap = shadow
         self.now = now
         self.sleep = sleep
         self.director_path = store.root / "director.json"
@@ -246,6 +249,9 @@ class Installer:
             self._activate(doc, journal, folder)
         except Refused as e:
             self._refuse(doc, e)
+        except ShadowSkipped as e:
+            self.reporter.event(EventKind.SHADOWED, doc.release, f"skipped: {e}", skipped=True)
+            self._shadowed(doc)
         except OSError as e:
             self._stopped(doc, e)
         except _Stopping:
@@ -269,14 +275,21 @@ class Installer:
         while True:
             try:
                 journal = replace(journal, step=int(Step.ACCEPTED))
-                infos = self.verify(doc)
+                infos = verify(self.repository, doc, self.settings.max_target_bytes)
                 journal = self._advance(journal, Step.VERIFIED)
-                if self._already_installed(doc):
+                too_big = fit_refusal(doc.release, infos, self.settings)  # before any byte is fetched
+                if too_big:
+                    raise Refused(InstallStep.FIT, too_big)
+                if doc.action is Action.SHADOW and (
+                    skip := skip_reason(infos, self.slot.model, self.settings)
+                ):
+                    raise ShadowSkipped(skip)
+                if already_installed(self.store, doc):
                     folder = self.store.folder_name(doc.release)
                     return self._advance(journal, Step.STAGED, folder=folder)
                 self.fetch(doc, infos)
                 journal = self._advance(journal, Step.FETCHED)
-                folder = self.stage(doc)
+                folder = stage(self.store, doc)
                 return self._advance(journal, Step.STAGED, folder=folder)
             except TrustError as e:
                 raise Refused(_REFUSED_AT[Step(journal.step + 1)], str(e)) from e
@@ -297,67 +310,35 @@ class Installer:
                         raise _Stopping from e  # the journal stays: a restart carries on
                     raise Refused(InstallStep.FETCH, "a newer director document arrived") from e
 
-    def verify(self, doc: DirectorDocument) -> dict[str, Any]:
-        """The image repository must sign every file the director names, identically."""
-        self.repository.refresh()
-        infos = {f.path: self.repository.target(f.path) for f in doc.files}
-        signed = {
-            path: RepositoryFile(
-                sha256=info.hashes.get("sha256", ""),
-                length=info.length,
-                profile=str(info.unrecognized_fields.get("custom", {}).get("edgec", {}).get("profile", "")),
-            )
-            for path, info in infos.items()
-        }
-        check_against_repository(doc, signed)
-        for path, info in infos.items():
-            if info.length > self.settings.max_target_bytes:
-                raise TrustError(
-                    f"{path} is {info.length} bytes, over the limit of {self.settings.max_target_bytes}",
-                    "targets",
-                )
-        return infos
-
-    @staticmethod
-    def _bundle_path(doc: DirectorDocument, path: str) -> str:
-        name, _, version = doc.release.partition(":")
-        prefix = f"{name}/{version}/{doc.profile}/"
-        if not path.startswith(prefix):
-            raise TrustError(f"{path} is not a file of bundle {prefix}", "director")
-        return check_relative_path(path.removeprefix(prefix), "bundle file path")
-
-    def _already_installed(self, doc: DirectorDocument) -> bool:
-        folder = self.store.model_folder(doc.release)
-        if not (folder / "manifest.json").is_file():
-            return False
-        try:
-            manifest = read_manifest(folder)
-        except BundleError:
-            return False
-        wanted = {self._bundle_path(doc, f.path): f.sha256 for f in doc.files}
-        have = {f.path: f.sha256 for f in manifest.files}
-        have["manifest.json"] = sha256_file(folder / "manifest.json")
-        if set(wanted) != set(have) or any(have[path] != sha for path, sha in wanted.items()):
-            return False
-        return not any(check_files(folder, manifest).values())
-
     def fetch(self, doc: DirectorDocument, infos: dict[str, Any]) -> None:
-        """Every file into staging, each chunk checked against the signed chunk hashes."""
+        """Every file into staging, each chunk checked against the signed chunk hashes; with
+        content-defined chunk tables, the chunks the installed releases hold are copied from
+        them (``agent.delta``) and only the others downloaded."""
         staging = self.store.staging_folder(doc.release)
+        installed = InstalledChunks(self.store)
+        tables: dict[str, Any] = {}  # this release's signed chunk tables, kept for the next one
         for index, file in enumerate(doc.files, 1):
-            relative = self._bundle_path(doc, file.path)
+            relative = bundle_path(doc, file.path)
             dest = resolve_inside(staging, relative)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            if dest.is_file() and dest.stat().st_size == file.length:
-                continue  # fetched before a restart (checked when it was assembled)
             info = infos[file.path]
             custom = info.unrecognized_fields.get("custom", {}).get("edgec", {})
+            if "cdc" in custom:
+                tables[relative] = custom["cdc"]
+            if dest.is_file() and dest.stat().st_size == file.length:
+                continue  # fetched before a restart (checked when it was assembled)
             if "chunks" not in custom:
                 raise TrustError(f"{file.path} has no signed chunk hashes", "targets")
             folder, _, name = file.path.rpartition("/")
             stored = f"targets/{folder}/{file.sha256}.{name}" if folder else f"targets/{file.sha256}.{name}"
-            download = ResumableDownload(
-                self.chunks, stored, dest, custom=custom, length=file.length, sha256=file.sha256
+            download = download_for(
+                self.chunks,
+                stored,
+                dest,
+                custom=custom,
+                length=file.length,
+                sha256=file.sha256,
+                installed=installed,
             )
             resumed = download.good_bytes()
             download.run()
@@ -369,21 +350,10 @@ class Installer:
                 of=len(doc.files),
                 bytes=file.length,
                 resumed_at=resumed,
+                fetched_bytes=download.fetched_bytes,
+                reused_bytes=download.reused_bytes,
             )
-
-    def stage(self, doc: DirectorDocument) -> str:
-        """The staged files form the bundle the director named: checked, then moved into place."""
-        staging = self.store.staging_folder(doc.release)
-        manifest = read_manifest(staging)
-        if f"{manifest.name}:{manifest.version}" != doc.release or manifest.profile.id != doc.profile:
-            raise BundleError(
-                f"the staged bundle is {manifest.name}:{manifest.version} for {manifest.profile.id}, "
-                f"not {doc.release} for {doc.profile}"
-            )
-        broken = {path: problem for path, problem in check_files(staging, manifest).items() if problem}
-        if broken:
-            raise BundleError(f"the staged bundle does not match its manifest: {broken}")
-        return self.store.move_to_models(doc.release).name
+        installed.record(doc.release, tables)
 
     def _activate(self, doc: DirectorDocument, journal: InstallJournal, folder: Path) -> None:
         """load → self-test → warm up → swap → probation → commit (or roll back)."""
@@ -401,12 +371,19 @@ class Installer:
         for i in range(self.settings.warmup_runs):
             model.infer(samples[i % len(samples)])
         journal = self._advance(journal, Step.WARMED)
+        if doc.action is Action.SHADOW:
+            try:
+                self.run_shadow(doc, model)
+            finally:
+                model.close()
+            self._shadowed(doc)
+            return
         self.probation_monitor.watch(model.manifest.version)
         self.slot.swap(model)
         journal = self._advance(journal, Step.SWAPPED)
         self.reporter.event(EventKind.SWAPPED, doc.release, "serving on probation")
         try:
-            figures = self.probation(model, samples)
+            figures = watch_probation(model, samples, self.settings, self.probation_monitor, self.sleep)
         except Refused:
             self._restore_committed()
             raise
@@ -415,51 +392,31 @@ class Installer:
         self.commit(doc, folder)
         self.reporter.event(EventKind.COMMITTED, doc.release, None, **figures)
 
-    def probation(self, model: LoadedModel, samples: list[dict[str, np.ndarray]]) -> dict[str, Any]:
-        """Watch the new model serve for ``probation_s``; golden probes fill in when traffic
-        is low. Error rate and p95 latency against the budget decide."""
-        settings = self.settings
-        start = time.monotonic()
-        probes = 0
-        while True:
-            elapsed = time.monotonic() - start
-            count, _, _ = self.probation_monitor.figures()
-            if elapsed >= settings.probation_s and count >= settings.probation_min_requests:
-                break
-            expected = settings.probation_min_requests * min(elapsed / max(settings.probation_s, 1e-9), 1.0)
-            if count < expected or elapsed >= settings.probation_s:
-                self._probe(model, samples[probes % len(samples)])
-                probes += 1
-            else:
-                self.sleep(0.05)
-        count, errors, p95_ms = self.probation_monitor.figures()
-        budget = model.manifest.max_latency_ms
-        figures = {
-            "requests": count,
-            "errors": errors,
-            "p95_ms": p95_ms,
-            "budget_ms": budget,
-            "probes": probes,
-        }
-        if errors / count > settings.max_error_rate:
-            raise Refused(
-                InstallStep.PROBATION, f"error rate {errors}/{count} over {settings.max_error_rate:.1%}"
-            )
-        if p95_ms is not None and p95_ms > budget:
-            raise Refused(
-                InstallStep.PROBATION, f"p95 latency {p95_ms:.1f} ms over the budget of {budget:.1f} ms"
-            )
+    def run_shadow(self, doc: DirectorDocument, candidate: LoadedModel) -> ShadowFigures:
+        """``candidate`` in shadow of the serving model (``agent._shadow_step``); a stop of
+        the agent leaves it to the journal, which runs it again after the restart."""
+        figures = shadow_candidate(
+            doc,
+            candidate,
+            serving=self.slot.model,
+            tap=self.shadow_tap,
+            settings=self.settings,
+            reporter=self.reporter,
+            stop=self.interrupted,
+        )
+        if self.stopping.is_set():
+            raise _Stopping
         return figures
 
-    def _probe(self, model: LoadedModel, sample: dict[str, np.ndarray]) -> None:
-        started = time.perf_counter()
-        try:
-            model.infer(sample)
-            ok = True
-        except Exception:
-            logger.exception("probation probe failed")
-            ok = False
-        self.probation_monitor.record(model.manifest.version, time.perf_counter() - started, ok)
+    def _shadowed(self, doc: DirectorDocument) -> None:
+        """The shadow run of ``doc`` is over: its files stay installed for the install that may
+        follow; the committed model serves on."""
+        self.store.set_outcome(doc.version, "shadowed")
+        self.store.set_journal(None)
+        active = self.store.active()
+        installed = active.release if active else None
+        status = DeviceStatus.SERVING if self.slot.model else DeviceStatus.IDLE
+        self.reporter.state(status, installed, f"{doc.release} ran in shadow")
 
     def commit(self, doc: DirectorDocument, folder: Path) -> None:
         previous = self.store.active()

@@ -291,7 +291,10 @@ class AgentMetrics:
         self.install_events.labels(kind if kind in EVENTS else "other").inc()
         if kind == EventKind.FETCHED:
             size, resumed = figures.get("bytes"), figures.get("resumed_at") or 0
-            if isinstance(size, int) and isinstance(resumed, int) and size >= resumed >= 0:
+            fetched = figures.get("fetched_bytes")  # a delta download copies the rest from disk
+            if isinstance(fetched, int) and fetched >= 0:
+                self.fetched_bytes.inc(fetched)
+            elif isinstance(size, int) and isinstance(resumed, int) and size >= resumed >= 0:
                 self.fetched_bytes.inc(size - resumed)
             file, of = figures.get("file"), figures.get("of")
             self.install_step.state("fetched" if file is not None and file == of else "fetching")

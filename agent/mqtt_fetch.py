@@ -16,7 +16,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import paho.mqtt.client as mqtt
 from tuf.api import exceptions as tuf_errors
@@ -27,14 +27,23 @@ from edgec.errors import FetchError, HashMismatchError
 from edgec.fetch_protocol import decode_response, encode_request
 from edgec.topics import fetch_request, fetch_response
 
-__all__ = ["ChunkClient", "ChunkSource", "HttpChunks", "MqttFetcher", "ResumableDownload", "Throttled"]
+__all__ = [
+    "ChunkClient",
+    "ChunkSource",
+    "HttpChunks",
+    "MqttFetcher",
+    "PartialWriter",
+    "ResumableDownload",
+    "Throttled",
+]
 
 SCHEME = "edgec-mqtt:"
 
 
 class ChunkSource(Protocol):
-    def chunk(self, path: str, offset: int) -> tuple[int, bytes]:
-        """``(total length, the bytes at offset)`` of a repository file."""
+    def chunk(self, path: str, offset: int, length: int | None = None) -> tuple[int, bytes]:
+        """``(total length, the bytes at offset)`` of a repository file: one chunk of the
+        source's size, or at most ``length`` bytes."""
         ...
 
 
@@ -47,8 +56,8 @@ class Throttled:
         self._started = time.monotonic()
         self._bytes = 0
 
-    def chunk(self, path: str, offset: int) -> tuple[int, bytes]:
-        total, data = self.source.chunk(path, offset)
+    def chunk(self, path: str, offset: int, length: int | None = None) -> tuple[int, bytes]:
+        total, data = self.source.chunk(path, offset, length)
         self._bytes += len(data)
         ahead = self._bytes / self.bytes_per_s - (time.monotonic() - self._started)
         if ahead > 0:
@@ -64,9 +73,9 @@ class HttpChunks:
         self.chunk_bytes = chunk_bytes
         self.timeout_s = timeout_s
 
-    def chunk(self, path: str, offset: int) -> tuple[int, bytes]:
+    def chunk(self, path: str, offset: int, length: int | None = None) -> tuple[int, bytes]:
         request = urllib.request.Request(self.base_url + path)
-        request.add_header("Range", f"bytes={offset}-{offset + self.chunk_bytes - 1}")
+        request.add_header("Range", f"bytes={offset}-{offset + (length or self.chunk_bytes) - 1}")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 data = response.read()
@@ -94,19 +103,25 @@ class ChunkClient:
         """(Again, after a reconnect with a clean session.)"""
         self.client.subscribe(self.response_topic, qos=1)
 
-    def chunk(self, path: str, offset: int, attempts: int = 3) -> tuple[int, bytes]:
-        """``(total length, bytes at offset)``; raises ``FetchError`` on silence or 404.
+    def chunk(
+        self, path: str, offset: int, length: int | None = None, attempts: int = 3
+    ) -> tuple[int, bytes]:
+        """``(total length, bytes at offset)``, at most ``length`` of them when given (a server
+        that does not know the field answers a whole chunk: the rest is dropped); raises
+        ``FetchError`` on silence or 404.
 
         Responses come at QoS 0, so a lost one is asked for again (``attempts`` times)."""
         for _ in range(attempts):
-            answer = self._ask(path, offset)
+            answer = self._ask(path, offset, length)
             if answer is not None:
-                return answer
+                total, data = answer
+                return total, data if length is None else data[:length]
         raise FetchError(f"no answer for {path} at offset {offset} after {attempts} tries")
 
-    def _ask(self, path: str, offset: int) -> tuple[int, bytes] | None:
+    def _ask(self, path: str, offset: int, length: int | None) -> tuple[int, bytes] | None:
         request_id = uuid.uuid4().hex
-        info = self.client.publish(self.request_topic, encode_request(request_id, path, offset), qos=1)
+        request = encode_request(request_id, path, offset, length)
+        info = self.client.publish(self.request_topic, request, qos=1)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise FetchError(f"cannot send a fetch request for {path}: not connected")
         while True:
@@ -155,56 +170,83 @@ class MqttFetcher(FetcherInterface):
 
 class ResumableDownload:
     """A target fetched chunk by chunk into ``dest.partial``, every chunk checked against the
-    signed chunk hashes; only chunks that passed are kept, so a retry resumes after them."""
+    signed chunk hashes; only chunks that passed are kept, so a retry resumes after them.
+
+    ``pieces`` are the signed chunks in file order, ``(offset, length, sha256)``: here the fixed
+    ``chunk_bytes`` ones; ``agent.delta.DeltaDownload`` uses the content-defined ones and takes
+    some of them from disk. ``fetched_bytes`` and ``reused_bytes`` count this run's bytes."""
 
     def __init__(
         self, chunks: ChunkSource, path: str, dest: Path, *, custom: dict[str, Any], length: int, sha256: str
+    ) -> None:
+        chunk_bytes = int(custom["chunk_bytes"])
+        spans = [(o, min(chunk_bytes, length - o)) for o in range(0, length, chunk_bytes)]
+        # a list of hashes shorter than the file leaves its tail without pieces: refused in run()
+        pieces = [(o, n, str(h)) for (o, n), h in zip(spans, custom["chunks"], strict=False)]
+        self._setup(chunks, path, dest, pieces=pieces, length=length, sha256=sha256)
+
+    def _setup(
+        self,
+        chunks: ChunkSource,
+        path: str,
+        dest: Path,
+        *,
+        pieces: list[tuple[int, int, str]],
+        length: int,
+        sha256: str,
     ) -> None:
         self.chunks = chunks
         self.path = path
         self.dest = dest
         self.partial = dest.with_name(dest.name + ".partial")
-        self.chunk_bytes = int(custom["chunk_bytes"])
-        self.hashes: list[str] = list(custom["chunks"])
+        self.pieces = pieces
         self.length = length
         self.sha256 = sha256
+        self.fetched_bytes = 0
+        self.reused_bytes = 0
 
     def good_bytes(self) -> int:
         return self.partial.stat().st_size if self.partial.exists() else 0
 
-    def _resume_offset(self) -> int:
-        """The end of the chunks already on disk that still match their hashes (a crash may
-        have torn the last write); anything after it is cut off."""
+    def _resume(self) -> int:
+        """The index of the first piece not on disk: the pieces already there that still match
+        their hashes are kept (a crash may have torn the last write); anything after is cut off."""
         if not self.partial.exists():
             return 0
-        good = 0
+        index = good = 0
         with self.partial.open("r+b") as f:
-            while block := f.read(self.chunk_bytes):
-                index = good // self.chunk_bytes
-                expected = min(self.chunk_bytes, self.length - good)
-                if index >= len(self.hashes) or len(block) != expected:
+            for offset, length, digest in self.pieces:
+                block = f.read(length)
+                if len(block) != length or hashlib.sha256(block).hexdigest() != digest:
                     break
-                if hashlib.sha256(block).hexdigest() != self.hashes[index]:
-                    break
-                good += len(block)
+                index, good = index + 1, offset + length
             f.truncate(good)
-        return good
+        return index
+
+    def _check(self, index: int, data: bytes) -> None:
+        _, length, digest = self.pieces[index]
+        if len(data) != length or hashlib.sha256(data).hexdigest() != digest:
+            raise HashMismatchError(f"{self.path}: chunk {index} does not match its signed hash", "target")
+
+    def _fill(self, out: PartialWriter, start: int) -> None:
+        """Write the pieces from ``start`` on, each checked before it is written."""
+        for index in range(start, len(self.pieces)):
+            offset, _, _ = self.pieces[index]
+            _, data = self.chunks.chunk(self.path, offset)
+            self._check(index, data)
+            self.fetched_bytes += len(data)
+            out.write(data)
 
     def run(self) -> Path:
-        offset = self._resume_offset()
-        with self.partial.open("ab") as out:
-            while offset < self.length:
-                index = offset // self.chunk_bytes
-                _, data = self.chunks.chunk(self.path, offset)
-                expected = min(self.chunk_bytes, self.length - offset)
-                if len(data) != expected or hashlib.sha256(data).hexdigest() != self.hashes[index]:
-                    raise HashMismatchError(
-                        f"{self.path}: chunk {index} does not match its signed hash", "target"
-                    )
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-                offset += len(data)
+        start = self._resume()
+        with self.partial.open("ab") as f:
+            out = PartialWriter(f)
+            self._fill(out, start)
+            out.sync()
+        if self.good_bytes() != self.length:
+            raise HashMismatchError(
+                f"{self.path}: the signed chunks do not cover its {self.length} bytes", "target"
+            )
         digest = hashlib.sha256()
         with self.partial.open("rb") as f:
             while block := f.read(1 << 20):
@@ -216,3 +258,25 @@ class ResumableDownload:
             )
         atomic_replace(self.partial, self.dest)
         return self.dest
+
+
+class PartialWriter:
+    """The ``.partial`` file, synced to disk after every ``SYNC_BYTES`` written (a resume
+    rechecks every piece, so syncing less often only costs work redone after a crash)."""
+
+    SYNC_BYTES = 256 * 1024
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self._unsynced = 0
+
+    def write(self, data: bytes) -> None:
+        self.f.write(data)
+        self._unsynced += len(data)
+        if self._unsynced >= self.SYNC_BYTES:
+            self.sync()
+
+    def sync(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self._unsynced = 0

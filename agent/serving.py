@@ -11,6 +11,7 @@ names the ``model_version`` of the model that actually answered. Endpoints::
     GET  /v2/models/{name}[/versions/{v}]/ready
     POST /v2/models/{name}[/versions/{v}]/infer
     GET  /metrics                              Prometheus metrics (with ``metrics``: ``agent.metrics``)
+    POST|GET|DELETE /v2/shadow                 a shadow run by hand (with ``shadow``: ``agent._shadow_api``)
 
 Tensors travel as JSON (``data``, row-major, flat or nested) or with the binary tensor data
 extension: the body starts with the JSON header, whose length the
@@ -92,6 +93,7 @@ import numpy as np
 
 from agent._http import HttpConnection, HttpServer, ListenError
 from agent._http_messages import HttpError, Request, Response, error_response
+from agent._shadow_api import ShadowControl
 from agent._v2 import DATATYPES, InferRequest, infer_response, json_response, model_metadata
 from agent.config import ServingLimits
 from agent.metrics import CONTENT_TYPE, AgentMetrics, RequestSeries
@@ -99,7 +101,7 @@ from agent.runtime import InputError
 from agent.slot import LoadedModel, ModelSlot, NoModelError
 from edgec import __version__
 
-__all__ = ["DATATYPES", "InferenceServer", "ListenError", "OnRequest", "ServingLimits"]
+__all__ = ["DATATYPES", "InferenceServer", "ListenError", "OnInfer", "OnRequest", "ServingLimits"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +116,11 @@ thread after each inference's response is written (``ok`` False for a runtime fa
 request refused for bad input never reaches the model and is not reported). Keep it cheap:
 it runs on the event loop (``agent.telemetry.WindowRecorder.record`` fits)."""
 
+OnInfer = Callable[[str, float, bool, Mapping[str, np.ndarray], Mapping[str, np.ndarray] | None], None]
+"""``on_infer(model_version, infer_s, ok, inputs, outputs)``: as ``on_request``, called right
+after it, with the model's own inference time (``model.infer`` alone, no HTTP handling): what
+a shadow run compares a candidate's time with (``agent.shadow.ShadowTap.offer`` fits)."""
+
 
 # --------------------------------------------------------------------------- the routes
 
@@ -125,6 +132,8 @@ class _Api:
         self.slot = slot
         self.metrics = metrics
         self.on_request: OnRequest | None = None
+        self.on_infer: OnInfer | None = None
+        self.shadow: ShadowControl | None = None
         # the routes of short targets, remembered: a client asks for the same few over and over
         # (2 us a request saved); failures are not remembered, and 256 x 256 characters is small
         self._routes = functools.lru_cache(maxsize=256)(self._route)
@@ -145,6 +154,10 @@ class _Api:
         if parts[:1] != ["v2"]:
             raise HttpError(404, f"no such endpoint {path!r}; this server speaks the KServe v2 API under /v2")
         rest = parts[1:]
+        if rest == ["shadow"] and self.shadow is not None:
+            if method not in ("GET", "HEAD", "POST", "DELETE"):
+                raise HttpError(405, f"/v2/shadow takes GET, POST or DELETE, not {method}")
+            return "shadow", None
         endpoint: str | None = None
         arguments: tuple[str, str | None] | None = None
         if rest == []:
@@ -222,18 +235,21 @@ class _Api:
                 raise HttpError(
                     400, f"unknown output {name!r}: the model gives {', '.join(map(repr, sorted(names)))}"
                 )
+        infer_started = time.perf_counter()
         try:
             outputs = model.infer(request.inputs)
         except InputError as e:
             raise HttpError(400, str(e)) from None
         except Exception as e:  # the runtime's own failure: the server's fault, not the client's
+            infer_s = time.perf_counter() - infer_started
             logger.exception("inference failed on %s %s", model.manifest.name, model.manifest.version)
             text = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
             response = error_response(500, f"inference failed: {text}")
-            self._report(response, model, started, ok=False, inputs=request.inputs, outputs=None)
+            self._report(response, model, started, infer_s, ok=False, inputs=request.inputs, outputs=None)
             return response
+        infer_s = time.perf_counter() - infer_started
         response = infer_response(model, request, outputs)
-        self._report(response, model, started, ok=True, inputs=request.inputs, outputs=outputs)
+        self._report(response, model, started, infer_s, ok=True, inputs=request.inputs, outputs=outputs)
         return response
 
     def _report(
@@ -241,22 +257,29 @@ class _Api:
         response: Response,
         model: LoadedModel,
         started: float,
+        infer_s: float,
         *,
         ok: bool,
         inputs: Mapping[str, np.ndarray],
         outputs: Mapping[str, np.ndarray] | None,
     ) -> None:
-        """Call ``on_request`` once ``response`` is written."""
-        on_request = self.on_request
-        if on_request is None:
+        """Call ``on_request`` and ``on_infer`` once ``response`` is written."""
+        on_request, on_infer = self.on_request, self.on_infer
+        if on_request is None and on_infer is None:
             return
-        arguments = (model.manifest.version, time.perf_counter() - started, ok, inputs, outputs)
+        version, latency_s = model.manifest.version, time.perf_counter() - started
 
         def report() -> None:
-            try:
-                on_request(*arguments)
-            except Exception:  # telemetry must never break serving
-                logger.exception("on_request callback failed")
+            if on_request is not None:
+                try:
+                    on_request(version, latency_s, ok, inputs, outputs)
+                except Exception:  # telemetry must never break serving
+                    logger.exception("on_request callback failed")
+            if on_infer is not None:
+                try:
+                    on_infer(version, infer_s, ok, inputs, outputs)
+                except Exception:  # nor a shadow run
+                    logger.exception("on_infer callback failed")
 
         response.after_write = report
 
@@ -293,9 +316,10 @@ class InferenceServer:
 
     ``start()`` returns the port once the server listens; ``stop()`` closes it and every
     connection. ``workers``: 0 runs inference inline on the event loop, N in N threads (see
-    the module docstring). ``on_request``: see ``OnRequest``. ``limits``: see the module
-    docstring (None: the defaults). ``metrics``: counts every infer request and serves
-    ``GET /metrics`` (``agent.metrics``; None: neither).
+    the module docstring). ``on_request``: see ``OnRequest``; ``on_infer``: see ``OnInfer``.
+    ``limits``: see the module docstring (None: the defaults). ``metrics``: counts every infer
+    request and serves ``GET /metrics`` (``agent.metrics``; None: neither). ``shadow``: serves
+    ``/v2/shadow`` (``agent._shadow_api``; None: a 404), stopped with the server.
     """
 
     def __init__(
@@ -308,6 +332,8 @@ class InferenceServer:
         workers: int = 0,
         limits: ServingLimits | None = None,
         metrics: AgentMetrics | None = None,
+        on_infer: OnInfer | None = None,
+        shadow: ShadowControl | None = None,
     ) -> None:
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
@@ -320,7 +346,9 @@ class InferenceServer:
         if metrics is not None:
             metrics.watch(slot)
         self._api = _Api(slot, metrics)
+        self._api.shadow = self.shadow = shadow
         self.on_request = on_request
+        self.on_infer = on_infer
         self._http = HttpServer(self._dispatch, self.limits, host, port)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -331,6 +359,14 @@ class InferenceServer:
     @on_request.setter
     def on_request(self, callback: OnRequest | None) -> None:
         self._api.on_request = callback
+
+    @property
+    def on_infer(self) -> OnInfer | None:
+        return self._api.on_infer
+
+    @on_infer.setter
+    def on_infer(self, callback: OnInfer | None) -> None:
+        self._api.on_infer = callback
 
     @property
     def url(self) -> str:
@@ -354,6 +390,8 @@ class InferenceServer:
     def _dispatch(self, request: Request) -> Response | asyncio.Future[Response]:
         method, target, headers, body, _keep_alive, _http10, _reserved = request
         endpoint, arguments = self._api.route(method, target)
+        if endpoint == "shadow" and self.shadow is not None:  # loading a bundle takes seconds: off the loop
+            return asyncio.get_running_loop().run_in_executor(None, self.shadow.request, method, body)
         if endpoint != "infer" or self._executor is None:
             return _handle(self._api, endpoint, arguments, headers, body)
         return asyncio.get_running_loop().run_in_executor(
@@ -379,6 +417,8 @@ class InferenceServer:
         """Stop listening, close every connection, and wait for the server's thread."""
         self._http.stop(timeout_s)
         self._shut_down_workers()
+        if self.shadow is not None:
+            self.shadow.close()
 
     def _shut_down_workers(self) -> None:
         if self._executor is not None:

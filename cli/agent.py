@@ -1,4 +1,4 @@
-"""``edgec agent run|self-test|serve``: the on-device daemon and its local checks."""
+"""``edgec agent run|self-test|serve|shadow``: the on-device daemon and its local checks."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from cli._shadow import add_shadow
 from edgec._table import render_table
 from edgec.errors import GateError, OptionError
 
@@ -37,6 +38,7 @@ def register(commands: Any) -> None:
         "the names and defaults are agent.config.ServingLimits')",
     )
     serve.set_defaults(run=run_serve)
+    add_shadow(sub)
 
 
 def run_daemon(args: argparse.Namespace) -> int:

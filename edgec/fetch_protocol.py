@@ -1,8 +1,10 @@
 """The fetch-over-MQTT wire format shared by the server and the agent.
 
-Request (device -> server, JSON): ``{"id", "path", "offset"}``. Response (server -> device):
-a 4-byte big-endian header length, a JSON header ``{"id", "path", "offset", "total",
-"status"}`` and the chunk's bytes.
+Request (device -> server, JSON): ``{"id", "path", "offset"}`` and optionally ``"length"``
+(1 to ``MAX_CHUNK_BYTES``: a content-defined chunk is shorter than the server's chunk; a server
+before it ignores the field and answers up to its chunk size, so the device keeps the first
+``length`` bytes). Response (server -> device): a 4-byte big-endian header length, a JSON
+header ``{"id", "path", "offset", "total", "status"}`` and the chunk's bytes.
 
 Both decoders accept exactly that or raise ``ProtocolError`` (a ``ValueError``, one line):
 never another exception, whatever arrives.
@@ -15,10 +17,12 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from edgec.chunking import MAX_CHUNK_BYTES
 from edgec.errors import InvalidNameError, ProtocolError
 from edgec.names import check_relative_path
 
 __all__ = [
+    "MAX_CHUNK_BYTES",
     "MAX_HEADER_BYTES",
     "MAX_REQUEST_BYTES",
     "FetchRequest",
@@ -38,10 +42,14 @@ class FetchRequest:
     id: str
     path: str  # in the repository: relative, checked by ``edgec.names.check_relative_path``
     offset: int
+    length: int | None = None  # at most this many bytes (1 to MAX_CHUNK_BYTES); None: the server's chunk
 
 
-def encode_request(request_id: str, path: str, offset: int) -> bytes:
-    return json.dumps({"id": request_id, "path": path, "offset": offset}, separators=(",", ":")).encode()
+def encode_request(request_id: str, path: str, offset: int, length: int | None = None) -> bytes:
+    request: dict[str, Any] = {"id": request_id, "path": path, "offset": offset}
+    if length is not None:
+        request["length"] = length
+    return json.dumps(request, separators=(",", ":")).encode()
 
 
 def encode_response(header: dict[str, Any], data: bytes = b"") -> bytes:
@@ -79,7 +87,11 @@ def decode_request(payload: bytes | bytearray) -> FetchRequest:
     except InvalidNameError as e:
         raise ProtocolError(str(e)) from e
     assert isinstance(path, str)  # checked just above
-    return FetchRequest(request_id, path, _count(raw.get("offset"), "fetch request offset"))
+    offset = _count(raw.get("offset"), "fetch request offset")
+    length = raw.get("length")
+    if length is not None and not 0 < _count(length, "fetch request length") <= MAX_CHUNK_BYTES:
+        raise ProtocolError(f"fetch request length {length} is not 1-{MAX_CHUNK_BYTES}")
+    return FetchRequest(request_id, path, offset, length)
 
 
 def decode_response(payload: bytes | bytearray) -> tuple[dict[str, Any], bytes]:

@@ -104,7 +104,8 @@ class EventKind(enum.StrEnum):
     """What a device event says happened (``Event.event``): every kind this release's agent emits."""
 
     ACCEPTED = "accepted"  # a director document passed its checks; its install begins
-    FETCHED = "fetched"  # one file of the bundle downloaded and checked (figures: file, of, bytes)
+    FETCHED = "fetched"  # one file of the bundle downloaded and checked (figures: file, of, bytes,
+    # resumed_at; fetched_bytes and reused_bytes: downloaded, and copied from installed releases)
     RETRYING = "retrying"  # a transport failure; the fetch starts again (figures: attempt, delay_s)
     SHADOW = "shadow"  # a window of a shadow run: the candidate beside the serving model (figures)
     SHADOWED = "shadowed"  # a shadow run ended (its totals), or was skipped (``detail`` says why)
@@ -132,11 +133,11 @@ class InstallStep(enum.StrEnum):
 
     ACCEPT = "accept"  # the director document (signature, device, version, expiry, names)
     VERIFY = "verify"  # the image repository does not sign the same files
+    FIT = "fit"  # the release's signed peak memory does not fit in what the device has free
     FETCH = "fetch"  # the download gave up (attempts, a newer document)
     STAGE = "stage"  # the staged bundle does not match its manifest or the document
     LOAD = "load"
     SELF_TEST = "self-test"
-    SHADOW = "shadow"  # the candidate could not be run in shadow
     PROBATION = "probation"
 
 

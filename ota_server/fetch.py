@@ -1,7 +1,8 @@
 """Serving the repository over MQTT: metadata and target blobs, chunk by chunk.
 
 A device publishes a request on its fetch topic; the server answers on the device's response
-topic with one chunk (at most ``chunk_bytes``, below every common broker's packet limit).
+topic with one chunk (at most ``chunk_bytes``, below every common broker's packet limit, or
+the ``length`` asked for, when shorter: a content-defined chunk).
 The wire format is in ``edgec.fetch_protocol``. Any chunk can be asked for, so a download
 resumes wherever it stopped. Malformed requests are logged and dropped.
 
@@ -50,6 +51,7 @@ class _Request:
     id: str
     path: str
     offset: int
+    length: int | None = None
 
 
 class FetchServer:
@@ -127,7 +129,7 @@ class FetchServer:
             self.dropped += 1
             logger.warning("dropped a malformed fetch request on %s: %s", message.topic[:200], e)
             return
-        self._enqueue(_Request(topic.fleet, topic.device, raw.id, raw.path, raw.offset))
+        self._enqueue(_Request(topic.fleet, topic.device, raw.id, raw.path, raw.offset, raw.length))
 
     def _enqueue(self, request: _Request) -> None:
         key = (request.fleet, request.device)
@@ -174,7 +176,7 @@ class FetchServer:
         total = target.stat().st_size
         with target.open("rb") as f:
             f.seek(request.offset)
-            data = f.read(self.chunk_bytes)
+            data = f.read(min(self.chunk_bytes, request.length or self.chunk_bytes))
         header = {
             "id": request.id,
             "path": request.path,

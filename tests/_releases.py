@@ -7,7 +7,9 @@
 - 3.0.0  2.0.0 with golden outputs that do not match it (a bundle that fails its self-test);
 - 4.0.0  the sample with a heavy side branch that leaves the outputs alone but takes far longer
          than the profile's latency budget (it passes self-test and fails probation);
-- 5.0.0  the sample padded with a 6 MB constant the graph reads (a download worth interrupting).
+- 5.0.0  the sample padded with a 6 MB constant the graph reads (a download worth interrupting);
+- 6.0.0  the sample with class 0's logit lowered by 100: it never answers 0, so it disagrees
+         with 1.0.0 on the inputs 1.0.0 calls 0 (about 10 % of the digits), and agrees on the rest.
 """
 
 from __future__ import annotations
@@ -63,6 +65,19 @@ def _slow(model: onnx.ModelProto) -> onnx.ModelProto:
     return _with_side_branch(model, branch, constants)
 
 
+def _class_zero_never_wins(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The logits plus a constant that takes 100 off class 0's."""
+    graph = model.graph
+    out = graph.output[0].name
+    for node in graph.node:
+        node.output[:] = ["logits_before" if name == out else name for name in node.output]
+    shift = np.zeros(10, dtype=np.float32)
+    shift[0] = -100.0
+    graph.initializer.append(numpy_helper.from_array(shift, "class_zero_shift"))
+    graph.node.append(helper.make_node("Add", ["logits_before", "class_zero_shift"], [out], name="shift"))
+    return model
+
+
 def _padded(model: onnx.ModelProto) -> onnx.ModelProto:
     """A 6 MB constant the graph reads one element of (so no optimizer drops it)."""
     x = model.graph.input[0].name
@@ -106,7 +121,7 @@ def releases(tmp_path_factory) -> dict[str, Path]:
     with np.load(DIGITS / "eval.npz") as data:
         np.savez(out / "eval-small.npz", x=data["x"][:24], y=data["y"][:24])  # the slow build stays quick
     small = out / "eval-small.npz"
-    sources = {"2.0.0": doubled_logits, "4.0.0": _slow, "5.0.0": _padded}
+    sources = {"2.0.0": doubled_logits, "4.0.0": _slow, "5.0.0": _padded, "6.0.0": _class_zero_never_wins}
     bundles = {"1.0.0": _build(DIGITS / "model.onnx", "1.0.0", out, small)}
     for version, make in sources.items():
         path = out / f"digits-{version}.onnx"

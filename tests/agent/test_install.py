@@ -49,11 +49,11 @@ class FolderChunks:
         self.folder = folder
         self.chunk_bytes = chunk_bytes
 
-    def chunk(self, path: str, offset: int) -> tuple[int, bytes]:
+    def chunk(self, path: str, offset: int, length: int | None = None) -> tuple[int, bytes]:
         file = self.folder / path
         with file.open("rb") as f:
             f.seek(offset)
-            return file.stat().st_size, f.read(self.chunk_bytes)
+            return file.stat().st_size, f.read(min(self.chunk_bytes, length or self.chunk_bytes))
 
 
 @pytest.fixture

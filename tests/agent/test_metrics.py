@@ -344,7 +344,7 @@ def test_real_installs_are_counted_by_outcome(world):
     assert events["accepted"] == kinds.count("accepted") == 4
     assert events["fetched"] == kinds.count("fetched") > 0
     assert events["swapped"] == kinds.count("swapped") == 3  # 1.0.0, 2.0.0 and 4.0.0 served
-    fetched = sum(e["bytes"] - e["resumed_at"] for e in reporter.events if e["event"] == "fetched")
+    fetched = sum(e["fetched_bytes"] for e in reporter.events if e["event"] == "fetched")  # delta: not reused
     assert value(got, "edgec_agent_fetched_bytes_total") == fetched > 0
     assert step(got) == "idle"
     loads = {labels["version"] for name, labels, _ in got if name == "edgec_agent_model_load_seconds"}

@@ -12,10 +12,15 @@ emitted by some path), that the statuses are ``DeviceStatus`` members, refusal s
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from agent.config import InstallSettings
@@ -23,7 +28,7 @@ from agent.daemon import real_runtime
 from agent.device import DeviceCore, DeviceIdentity, parse_director_key
 from agent.report import install_event, offline_state, state_report, wire_json
 from agent.trust import FolderFetcher
-from edgec.director import Action, SignedDirectorDocument
+from edgec.director import Action, ShadowRequest, SignedDirectorDocument
 from edgec.errors import FetchError
 from edgec.reports import DeviceState, DeviceStatus, Event, EventKind, InstallStep
 from ota_server.director import DirectorIssuer, release_files
@@ -83,12 +88,12 @@ class FlakyChunks(FolderChunks):
         self.broken = False
         self.core: DeviceCore | None = None
 
-    def chunk(self, path: str, offset: int) -> tuple[int, bytes]:
+    def chunk(self, path: str, offset: int, length: int | None = None) -> tuple[int, bytes]:
         if self.broken:
             assert self.core is not None
             self.core.installer.interrupted.set()
             raise FetchError(f"the broker dropped the transfer of {path}")
-        return super().chunk(path, offset)
+        return super().chunk(path, offset, length)
 
 
 @pytest.fixture
@@ -102,7 +107,7 @@ def _issuer(repo: ImageRepository, tmp_path: Path):
     issuer = DirectorIssuer(Registry.open(f"sqlite:///{tmp_path / 'fleet.db'}"), repo.director_signer(PASS))
     targets = repo.load("targets").signed.targets
 
-    def issue(release: str, tamper: bool = False) -> bytes:
+    def issue(release: str, tamper: bool = False, shadow: ShadowRequest | None = None) -> bytes:
         files = release_files(targets, release, PROFILE)
         if tamper:  # the director names bytes the image repository never signed
             files = [files[0].model_copy(update={"sha256": "00" * 32}), *files[1:]]
@@ -111,9 +116,10 @@ def _issuer(repo: ImageRepository, tmp_path: Path):
             device=DEVICE,
             profile=PROFILE,
             rollout="r1",
-            action=Action.INSTALL,
+            action=Action.SHADOW if shadow else Action.INSTALL,
             release=release,
             files=files,
+            shadow=shadow,
         )
         return json.dumps(envelope.wire_data()).encode()
 
@@ -125,7 +131,9 @@ def _device(state: Path, repo: ImageRepository, chunks: FlakyChunks, reporter: W
     core = DeviceCore(
         state,
         DeviceIdentity(DEVICE, PROFILE, root, parse_director_key(director_key)),
-        settings=InstallSettings(probation_s=0.2, probation_min_requests=5, warmup_runs=1),
+        settings=InstallSettings(
+            probation_s=0.2, probation_min_requests=5, warmup_runs=1, shadow_window_s=0.2
+        ),
         fetcher=FolderFetcher(repo.folder),
         chunks=chunks,
         reporter=reporter,
@@ -143,6 +151,27 @@ def _deliver(core: DeviceCore, payload: bytes) -> None:
         core.install(envelope)
 
 
+@contextlib.contextmanager
+def _traffic(core: DeviceCore) -> Iterator[None]:
+    """Requests served by the slot and offered to its shadow tap, as the serving path does."""
+    stop = threading.Event()
+    x = np.zeros((1, 1, 8, 8), dtype=np.float32)
+
+    def serve() -> None:
+        while not stop.wait(0.01):
+            started = time.perf_counter()
+            model, outputs = core.slot.infer({"x": x})
+            core.shadow.offer(model.manifest.version, time.perf_counter() - started, True, {"x": x}, outputs)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def test_every_event_kind_the_agent_emits_is_an_event_kind_and_reads_as_before(tmp_path, repo):
     issue = _issuer(repo, tmp_path)
     state = tmp_path / "device"
@@ -151,6 +180,8 @@ def test_every_event_kind_the_agent_emits_is_an_event_kind_and_reads_as_before(t
     core = _device(state, repo, chunks, reporter)
     core.start()  # nothing installed: idle
     _deliver(core, issue("digits:1.0.0"))  # accepted, fetched..., swapped, committed
+    with _traffic(core):  # shadow windows, then shadowed; 1.0.0 serves throughout
+        _deliver(core, issue("digits:2.0.0", shadow=ShadowRequest(duration_s=1.0, sample=1.0)))
     _deliver(core, issue("digits:3.0.0"))  # its golden file is wrong: refused at the self-test
     _deliver(core, issue("digits:2.0.0", tamper=True))  # refused at verify
     chunks.broken = True

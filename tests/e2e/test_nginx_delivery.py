@@ -57,6 +57,25 @@ def _target(fleet: Fleet, release: str, file: str = "model.onnx") -> tuple[str, 
     return f"targets/{name}/{version}/x86-64-cpu/{sha}.{file}", info.length, sha
 
 
+def _first_new_chunk(fleet: Fleet, held: str, new: str) -> int:
+    """The offset of the first chunk of ``new``'s model that ``held``'s model does not have."""
+    targets = fleet.repo.load("targets").signed.targets
+
+    def table(release: str) -> list[str]:
+        name, version = release.split(":")
+        custom = targets[f"{name}/{version}/x86-64-cpu/model.onnx"].unrecognized_fields["custom"]
+        return custom["edgec"]["cdc"]["chunks"]
+
+    have = {entry.split(":")[1] for entry in table(held)}
+    offset = 0
+    for entry in table(new):
+        size, digest = entry.split(":")
+        if digest not in have:
+            return offset
+        offset += int(size)
+    raise AssertionError(f"{new} holds no chunk that {held} lacks")
+
+
 def _for(requests: list[Request], path: str) -> list[Request]:
     return [r for r in requests if r.path == "/v1/repo/" + path]
 
@@ -140,12 +159,13 @@ def test_a_tampered_target_in_the_served_folder_is_refused_and_never_installed(f
     fleet.assign("pi-1", "digits:1.0.0")
     assert wait_for(lambda: _installed(fleet, "pi-1", "digits:1.0.0"), 60), agent.log.read_text()[-3000:]
 
-    # (c) the blob on the CDN's origin is changed after signing (same name, same length)
+    # (c) the blob on the CDN's origin is changed after signing (same name, same length), in a
+    # chunk the agent downloads (it copies the chunks 1.0.0 holds from disk: delta downloads)
     path, length, _ = _target(fleet, "digits:2.0.0")
     blob = fleet.repo_dir / path
     data = bytearray(blob.read_bytes())
     assert len(data) == length
-    data[len(data) // 2] ^= 0xFF
+    data[_first_new_chunk(fleet, "digits:1.0.0", "digits:2.0.0") + 5] ^= 0xFF
     blob.write_bytes(bytes(data))
     fleet.assign("pi-1", "digits:2.0.0")
     assert wait_for(lambda: _refused(fleet, "pi-1", "digits:2.0.0"), 60), agent.log.read_text()[-3000:]

@@ -86,6 +86,21 @@ def test_a_previous_agent_works_with_the_current_server(fleet, releases, previou
     up(fleet)
     _install_report_and_roll_out(fleet, releases)
 
+    # a shadow rollout: the previous agent does not know the action, refuses the document and
+    # so never serves the release it was asked to run only in shadow; its member times out
+    shadow = fleet.rollout(
+        "digits:1.0.0", "--group", "g", "--waves", "100%", "--bake", "1s", "--shadow", "2s",
+        "--device-timeout", "8s",
+    )  # fmt: skip
+    assert wait_for(lambda: fleet.rollout_status(shadow)["state"] in ("completed", "aborted"), 60)
+    status = fleet.rollout_status(shadow)
+    assert status["state"] == "aborted", status
+    assert [d["state"] for d in status["devices"]] == ["timed-out"]
+    assert "director document" in agent.log.read_text()  # refused on arrival, as malformed
+    assert _serving(fleet, "pi-1", "digits:2.0.0")
+    version, _ = agent.infer(_digit())
+    assert version == "2.0.0"
+
 
 def test_the_current_agent_works_with_a_previous_server(fleet, releases, previous):
     fleet.add_agent("pi-1")

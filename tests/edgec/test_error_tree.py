@@ -80,7 +80,7 @@ def test_every_exception_class_the_product_defines_is_an_edgec_error():
     classes = _exception_classes()
     # the walk reaches the classes that once stood outside the tree (it is not vacuous)
     for name in (
-        "agent.install.Refused",
+        "agent._install_parts.Refused",
         "agent.slot.NoModelError",
         "agent.runtime.InputError",
         "agent._http_messages.HttpError",

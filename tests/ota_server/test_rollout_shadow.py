@@ -162,7 +162,12 @@ def test_a_candidate_slower_than_the_serving_model_is_stopped_by_the_latency_rul
     assert _run(rollouts, devices, clock, rollout_id) == "aborted"
     status = rollouts.status(rollout_id)
     rule = next(r for r in status["rules"] if r["rule"] == "shadow_p95_ms>1.2*serving")
-    assert (rule["canary"], rule["control"], rule["threshold"], rule["verdict"]) == (15.0, 10.0, 12.0, "abort")
+    assert (rule["canary"], rule["control"], rule["threshold"], rule["verdict"]) == (
+        15.0,
+        10.0,
+        12.0,
+        "abort",
+    )
     assert devices.sent(Action.INSTALL) == []
 
 

@@ -1,0 +1,499 @@
+"""Shadow evaluation: a candidate model beside the serving one, on a share of live requests.
+
+A ``ShadowRun`` holds a loaded candidate and the manifest of the model being served. The
+serving path hands it every answered request (``offer``: the inputs, the serving model's
+outputs and its inference time), and it picks a share of them (``ShadowPlan.sample``, one
+in N by a counter, so the same traffic always picks the same requests) for its own thread,
+which runs them on the candidate and compares. Answers always come from the serving model:
+``offer`` only counts, and puts a reference to the request's arrays (which nothing changes
+after the answer) into a bounded queue without waiting; a full queue drops the request and
+counts it (``dropped``). On the 2-core build machine an offer cost 0.15 us with no run
+attached and 1.1 us with a run sampling 10 % (its queue full), against 32 us for the digits
+model's own inference; the worker took 64 us of CPU to judge one request of its two outputs.
+
+The worker judges each output by its kind with the figures the build's gate uses
+(``agent._shadow_judge``); a request agrees when every output both models give agrees.
+
+The candidate may use ``cpu_budget`` of one core: the worker's thread CPU time
+(``time.thread_time``, the candidate's inference and the comparison) against wall time,
+counted afresh each window so that an idle spell does not bank CPU for a later burst; a
+sampled request taken while over budget is skipped (``over_budget``). Load the candidate
+with one intra-op thread so that its work is on the worker's thread and counted. Every
+``window_s`` the worker hands the window's figures to ``on_window`` (the last window when the
+run ends, with ``done``). A run ends after ``duration_s``, after ``requests`` run on the
+candidate (compared or failed: a candidate that always fails still ends), or when stopped.
+
+Latencies are kept for at most ``MAX_LATENCIES`` requests (a reservoir, pairs of the
+candidate's and the serving model's time on the same request), per run and per window.
+
+A ``ShadowTap`` is the agent's one point where the serving path meets a run: the serving
+callback (``agent.serving.OnInfer``) feeds the tap, which forwards to the run attached, if any.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from agent._shadow_judge import Judge, ShadowMismatchError
+from agent.slot import LoadedModel
+from edgec.errors import ConflictError, OptionError
+from edgec.manifest import Manifest
+
+__all__ = [
+    "MAX_LATENCIES",
+    "ShadowBusyError",
+    "ShadowFigures",
+    "ShadowMismatchError",
+    "ShadowPlan",
+    "ShadowRun",
+    "ShadowTap",
+]
+
+logger = logging.getLogger(__name__)
+
+MAX_LATENCIES = 100_000  # requests whose latencies a run (and each window) keeps
+_POLL_S = 0.1  # how often the idle worker looks at the clock and the stop flag
+_STOP_WAIT_S = 10.0  # how long close() and a stopped wait() give the worker to finish a request
+
+
+class ShadowBusyError(ConflictError):
+    """A shadow run is already attached to the agent's tap (one at a time)."""
+
+
+@dataclass(frozen=True)
+class ShadowPlan:
+    """How long a shadow run lasts and what it may take (see the module docstring)."""
+
+    duration_s: float | None = None  # stop after this long ...
+    requests: int | None = None  # ... or after this many requests run on the candidate, whichever first
+    sample: float = 0.1  # share of served requests also run on the candidate
+    cpu_budget: float = 0.5  # the candidate may use at most this share of one core
+    window_s: float = 10.0  # a window of figures is handed to on_window this often
+    queue: int = 8  # sampled requests waiting for the candidate; more are dropped (counted)
+
+    def __post_init__(self) -> None:
+        if self.duration_s is None and self.requests is None:
+            raise OptionError("a shadow plan needs a duration or a request count (or both)")
+        if self.duration_s is not None and not self.duration_s > 0:
+            raise OptionError(f"shadow duration must be > 0 s, got {self.duration_s}")
+        if self.requests is not None and self.requests < 1:
+            raise OptionError(f"shadow request count must be >= 1, got {self.requests}")
+        if not 0.0 < self.sample <= 1.0:
+            raise OptionError(f"shadow sample must be a share in (0, 1], got {self.sample}")
+        if not 0.0 < self.cpu_budget <= 1.0:
+            raise OptionError(
+                f"shadow CPU budget must be a share of one core in (0, 1], got {self.cpu_budget}"
+            )
+        if not self.window_s > 0:
+            raise OptionError(f"shadow window must be > 0 s, got {self.window_s}")
+        if self.queue < 1:
+            raise OptionError(f"shadow queue must hold at least 1 request, got {self.queue}")
+
+
+@dataclass(frozen=True)
+class ShadowFigures:
+    """A shadow run's figures, over the whole run or one window.
+
+    ``offered``: requests the serving model answered in the span; ``sampled``: those picked
+    for the candidate, of which ``dropped`` (the queue was full), ``over_budget`` (skipped
+    over the CPU budget), ``errors`` (the candidate raised; ``last_error`` says how) and
+    ``compared``. ``agreement``: share of compared requests on which every output agrees;
+    ``outputs``: that share per output. Latencies in ms, the candidate's inference and the
+    serving model's on the same requests; ``None`` where nothing was compared.
+    """
+
+    release: str  # the candidate, NAME:VERSION
+    serving: str  # the serving model, NAME:VERSION
+    started_at: str  # ISO 8601 UTC
+    ended_at: str
+    offered: int
+    sampled: int
+    compared: int
+    dropped: int
+    over_budget: int
+    errors: int
+    agreement: float | None
+    outputs: dict[str, float]
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    serving_p50_ms: float | None
+    serving_p95_ms: float | None
+    serving_p99_ms: float | None
+    done: bool
+    reason: str | None  # why the run ended: "duration", "requests", "stopped" ("failed": a bug, logged)
+    last_error: str | None = None  # the candidate's last failure, one line
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _iso(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _percentiles(values: list[float]) -> tuple[float | None, float | None, float | None]:
+    if not values:
+        return None, None, None
+    p50, p95, p99 = np.percentile(np.asarray(values) * 1000.0, (50, 95, 99))
+    return float(p50), float(p95), float(p99)
+
+
+# --------------------------------------------------------------------------- counting
+
+
+class _Sample(NamedTuple):
+    inputs: Mapping[str, np.ndarray]
+    outputs: Mapping[str, np.ndarray]
+    infer_s: float
+
+
+class _Counts:
+    """Running totals; a window's figures are the difference of two snapshots."""
+
+    __slots__ = ("agreed", "compared", "dropped", "errors", "offered", "outputs", "over_budget", "sampled")
+
+    def __init__(self, outputs: list[str]) -> None:
+        self.offered = self.sampled = self.dropped = 0  # the request path's (under ShadowRun._offer_lock)
+        self.compared = self.over_budget = self.errors = self.agreed = 0  # the worker's (under _lock)
+        self.outputs = dict.fromkeys(outputs, 0)
+
+    def copy(self) -> _Counts:
+        other = _Counts([])
+        for name in self.__slots__:
+            value = getattr(self, name)
+            setattr(other, name, dict(value) if isinstance(value, dict) else value)
+        return other
+
+    def minus(self, earlier: _Counts) -> _Counts:
+        other = self.copy()
+        for name in self.__slots__:
+            if name != "outputs":
+                setattr(other, name, getattr(self, name) - getattr(earlier, name))
+        other.outputs = {k: v - earlier.outputs.get(k, 0) for k, v in self.outputs.items()}
+        return other
+
+
+class _Reservoir:
+    """At most ``MAX_LATENCIES`` (candidate, serving) latency pairs, a uniform sample of all seen."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.pairs: list[tuple[float, float]] = []
+        self.seen = 0
+        self._rng = rng
+
+    def add(self, pair: tuple[float, float]) -> None:
+        self.seen += 1
+        if len(self.pairs) < MAX_LATENCIES:
+            self.pairs.append(pair)
+            return
+        slot = self._rng.randrange(self.seen)
+        if slot < MAX_LATENCIES:
+            self.pairs[slot] = pair
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class ShadowRun:
+    """One candidate in shadow beside the serving model; starts its worker thread at once.
+
+    ``offer`` is the request path's (cheap, never blocks, never raises); ``figures`` the totals
+    so far; ``wait`` blocks until the plan is met (or ``stop`` is set, which ends the run) and
+    returns the totals; ``close`` ends the run. The candidate stays open: its owner closes it.
+    Raises ``ShadowMismatchError`` when the candidate cannot be judged against ``serving``.
+    """
+
+    def __init__(
+        self,
+        candidate: LoadedModel,
+        serving: Manifest,
+        plan: ShadowPlan,
+        on_window: Callable[[ShadowFigures], None] | None = None,
+    ) -> None:
+        self.candidate = candidate
+        self.plan = plan
+        self.release = f"{candidate.manifest.name}:{candidate.manifest.version}"
+        self.serving = f"{serving.name}:{serving.version}"
+        self._serving_version = serving.version
+        self._judge = Judge(candidate.manifest, serving)
+        self._on_window = on_window
+        self._queue: queue.Queue[_Sample] = queue.Queue(plan.queue)
+        self._offer_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._eligible = 0  # answered requests the sample picks from
+        self._counts = _Counts(list(self._judge.kinds))
+        self._rng = random.Random(0)  # the reservoirs' picks: the same traffic keeps the same requests
+        self._latencies = _Reservoir(self._rng)
+        self._window_latencies = _Reservoir(self._rng)
+        self._last_error: str | None = None
+        self._window_error: str | None = None
+        self._started = time.time()
+        self._ended: float | None = None
+        self._window_counts = self._counts.copy()  # the worker's: where the open window starts
+        self._window_started = self._started
+        self._reason: str | None = None
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._work, name=f"shadow {self.release}", daemon=True)
+        self._thread.start()
+
+    # -- the request path --------------------------------------------------------------------
+    def offer(
+        self,
+        version: str,
+        infer_s: float,
+        ok: bool,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Mapping[str, np.ndarray] | None,
+    ) -> None:
+        """One answered request of the serving model; picked for the candidate or only counted.
+        A request answered by another model (a swap during the run) is not counted."""
+        try:
+            if version != self._serving_version:
+                return
+            sample = self.plan.sample
+            with self._offer_lock:
+                if self._reason is not None:  # ended: its last window is counted
+                    return
+                counts = self._counts
+                counts.offered += 1
+                if not ok or outputs is None:
+                    return
+                self._eligible += 1
+                n = self._eligible
+                if int(n * sample) == int((n - 1) * sample):
+                    return
+                counts.sampled += 1
+            try:
+                self._queue.put_nowait(_Sample(inputs, outputs, infer_s))
+            except queue.Full:
+                with self._offer_lock:
+                    counts.dropped += 1
+        except Exception:  # a shadow run must never break serving
+            logger.exception("shadow %s: offer failed", self.release)
+
+    # -- the worker ------------------------------------------------------------------------
+    def _work(self) -> None:
+        try:
+            reason = self._serve_plan()
+        except Exception:  # a bug: the run ends, and says so, rather than leave its waiters waiting
+            logger.exception("shadow %s: the worker failed", self.release)
+            reason = "failed"
+        self._finish(reason)
+
+    def _serve_plan(self) -> str:
+        """Run sampled requests on the candidate until the plan is met; why it ended."""
+        plan = self.plan
+        start = time.monotonic()
+        deadline = start + plan.duration_s if plan.duration_s is not None else None
+        next_window = start + plan.window_s
+        wall_since, cpu_since = time.perf_counter(), time.thread_time()
+        while True:
+            now = time.monotonic()
+            if self._stop.is_set():
+                return "stopped"
+            if deadline is not None and now >= deadline:
+                return "duration"
+            if plan.requests is not None and self._counts.compared + self._counts.errors >= plan.requests:
+                return "requests"
+            if now >= next_window:
+                self._close_window()
+                while next_window <= now:
+                    next_window += plan.window_s
+                wall_since, cpu_since = time.perf_counter(), time.thread_time()
+            wake = min(next_window, deadline) if deadline is not None else next_window
+            try:
+                sample = self._queue.get(timeout=max(0.0, min(_POLL_S, wake - now)))
+            except queue.Empty:
+                continue
+            used = time.thread_time() - cpu_since
+            if used > plan.cpu_budget * (time.perf_counter() - wall_since):
+                with self._lock:
+                    self._counts.over_budget += 1
+                continue
+            self._run_one(sample)
+
+    def _run_one(self, sample: _Sample) -> None:
+        started = time.perf_counter()
+        try:
+            found = self.candidate.infer(dict(sample.inputs))
+        except Exception as e:  # the candidate's failure is a figure, not the worker's end
+            text = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
+            with self._lock:
+                self._counts.errors += 1
+                self._last_error = self._window_error = text
+            return
+        infer_s = time.perf_counter() - started
+        try:
+            agrees = self._judge.agreement(sample.outputs, found)
+        except Exception:  # a comparison that fails on these values: logged, counted as no agreement
+            logger.exception("shadow %s: comparing outputs failed", self.release)
+            agrees = dict.fromkeys(self._judge.kinds, False)
+        with self._lock:
+            counts = self._counts
+            counts.compared += 1
+            counts.agreed += all(agrees.values())
+            for name, agreed in agrees.items():
+                counts.outputs[name] += agreed
+            self._latencies.add((infer_s, sample.infer_s))
+            self._window_latencies.add((infer_s, sample.infer_s))
+
+    def _snapshot(self) -> _Counts:
+        with self._offer_lock, self._lock:
+            return self._counts.copy()
+
+    def _close_window(self, now: float | None = None) -> None:
+        """Hand the window's figures to ``on_window`` and start the next window."""
+        now = time.time() if now is None else now
+        counts = self._snapshot()
+        with self._lock:
+            latencies, self._window_latencies = self._window_latencies, _Reservoir(self._rng)
+            error, self._window_error = self._window_error, None
+        since, started = self._window_counts, self._window_started
+        self._window_counts, self._window_started = counts, now
+        if self._on_window is not None:
+            window = self._figures(counts.minus(since), latencies.pairs, started, now, error)
+            try:
+                self._on_window(window)
+            except Exception:  # the callback's failure must not end the run
+                logger.exception("shadow %s: on_window failed", self.release)
+
+    def _finish(self, reason: str) -> None:
+        ended = time.time()
+        with self._offer_lock, self._lock:  # no request is counted after this
+            self._reason = reason
+            self._ended = ended
+        self._close_window(ended)
+        self._done.set()
+        totals = self.figures()
+        logger.info(
+            "shadow %s beside %s ended (%s): %d compared, agreement %s, %d errors",
+            self.release,
+            self.serving,
+            reason,
+            totals.compared,
+            "-" if totals.agreement is None else f"{totals.agreement:.4f}",
+            totals.errors,
+        )
+
+    # -- figures ---------------------------------------------------------------------------
+    def _figures(
+        self,
+        counts: _Counts,
+        pairs: list[tuple[float, float]],
+        started: float,
+        ended: float,
+        error: str | None,
+    ) -> ShadowFigures:
+        compared = counts.compared
+        candidate = _percentiles([c for c, _ in pairs])
+        serving = _percentiles([s for _, s in pairs])
+        return ShadowFigures(
+            release=self.release,
+            serving=self.serving,
+            started_at=_iso(started),
+            ended_at=_iso(ended),
+            offered=counts.offered,
+            sampled=counts.sampled,
+            compared=compared,
+            dropped=counts.dropped,
+            over_budget=counts.over_budget,
+            errors=counts.errors,
+            agreement=counts.agreed / compared if compared else None,
+            outputs={k: v / compared for k, v in counts.outputs.items()} if compared else {},
+            p50_ms=candidate[0],
+            p95_ms=candidate[1],
+            p99_ms=candidate[2],
+            serving_p50_ms=serving[0],
+            serving_p95_ms=serving[1],
+            serving_p99_ms=serving[2],
+            done=self._reason is not None,
+            reason=self._reason,
+            last_error=error,
+        )
+
+    def figures(self) -> ShadowFigures:
+        """The run's totals so far (final once it is done)."""
+        counts = self._snapshot()
+        with self._lock:
+            pairs = list(self._latencies.pairs)
+            ended = self._ended if self._ended is not None else time.time()
+            error = self._last_error
+        return self._figures(counts, pairs, self._started, ended, error)
+
+    @property
+    def done(self) -> bool:
+        """Whether the run has ended and handed over its last window."""
+        return self._done.is_set()
+
+    def wait(self, stop: threading.Event | None = None) -> ShadowFigures:
+        """Block until the plan is met, or until ``stop`` is set (which ends the run); the totals."""
+        while not self._done.wait(_POLL_S):
+            if stop is not None and stop.is_set():
+                self._stop.set()
+                self._done.wait(_STOP_WAIT_S)
+                break
+        return self.figures()
+
+    def close(self) -> None:
+        """End the run (``reason`` "stopped" unless it had ended) and wait for the worker to
+        finish the request it is on (at most ``_STOP_WAIT_S``). Leaves the candidate open."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(_STOP_WAIT_S)
+
+
+# --------------------------------------------------------------------------- the tap
+
+
+class ShadowTap:
+    """The agent's one shadow slot: the serving callback offers every request here, and the
+    run attached, if any, takes its share."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._run: ShadowRun | None = None
+
+    @property
+    def run(self) -> ShadowRun | None:
+        return self._run
+
+    def attach(self, run: ShadowRun) -> None:
+        """Feed ``run``; ``ShadowBusyError`` while another is attached."""
+        with self._lock:
+            if self._run is not None and self._run is not run:
+                raise ShadowBusyError(
+                    f"a shadow run of {self._run.release} is in progress: wait for it to end or stop it first"
+                )
+            self._run = run
+
+    def detach(self, run: ShadowRun) -> None:
+        """Stop feeding ``run`` (nothing if another is attached)."""
+        with self._lock:
+            if self._run is run:
+                self._run = None
+
+    def offer(
+        self,
+        version: str,
+        infer_s: float,
+        ok: bool,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Mapping[str, np.ndarray] | None,
+    ) -> None:
+        """``agent.serving.OnInfer``: forwards to the run attached, if any."""
+        run = self._run
+        if run is not None:
+            run.offer(version, infer_s, ok, inputs, outputs)
