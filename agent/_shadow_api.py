@@ -222,6 +222,8 @@ class ShadowControl:
                 raise HttpError(422, f"{folder} failed its self-test: {result.reason}")
             try:
                 run = ShadowRun(candidate, serving.manifest, plan)
+                if run.isolated:
+                    candidate.close()  # its child process holds it now: one copy in memory, not two
             except EdgecError as e:  # ShadowMismatchError
                 raise HttpError(422, str(e)) from None
             try:

@@ -97,6 +97,8 @@ def shadow_candidate(
 
     try:
         run = ShadowRun(candidate, serving.manifest, plan, on_window=window)
+        if run.isolated:
+            candidate.close()  # its child process holds it now: one copy in memory, not two
     except ShadowMismatchError as e:  # no output in common, no thresholds: nothing to judge by
         raise ShadowSkipped(str(e)) from e
     try:

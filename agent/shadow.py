@@ -3,24 +3,34 @@
 A ``ShadowRun`` holds a loaded candidate and the manifest of the model being served. The
 serving path hands it every answered request (``offer``: the inputs, the serving model's
 outputs and its inference time), and it picks a share of them (``ShadowPlan.sample``, one
-in N by a counter, so the same traffic always picks the same requests) for its own thread,
-which runs them on the candidate and compares. Answers always come from the serving model:
-``offer`` only counts, and puts a reference to the request's arrays (which nothing changes
-after the answer) into a bounded queue without waiting; a full queue drops the request and
-counts it (``dropped``). On the 2-core build machine an offer cost 0.15 us with no run
-attached and 1.1 us with a run sampling 10 % (its queue full), against 32 us for the digits
-model's own inference; the worker took 64 us of CPU to judge one request of its two outputs.
+in N by a counter, so the same traffic always picks the same requests) to run on the
+candidate and compare. Answers always come from the serving model: ``offer`` only counts, and
+puts a reference to the request's arrays (which nothing changes after the answer) into a
+bounded queue without waiting; a full queue drops the request and counts it (``dropped``).
 
-The worker judges each output by its kind with the figures the build's gate uses
+A candidate loaded from a bundle (``agent.runtime.RuntimeModel``) runs in a child process
+(``agent._shadow_child``, spawned when the run starts; the constructor waits until it has
+loaded the bundle itself, with one intra-op thread, at most ``_START_S``), so that its
+inference and the judging take neither the serving process's CPU nor its GIL. A feeder
+thread sleeps until a request is sampled, gathers for ``_TICK_S`` more (less if the queue
+gets half full), sends the requests waiting as one batch and counts the child's answers: at
+most one wake-up per batch, none while no request is sampled. A child that cannot load the
+candidate, or that dies (a runtime's crash), ends the run ("failed", ``last_error`` says how)
+and leaves serving as it was. Any other candidate (a ``LoadedModel`` with no folder) runs on
+a worker thread of this process, one request at a time, as before.
+
+Each output is judged by its kind with the figures the build's gate uses
 (``agent._shadow_judge``); a request agrees when every output both models give agrees.
 
-The candidate may use ``cpu_budget`` of one core: the worker's thread CPU time
-(``time.thread_time``, the candidate's inference and the comparison) against wall time,
-counted afresh each window so that an idle spell does not bank CPU for a later burst; a
-sampled request taken while over budget is skipped (``over_budget``). Load the candidate
-with one intra-op thread so that its work is on the worker's thread and counted. Every
-``window_s`` the worker hands the window's figures to ``on_window`` (the last window when the
-run ends, with ``done``). A run ends after ``duration_s``, after ``requests`` run on the
+The candidate may use ``cpu_budget`` of one core. In a child process: its process CPU time
+against wall time, as a bucket holding at most one window's share (see
+``agent._shadow_child``). On a worker thread: the thread's CPU time (``time.thread_time``, the
+candidate's inference and the comparison) against wall time, counted afresh each window so
+that an idle spell does not bank CPU for a later burst (load the candidate with one intra-op
+thread so that its work is on the worker's thread and counted). A sampled request taken while
+over budget is skipped (``over_budget``). Every ``window_s`` the run hands the window's figures
+to ``on_window`` (the last window when the run ends, with ``done``). A run ends after
+``duration_s`` (counted from when the candidate is loaded), after ``requests`` run on the
 candidate (compared or failed: a candidate that always fails still ends), or when stopped.
 
 Latencies are kept for at most ``MAX_LATENCIES`` requests (a reservoir, pairs of the
@@ -32,9 +42,13 @@ callback (``agent.serving.OnInfer``) feeds the tap, which forwards to the run at
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
+import multiprocessing
+import pickle
 import queue
 import random
 import threading
@@ -45,7 +59,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from agent import _shadow_child
 from agent._shadow_judge import Judge, ShadowMismatchError
+from agent.runtime import RuntimeModel
 from agent.slot import LoadedModel
 from edgec.errors import ConflictError, OptionError
 from edgec.manifest import Manifest
@@ -65,6 +81,13 @@ logger = logging.getLogger(__name__)
 MAX_LATENCIES = 100_000  # requests whose latencies a run (and each window) keeps
 _POLL_S = 0.1  # how often the idle worker looks at the clock and the stop flag
 _STOP_WAIT_S = 10.0  # how long close() and a stopped wait() give the worker to finish a request
+_TICK_S = 0.015  # how long the feeder gathers sampled requests into a batch for the child process
+_START_S = 60.0  # how long the child process may take to load the candidate
+_CHILD_EXIT_S = 2.0  # how long a child asked to end gets before it is terminated
+
+
+class _ChildFailed(Exception):
+    """The child process could not start, or ended under the run."""
 
 
 class ShadowBusyError(ConflictError):
@@ -207,7 +230,8 @@ class _Reservoir:
 
 
 class ShadowRun:
-    """One candidate in shadow beside the serving model; starts its worker thread at once.
+    """One candidate in shadow beside the serving model; starts its child process (waiting
+    until it has loaded the candidate) or its worker thread at once.
 
     ``offer`` is the request path's (cheap, never blocks, never raises); ``figures`` the totals
     so far; ``wait`` blocks until the plan is met (or ``stop`` is set, which ends the run) and
@@ -227,9 +251,15 @@ class ShadowRun:
         self.release = f"{candidate.manifest.name}:{candidate.manifest.version}"
         self.serving = f"{serving.name}:{serving.version}"
         self._serving_version = serving.version
+        self._serving_manifest = serving
         self._judge = Judge(candidate.manifest, serving)
         self._on_window = on_window
-        self._queue: queue.Queue[_Sample] = queue.Queue(plan.queue)
+        self._queue: queue.Queue[_Sample] = queue.Queue(plan.queue)  # the in-thread worker's
+        # a candidate loaded from a bundle runs in a child process, fed in batches from _pending
+        self._in_child = isinstance(candidate, RuntimeModel)
+        self._pending: collections.deque[_Sample] = collections.deque()
+        self._wake_at = max(1, plan.queue // 2)  # pending samples that wake the feeder early
+        self._wake = threading.Event()
         self._offer_lock = threading.Lock()
         self._lock = threading.Lock()
         self._eligible = 0  # answered requests the sample picks from
@@ -246,7 +276,13 @@ class ShadowRun:
         self._reason: str | None = None
         self._stop = threading.Event()
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._work, name=f"shadow {self.release}", daemon=True)
+        if self._in_child:
+            child = self._start_child()
+            self._thread = threading.Thread(
+                target=self._feed, args=child, name=f"shadow {self.release}", daemon=True
+            )
+        else:
+            self._thread = threading.Thread(target=self._work, name=f"shadow {self.release}", daemon=True)
         self._thread.start()
 
     # -- the request path --------------------------------------------------------------------
@@ -276,6 +312,16 @@ class ShadowRun:
                 if int(n * sample) == int((n - 1) * sample):
                     return
                 counts.sampled += 1
+                if self._in_child:
+                    if len(self._pending) >= self.plan.queue:
+                        counts.dropped += 1
+                        return
+                    self._pending.append(_Sample(inputs, outputs, infer_s))
+                    if len(self._pending) not in {1, self._wake_at}:
+                        return
+            if self._in_child:
+                self._wake.set()
+                return
             try:
                 self._queue.put_nowait(_Sample(inputs, outputs, infer_s))
             except queue.Full:
@@ -330,10 +376,7 @@ class ShadowRun:
         try:
             found = self.candidate.infer(dict(sample.inputs))
         except Exception as e:  # the candidate's failure is a figure, not the worker's end
-            text = (str(e).strip() or type(e).__name__).splitlines()[0][:300]
-            with self._lock:
-                self._counts.errors += 1
-                self._last_error = self._window_error = text
+            self._count_error(_shadow_child.one_line(e))
             return
         infer_s = time.perf_counter() - started
         try:
@@ -341,6 +384,14 @@ class ShadowRun:
         except Exception:  # a comparison that fails on these values: logged, counted as no agreement
             logger.exception("shadow %s: comparing outputs failed", self.release)
             agrees = dict.fromkeys(self._judge.kinds, False)
+        self._count_compared(sample, infer_s, agrees)
+
+    def _count_error(self, text: str) -> None:
+        with self._lock:
+            self._counts.errors += 1
+            self._last_error = self._window_error = text
+
+    def _count_compared(self, sample: _Sample, infer_s: float, agrees: Mapping[str, bool]) -> None:
         with self._lock:
             counts = self._counts
             counts.compared += 1
@@ -349,6 +400,142 @@ class ShadowRun:
                 counts.outputs[name] += agreed
             self._latencies.add((infer_s, sample.infer_s))
             self._window_latencies.add((infer_s, sample.infer_s))
+
+    # -- the feeder of the child process --------------------------------------------------
+    def _start_child(self) -> tuple[Any, Any, str | None]:
+        """Start the child process and wait until it has loaded the candidate (at most
+        ``_START_S``): its connection, the process, and why it cannot run, if it cannot."""
+        context = multiprocessing.get_context("spawn")
+        conn, child_conn = context.Pipe()
+        candidate = self.candidate
+        assert isinstance(candidate, RuntimeModel)
+        child = context.Process(
+            target=_shadow_child.main,
+            args=(child_conn, str(candidate.folder)),
+            kwargs={
+                "candidate": candidate.manifest.model_dump_json(),
+                "serving": self._serving_manifest.model_dump_json(),
+                "cpu_budget": self.plan.cpu_budget,
+                "window_s": self.plan.window_s,
+            },
+            name=f"shadow {self.release}",
+            daemon=True,
+        )
+        try:
+            child.start()
+            child_conn.close()
+            until = time.monotonic() + _START_S
+            while not conn.poll(_POLL_S):
+                if not child.is_alive():
+                    break
+                if time.monotonic() >= until:
+                    raise _ChildFailed(f"the candidate's process did not load it within {_START_S:.0f} s")
+            self._receive(conn, child, _POLL_S)
+        except _ChildFailed as e:
+            return conn, child, str(e)
+        except OSError as e:  # no process to be had
+            return conn, child, f"cannot start the candidate's process: {e}"
+        return conn, child, None
+
+    def _feed(self, conn: Any, child: Any, error: str | None) -> None:
+        try:
+            if error is not None:
+                raise _ChildFailed(error)
+            reason = self._serve_child(conn, child)
+        except _ChildFailed as e:
+            logger.error("shadow %s: %s", self.release, e)
+            with self._lock:
+                self._last_error = self._window_error = str(e)
+            reason = "failed"
+        except Exception:  # a bug: the run ends, and says so, rather than leave its waiters waiting
+            logger.exception("shadow %s: the feeder failed", self.release)
+            reason = "failed"
+        finally:
+            self._end_child(conn, child)
+        self._finish(reason)
+
+    def _serve_child(self, conn: Any, child: Any) -> str:
+        """Hand the sampled requests to the child in batches until the plan is met; why it ended."""
+        plan = self.plan
+        start = time.monotonic()
+        deadline = start + plan.duration_s if plan.duration_s is not None else None
+        next_window = start + plan.window_s
+        while True:
+            now = time.monotonic()
+            if self._stop.is_set():
+                return "stopped"
+            if deadline is not None and now >= deadline:
+                return "duration"
+            done = self._counts.compared + self._counts.errors
+            if plan.requests is not None and done >= plan.requests:
+                return "requests"
+            if now >= next_window:
+                self._close_window()
+                while next_window <= now:
+                    next_window += plan.window_s
+            wake = min(next_window, deadline) if deadline is not None else next_window
+            if not self._pending:  # sleep until a request is sampled, the window ends or the plan
+                self._wake.wait(max(0.0, wake - now))
+                self._wake.clear()
+            if self._pending and len(self._pending) < self._wake_at:  # gather a batch
+                self._wake.wait(max(0.0, min(_TICK_S, wake - time.monotonic())))
+                self._wake.clear()
+            with self._offer_lock:
+                batch = list(self._pending)
+                self._pending.clear()
+            if plan.requests is not None:
+                batch = batch[: plan.requests - done]
+            if not batch:
+                continue
+            data = [(dict(s.inputs), dict(s.outputs)) for s in batch]
+            with contextlib.suppress(OSError):  # the child is gone: _receive says how
+                conn.send_bytes(pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL))
+            results = self._receive(conn, child, _STOP_WAIT_S + _TICK_S * len(batch) + 60.0)
+            for sample, result in zip(batch, results, strict=True):
+                if result[0] == "ok":
+                    _, infer_s, agrees, compare_error = result
+                    if compare_error is not None:
+                        logger.error("shadow %s: comparing outputs failed: %s", self.release, compare_error)
+                    self._count_compared(sample, infer_s, dict(zip(self._judge.kinds, agrees, strict=True)))
+                elif result[0] == "error":
+                    self._count_error(result[1])
+                else:
+                    with self._lock:
+                        self._counts.over_budget += 1
+
+    def _receive(self, conn: Any, child: Any, timeout_s: float) -> Any:
+        """The child's next message (its start-up's, or a batch's results); ``_ChildFailed``
+        when it ends or says it cannot run, or is silent for ``timeout_s``."""
+        until = time.monotonic() + timeout_s
+        while not conn.poll(min(_POLL_S, timeout_s)):
+            if not child.is_alive():
+                break
+            if time.monotonic() >= until:
+                raise _ChildFailed(f"the candidate's process did not answer within {timeout_s:.0f} s")
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            child.join(_CHILD_EXIT_S)
+            raise _ChildFailed(
+                f"the candidate's process ended unexpectedly (exit code {child.exitcode})"
+            ) from None
+        message = pickle.loads(data)
+        if isinstance(message, tuple) and message[0] == "error":
+            raise _ChildFailed(f"the candidate's process cannot run it: {message[1]}")
+        return message if not (isinstance(message, tuple) and message[0] == "ready") else None
+
+    @staticmethod
+    def _end_child(conn: Any, child: Any) -> None:
+        """Ask the child to end, terminate it if it does not within ``_CHILD_EXIT_S``."""
+        if child.pid is not None:
+            with contextlib.suppress(OSError):  # it is gone already
+                conn.send_bytes(b"")
+            child.join(_CHILD_EXIT_S)
+            if child.is_alive():
+                child.terminate()
+                child.join(_CHILD_EXIT_S)
+            child.close()
+        conn.close()
 
     def _snapshot(self) -> _Counts:
         with self._offer_lock, self._lock:
@@ -434,6 +621,12 @@ class ShadowRun:
         return self._figures(counts, pairs, self._started, ended, error)
 
     @property
+    def isolated(self) -> bool:
+        """The candidate runs in a child process, which loaded it itself: its owner may close
+        the copy in this process as soon as the run is made."""
+        return self._in_child
+
+    @property
     def done(self) -> bool:
         """Whether the run has ended and handed over its last window."""
         return self._done.is_set()
@@ -443,6 +636,7 @@ class ShadowRun:
         while not self._done.wait(_POLL_S):
             if stop is not None and stop.is_set():
                 self._stop.set()
+                self._wake.set()
                 self._done.wait(_STOP_WAIT_S)
                 break
         return self.figures()
@@ -451,6 +645,7 @@ class ShadowRun:
         """End the run (``reason`` "stopped" unless it had ended) and wait for the worker to
         finish the request it is on (at most ``_STOP_WAIT_S``). Leaves the candidate open."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not threading.current_thread():
             self._thread.join(_STOP_WAIT_S)
 

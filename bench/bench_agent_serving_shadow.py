@@ -14,18 +14,22 @@ to back, which goes first rotating:
   requests, the default CPU budget of half a core, window and queue), stopped with ``DELETE``
   after the side's measurements; its figures (compared, dropped, skipped over budget) are kept.
 
-The load generator is bench/bench_agent_serving.py's (this process, keep-alive connections,
-each sending its next JSON request when the last answer is in): client-side p50 and p99,
-requests/s at concurrency 1, 4 and 16, ``--seconds`` per measurement after a 0.5 s warm-up,
-and the server process's CPU per request. Reported: the median of ``--repeats`` rounds per
+The closed-loop load generator is bench/bench_agent_serving.py's (this process, keep-alive
+connections, each sending its next JSON request when the last answer is in) at concurrency 1,
+4 and 16; the paced one (``--rates``, default 200 and 1000 requests/s) sends requests due at
+fixed times on 8 keep-alive connections. Client-side p50 and p99, requests/s, ``--seconds`` per
+measurement after a 0.5 s warm-up, and the CPU per request of the server process and of the
+shadow's candidate process. Reported: the median of ``--repeats`` rounds per
 side and concurrency, and shadow over no shadow (the goal: within 5 %). Writes
-``bench/results/agent_serving_shadow.json``, ``.md`` and ``.png``. About 2 minutes on 2 cores
+``bench/results/agent_serving_shadow.json``, ``.md`` and ``.png``. About 4 minutes on 2 cores
 with the defaults.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import datetime as dt
 import json
 import subprocess
@@ -40,6 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from bench._common import ResponseFramer  # noqa: E402
 from bench.bench_agent_serving import (  # noqa: E402
     CONCURRENCY,
     DIGITS,
@@ -47,6 +52,7 @@ from bench.bench_agent_serving import (  # noqa: E402
     WARMUP_S,
     ServerProcess,
     build_bundle,
+    cpu_seconds,
     decode_logits,
     json_request,
     loadavg,
@@ -74,12 +80,16 @@ NOTES = """\
   median over rounds; ratio: shadow over no shadow (1.05 = 5 % slower), of the medians; paired:
   the median over rounds of the ratio of the two back-to-back runs.
 - within 5 %: the p50 and p99 ratios both at most 1.05.
-- server CPU: the server process's user + system CPU time per answered request, the shadow
-  worker's included (warm-up included).
+- load: c=N, closed loop, N keep-alive connections each sending its next request when the last
+  answer is in (saturates the 2 cores from N=4); R/s, paced, requests due R times a second on
+  8 keep-alive connections, latency from sending to answer (below saturation, where any CPU the
+  shadow takes from serving shows as latency rather than as throughput).
+- server CPU: the server process's user + system CPU time per answered request (warm-up
+  included); + candidate process: the shadow's child process's, per answered request.
 - shadow figures: summed over the rounds' shadow runs: requests offered, sampled, run on the
   candidate and compared, dropped (its queue full), skipped (over its CPU budget).
-- The server, its shadow worker and the load generator share this machine's cores; the
-  worker holds the GIL while it prepares and judges a request (onnxruntime releases it)."""
+- The server, the shadow's child process and the load generator share this machine's cores,
+  and other work on the machine shows in the load average."""
 
 
 class ShadowServer(ServerProcess):
@@ -142,36 +152,165 @@ def cpu_flags() -> list[str]:
     return []
 
 
-def comparison(rounds: dict[str, dict[int, list[dict[str, Any]]]]) -> dict[str, dict[str, Any]]:
+# --------------------------------------------------------------------------- paced load
+
+PACED_CONNECTIONS = 8  # keep-alive connections a paced load sends on, each one request at a time
+
+
+def children_cpu_seconds(pid: int) -> float:
+    """User + system CPU time so far of ``pid``'s child processes (the shadow's candidate)."""
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(FileNotFoundError):  # ended meanwhile
+                total += cpu_seconds(int(child))
+    return total
+
+
+class _PacedClient(asyncio.Protocol):
+    """One keep-alive connection; ``send`` writes a request and gives a future of its answer."""
+
+    def __init__(self) -> None:
+        self.framer = ResponseFramer()
+        self.transport: asyncio.Transport | None = None
+        self.answer: asyncio.Future[tuple[int, bytes]] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def send(self, request: bytes) -> asyncio.Future[tuple[int, bytes]]:
+        assert self.transport is not None
+        self.answer = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return self.answer
+
+    def data_received(self, data: bytes) -> None:
+        for status, body in self.framer.feed(data):
+            if self.answer is not None and not self.answer.done():
+                self.answer.set_result((status, body))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.answer is not None and not self.answer.done():
+            self.answer.set_exception(ConnectionError("the server closed the connection"))
+
+
+async def _paced(port: int, request: bytes, rate: float, seconds: float) -> dict[str, Any]:
+    """Requests at ``rate`` a second, due at fixed times, each on the next idle connection; a
+    request's latency runs from its sending to its answer, and ``late_p99_ms`` says how late
+    the sending was (this process's scheduling, or a wait for an idle connection)."""
+    loop = asyncio.get_running_loop()
+    idle: asyncio.Queue[_PacedClient] = asyncio.Queue()
+    clients = []
+    for _ in range(PACED_CONNECTIONS):
+        _, client = await loop.create_connection(_PacedClient, "127.0.0.1", port)
+        clients.append(client)
+        idle.put_nowait(client)
+    latencies: list[float] = []
+    lateness: list[float] = []
+    counts = {"total": 0, "errors": 0}
+    first: list[bytes] = []
+    started = time.perf_counter()
+    record_from = started + WARMUP_S
+    deadline = record_from + seconds
+
+    async def one(due: float) -> None:
+        client = await idle.get()
+        sent = time.perf_counter()
+        try:
+            status, body = await client.send(request)
+        except ConnectionError:
+            counts["errors"] += 1
+            return
+        now = time.perf_counter()
+        idle.put_nowait(client)
+        counts["total"] += 1
+        counts["errors"] += status != 200
+        if not first:
+            first.append(body)
+        if due >= record_from:
+            latencies.append(now - sent)
+            lateness.append(sent - due)
+
+    tasks = []
+    index = 0
+    while True:
+        due = started + index / rate
+        if due >= deadline:
+            break
+        wait = due - time.perf_counter()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        tasks.append(asyncio.create_task(one(due)))
+        index += 1
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    for client in clients:
+        assert client.transport is not None
+        client.transport.close()
+    lat = np.array(latencies) * 1e3
+    return {
+        "requests_per_s": len(lat) / seconds,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "late_p99_ms": float(np.percentile(np.array(lateness) * 1e3, 99)),
+        "requests": len(lat),
+        "answered": counts["total"],
+        "errors": counts["errors"],
+        "first_body": first[0] if first else b"",
+    }
+
+
+def measure_paced(port: int, pid: int, request: bytes, rate: float, seconds: float) -> dict[str, Any]:
+    cpu_before = cpu_seconds(pid)
+    result = asyncio.run(_paced(port, request, rate, seconds))
+    cpu = cpu_seconds(pid) - cpu_before
+    result["server_cpu_us_per_request"] = 1e6 * cpu / max(result["answered"], 1)
+    return result
+
+
+def load_label(load: int | float) -> str:
+    """A row's name: a closed-loop concurrency, or a paced rate."""
+    return f"c={load}" if isinstance(load, int) else f"{load:g}/s"
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def comparison(rounds: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, dict[str, Any]]:
     table: dict[str, dict[str, Any]] = {}
-    for clients in CONCURRENCY:
-        off_runs, on_runs = rounds["no shadow"][clients], rounds["shadow"][clients]
+    for load in rounds["no shadow"]:
+        off_runs, on_runs = rounds["no shadow"][load], rounds["shadow"][load]
         off, on = median_of(off_runs), median_of(on_runs)
+        for side, runs in (("no shadow", off_runs), ("shadow", on_runs)):
+            child = float(np.median([r["child_cpu_us_per_request"] for r in runs]))
+            (off if side == "no shadow" else on)["child_cpu_us_per_request"] = child
         row: dict[str, Any] = {"no shadow": off, "shadow": on}
         for key in ("p50_ms", "p99_ms", "requests_per_s"):
             row[f"{key}_ratio"] = on[key] / off[key]
             paired = [b[key] / a[key] for a, b in zip(off_runs, on_runs, strict=True)]
             row[f"paired_{key}_ratio"] = float(np.median(paired))
         row["within_5_percent"] = row["p50_ms_ratio"] <= 1.05 and row["p99_ms_ratio"] <= 1.05
-        table[str(clients)] = row
+        table[load] = row
     return table
 
 
 def render(table: dict[str, dict[str, Any]]) -> str:
     lines = [
-        "| concurrency | p50 ms no shadow / shadow | ratio (paired) | p99 ms no shadow / shadow "
-        "| ratio (paired) | req/s no shadow / shadow | server CPU us/req no shadow / shadow | within 5 % |",
-        "|---:|---:|---:|---:|---:|---:|---:|:---:|",
+        "| load | p50 ms no shadow / shadow | ratio (paired) | p99 ms no shadow / shadow "
+        "| ratio (paired) | req/s no shadow / shadow | server CPU us/req no shadow / shadow "
+        "| + candidate process | within 5 % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
-    for clients, row in table.items():
+    for load, row in table.items():
         off, on = row["no shadow"], row["shadow"]
         lines.append(
-            f"| {clients} | {off['p50_ms']:.3f} / {on['p50_ms']:.3f} | "
+            f"| {load} | {off['p50_ms']:.3f} / {on['p50_ms']:.3f} | "
             f"{row['p50_ms_ratio']:.3f} ({row['paired_p50_ms_ratio']:.3f}) | "
             f"{off['p99_ms']:.3f} / {on['p99_ms']:.3f} | "
             f"{row['p99_ms_ratio']:.3f} ({row['paired_p99_ms_ratio']:.3f}) | "
             f"{off['requests_per_s']:,.0f} / {on['requests_per_s']:,.0f} | "
             f"{off['server_cpu_us_per_request']:.0f} / {on['server_cpu_us_per_request']:.0f} | "
+            f"{on['child_cpu_us_per_request']:.0f} | "
             f"{'yes' if row['within_5_percent'] else 'NO'} |"
         )
     return "\n".join(lines)
@@ -194,7 +333,7 @@ def plot(table: dict[str, dict[str, Any]], path: Path, repeats: int, sample: flo
             values = [row[side][key] for row in table.values()]
             bars = ax.bar(x + (i - 0.5) * 0.38, values, 0.38, label=side)
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
-        ax.set_xticks(x, [f"concurrency {c}" for c in table])
+        ax.set_xticks(x, list(table), fontsize=8)
         ax.set_ylabel(f"{key[:3]} latency, ms (lower is better)")
         ax.margins(y=0.15)
     axes[0].legend(fontsize=8, loc="upper left")
@@ -218,8 +357,9 @@ def run(args: argparse.Namespace) -> int:
     request = json_request(name, sample, f"/v2/models/{manifest.name}/infer")
     expected = session_for(bundle).run(None, {name: sample})[0].ravel()
     server = ShadowServer(bundle, args.bundles)
-    rounds: dict[str, dict[int, list[dict[str, Any]]]] = {
-        side: {c: [] for c in CONCURRENCY} for side in SIDES
+    loads: list[int | float] = [*CONCURRENCY, *args.rates]
+    rounds: dict[str, dict[str, list[dict[str, Any]]]] = {
+        side: {load_label(load): [] for load in loads} for side in SIDES
     }
     shadows: list[dict[str, Any]] = []
     worst_diff = 0.0
@@ -231,16 +371,24 @@ def run(args: argparse.Namespace) -> int:
                     server.shadow(
                         "POST", {"bundle": str(candidate), "duration_s": 3600, "sample": args.sample}
                     )
-                for clients in CONCURRENCY:
-                    result = measure(server.port, server.process.pid, request, clients, args.seconds)
+                for load in loads:
+                    pid = server.process.pid
+                    child_before = children_cpu_seconds(pid)
+                    if isinstance(load, int):
+                        result = measure(server.port, pid, request, load, args.seconds)
+                    else:
+                        result = measure_paced(server.port, pid, request, load, args.seconds)
+                    child = children_cpu_seconds(pid) - child_before
+                    result["child_cpu_us_per_request"] = 1e6 * child / max(result["answered"], 1)
                     diff = float(np.abs(decode_logits(result.pop("first_body")) - expected).max())
                     worst_diff = max(worst_diff, diff)
-                    rounds[side][clients].append(result)
+                    rounds[side][load_label(load)].append(result)
                     print(
-                        f"round {index + 1}/{args.repeats} {side:9s} c={clients:2d}: "
+                        f"round {index + 1}/{args.repeats} {side:9s} {load_label(load):7s}: "
                         f"{result['requests_per_s']:7,.0f} req/s  p50 {result['p50_ms']:.3f} ms  "
                         f"p99 {result['p99_ms']:.3f} ms  server CPU "
-                        f"{result['server_cpu_us_per_request']:.0f} us/req  errors {result['errors']}",
+                        f"{result['server_cpu_us_per_request']:.0f} + "
+                        f"{result['child_cpu_us_per_request']:.0f} us/req  errors {result['errors']}",
                         flush=True,
                     )
                 if side == "shadow":
@@ -289,6 +437,8 @@ def run(args: argparse.Namespace) -> int:
             "seconds_per_run": args.seconds,
             "warmup_s": WARMUP_S,
             "concurrency": list(CONCURRENCY),
+            "paced_rates_per_s": list(args.rates),
+            "paced_connections": PACED_CONNECTIONS,
             "workers": 0,
             "sample": args.sample,
             "cpu_budget": 0.5,
@@ -298,7 +448,7 @@ def run(args: argparse.Namespace) -> int:
         "within_5_percent": all(row["within_5_percent"] for row in table.values()),
         "shadow_totals": totals,
         "shadow_runs": shadows,
-        "rounds": {side: {str(c): runs for c, runs in per.items()} for side, per in rounds.items()},
+        "rounds": rounds,
         "memory": memory,
         "answer_max_abs_diff": worst_diff,
         "errors": errors,
@@ -339,6 +489,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="measured seconds per run (default 2)")
     parser.add_argument(
         "--sample", type=float, default=0.1, help="the shadow's share of requests (default 0.1)"
+    )
+    parser.add_argument(
+        "--rates",
+        type=lambda text: [float(r) for r in text.split(",")],
+        default=[200.0, 1000.0],
+        help="paced loads, requests/s, comma-separated (default 200,1000)",
     )
     parser.add_argument("--bundles", type=Path, default=ROOT / "build" / "bench" / "agent_serving_shadow")
     parser.add_argument("--results", type=Path, default=RESULTS)

@@ -11,6 +11,9 @@ before the last layer, a dense output), so that agreement is measured per output
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
 import threading
 import time
 from collections.abc import Mapping
@@ -194,16 +197,23 @@ def test_one_request_in_ten_is_sampled_the_same_way_each_time(bundles, serving, 
     assert picked[0] == picked[1]  # the same thirty requests
 
 
-def test_a_failing_candidate_is_counted_and_ends_a_request_plan(bundles, serving, inputs) -> None:
+@pytest.mark.parametrize("where", ["in its process", "in a thread"])
+def test_a_failing_candidate_is_counted_and_ends_a_request_plan(bundles, serving, inputs, where) -> None:
     candidate = load_bundle(bundles["2.0.0"])
-    candidate.close()  # its infer raises from now on
-    run = ShadowRun(candidate, serving.manifest, every_request(requests=5))
-    offer_all(run, serving, inputs[:5])
+    run = ShadowRun(
+        candidate if where == "in its process" else Sleepy(candidate, 0.0),
+        serving.manifest,
+        every_request(requests=5),
+    )
+    infer_s, outputs = serve(serving, inputs[0])
+    for _ in range(5):  # inputs of a shape the candidate refuses: its infer raises
+        run.offer("1.0.0", infer_s, True, {"x": np.zeros((1, 3), np.float32)}, outputs)
     figures = run.wait()
+    run.close()
     assert figures.reason == "requests"
     assert (figures.errors, figures.compared, figures.agreement) == (5, 0, None)
     assert figures.last_error is not None
-    assert "closed" in figures.last_error
+    assert "shape" in figures.last_error, figures.last_error
     assert figures.outputs == {}
     assert figures.p50_ms is None
 
@@ -254,6 +264,59 @@ def test_the_candidate_keeps_to_its_cpu_budget(bundles, serving, inputs) -> None
     assert figures.over_budget > 0
     # a quarter of a core for 2 s is 25 requests of 20 ms (one more may start at the budget's edge)
     assert 1 <= figures.compared <= budget * duration / busy_s + 2, figures
+
+
+def test_the_candidate_in_its_process_keeps_to_its_cpu_budget(bundles, serving, inputs) -> None:
+    # 500 requests/s against a twentieth of a core (50 ms of CPU a second): most are skipped
+    plan = ShadowPlan(duration_s=4.0, sample=1.0, cpu_budget=0.05, queue=300)
+    run = ShadowRun(load_bundle(bundles["2.0.0"]), serving.manifest, plan)
+    fed = 0
+    while not run.done:
+        offer_all(run, serving, inputs[fed % 300 : fed % 300 + 10])
+        fed += 10
+        time.sleep(0.02)
+    figures = run.wait()
+    assert figures.reason == "duration"
+    assert figures.compared >= 1, figures
+    assert figures.over_budget > figures.compared, figures
+    assert figures.compared + figures.over_budget + figures.dropped <= figures.sampled, figures
+
+
+def shadow_children(release: str) -> list[multiprocessing.process.BaseProcess]:
+    return [p for p in multiprocessing.active_children() if p.name == f"shadow {release}"]
+
+
+def test_a_candidate_process_that_dies_ends_the_run_and_serving_goes_on(bundles, serving, inputs) -> None:
+    tap = ShadowTap()
+    run = ShadowRun(load_bundle(bundles["2.0.0"]), serving.manifest, every_request(duration_s=60, queue=300))
+    tap.attach(run)
+    until = time.monotonic() + 30.0
+    while run.figures().compared < 10 and time.monotonic() < until:
+        offer_all(tap, serving, inputs[:10])
+        time.sleep(0.02)
+    assert run.figures().compared >= 10
+    (child,) = shadow_children("digits:2.0.0")
+    assert child.pid is not None
+    os.kill(child.pid, signal.SIGKILL)  # as a runtime's segfault would end it
+    started = time.perf_counter()
+    offer_all(tap, serving, inputs)  # the request path neither waits nor raises
+    figures = run.wait()
+    assert time.perf_counter() - started < 10.0
+    assert figures.done
+    assert figures.reason == "failed"
+    assert figures.last_error is not None
+    assert "ended unexpectedly" in figures.last_error, figures.last_error
+    offer_all(tap, serving, inputs[:10])  # the ended run takes no more
+    assert run.figures().offered == figures.offered
+    run.close()
+    tap.detach(run)
+    assert not shadow_children("digits:2.0.0")
+    again = ShadowRun(load_bundle(bundles["2.0.0"]), serving.manifest, every_request(requests=5))
+    tap.attach(again)
+    offer_all(tap, serving, inputs[:5])
+    assert again.wait().compared == 5
+    again.close()
+    tap.detach(again)
 
 
 def test_windows_are_handed_over_and_add_up_to_the_totals(bundles, serving, inputs) -> None:
