@@ -20,26 +20,11 @@ from agent.shadow import ShadowFigures, ShadowMismatchError, ShadowPlan, ShadowR
 from agent.slot import LoadedModel
 from edgec.director import DirectorDocument
 from edgec.errors import EdgecError
-from edgec.reports import EventKind
+from edgec.reports import SHADOW_FIGURES, EventKind
 
-__all__ = ["MAX_REPORTED_OUTPUTS", "REPORTED", "ShadowSkipped", "reported", "shadow_candidate", "skip_reason"]
+__all__ = ["MAX_REPORTED_OUTPUTS", "ShadowSkipped", "reported", "shadow_candidate", "skip_reason"]
 
-MAX_REPORTED_OUTPUTS = 32  # per-output agreement in an event: a flat object of at most this many
-REPORTED = (  # the figures a shadow or shadowed event carries
-    "sampled",
-    "compared",
-    "dropped",
-    "over_budget",
-    "errors",
-    "agreement",
-    "p50_ms",
-    "p95_ms",
-    "p99_ms",
-    "serving_p50_ms",
-    "serving_p95_ms",
-    "serving_p99_ms",
-    "reason",
-)
+MAX_REPORTED_OUTPUTS = 32  # per-output agreement in an event: a flat object of at most this many (MAX_ITEMS)
 
 
 class ShadowSkipped(EdgecError):
@@ -121,4 +106,4 @@ def reported(figures: ShadowFigures) -> dict[str, Any]:
     agreement as one flat object of at most ``MAX_REPORTED_OUTPUTS``."""
     data = figures.as_dict()
     outputs = dict(list((data.get("outputs") or {}).items())[:MAX_REPORTED_OUTPUTS])
-    return {**{k: data.get(k) for k in REPORTED}, "outputs": outputs}
+    return {**{k: data.get(k) for k in SHADOW_FIGURES}, "outputs": outputs}

@@ -63,7 +63,7 @@ from agent import _shadow_child
 from agent._shadow_judge import Judge, ShadowMismatchError
 from agent.runtime import RuntimeModel
 from agent.slot import LoadedModel
-from edgec.errors import ConflictError, OptionError
+from edgec.errors import ConflictError, EdgecError, OptionError
 from edgec.manifest import Manifest
 
 __all__ = [
@@ -86,7 +86,7 @@ _START_S = 60.0  # how long the child process may take to load the candidate
 _CHILD_EXIT_S = 2.0  # how long a child asked to end gets before it is terminated
 
 
-class _ChildFailed(Exception):
+class _ChildFailed(EdgecError):
     """The child process could not start, or ended under the run."""
 
 

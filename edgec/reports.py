@@ -26,6 +26,7 @@ from edgec._schema import check_schema_version
 
 __all__ = [
     "SCHEMA_VERSION",
+    "SHADOW_FIGURES",
     "DeviceState",
     "DeviceStatus",
     "DriftVerdict",
@@ -115,6 +116,25 @@ class EventKind(enum.StrEnum):
     STARTED = "started"  # the agent started and serves its committed model
     LOAD_FAILED = "load-failed"  # the committed model does not load at start
     ERROR = "error"  # something outside an install's steps: the agent's state on disk, trust
+
+
+# the figures a ``shadow`` or ``shadowed`` event carries as extra fields (a flat object of the
+# per-output agreement besides, ``outputs``; ``skipped`` where the run could not run)
+SHADOW_FIGURES = (
+    "sampled",
+    "compared",
+    "dropped",
+    "over_budget",
+    "errors",
+    "agreement",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "serving_p50_ms",
+    "serving_p95_ms",
+    "serving_p99_ms",
+    "reason",
+)
 
 
 class DeviceStatus(enum.StrEnum):

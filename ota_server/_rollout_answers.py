@@ -16,34 +16,16 @@ from typing import Any
 
 from sqlalchemy import Engine, or_, select
 
-from edgec.reports import EventKind
+from edgec.reports import SHADOW_FIGURES, EventKind
 from edgec.rollout_spec import MemberState, RolloutState
 from ota_server._rollout_tables import MEMBERS, ROLLOUTS, MemberChange, chunks, write_members
 
-__all__ = ["SHADOW_FIGURES", "Answer", "settle_answers"]
+__all__ = ["Answer", "settle_answers"]
 
 Answer = tuple[str, dict[str, Any]]  # (device id, an install event as ``Event.model_dump`` gives it)
 
-# what a member keeps of its device's ``shadowed`` event (``agent._shadow_step.REPORTED``)
-SHADOW_FIGURES = frozenset(
-    {
-        "sampled",
-        "compared",
-        "dropped",
-        "over_budget",
-        "errors",
-        "agreement",
-        "outputs",
-        "skipped",
-        "p50_ms",
-        "p95_ms",
-        "p99_ms",
-        "serving_p50_ms",
-        "serving_p95_ms",
-        "serving_p99_ms",
-        "reason",
-    }
-)
+# what a member keeps of its device's ``shadowed`` event
+_KEPT = frozenset({*SHADOW_FIGURES, "outputs", "skipped"})
 _ANSWERS = (EventKind.COMMITTED, EventKind.REFUSED, EventKind.SHADOWED)
 
 
@@ -102,7 +84,7 @@ def _answered(event: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
     if event.get("event") == EventKind.COMMITTED:
         return {"state": MemberState.INSTALLED, "finished_at": now}
     if event.get("event") == EventKind.SHADOWED:
-        figures = {k: v for k, v in event.items() if k in SHADOW_FIGURES}
+        figures = {k: v for k, v in event.items() if k in _KEPT}
         return {"state": MemberState.SHADOWED, "shadow": figures, "detail": event.get("detail")}
     detail = f"refused at {event.get('step')}: {event.get('detail')}"
     return {"state": MemberState.FAILED, "finished_at": now, "detail": detail}
