@@ -150,7 +150,8 @@ class DeviceCore:
             return
         with self.work:
             self._desired = envelope  # the newest wins
-            self.installer.interrupted.set()
+            if self.installer.superseded_by(envelope):
+                self.installer.interrupted.set()
             if self._on_work is not None:
                 self._on_work()
             self.work.notify_all()

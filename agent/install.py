@@ -129,6 +129,7 @@ class Installer:
         self.sleep = sleep
         self.director_path = store.root / "director.json"
         self.interrupted = threading.Event()  # a newer document arrived: stop retrying this one
+        self._running_version: int | None = None  # the document the install under way came from
         self.stopping = threading.Event()  # the agent is shutting down: leave the install for later
 
     # -- start-up ---------------------------------------------------------------------------
@@ -234,7 +235,21 @@ class Installer:
             self.store.set_journal(journal)
         return journal
 
+    def superseded_by(self, envelope: SignedDirectorDocument) -> bool:
+        """Whether ``envelope`` should stop the install under way: only a newer document does.
+        The retained copy of the running one comes again on every reconnect (right after a
+        restart that resumed it, too), and an older one is a replay that ``handle`` refuses."""
+        running = self._running_version
+        return running is None or envelope.signed.version > running
+
     def _run(self, doc: DirectorDocument, journal: InstallJournal) -> None:
+        self._running_version = doc.version
+        try:
+            self._run_pipeline(doc, journal)
+        finally:
+            self._running_version = None
+
+    def _run_pipeline(self, doc: DirectorDocument, journal: InstallJournal) -> None:
         self.interrupted.clear()
         active = self.store.active()
         installed = active.release if active else None
