@@ -18,10 +18,19 @@ banks no more), from which the process's CPU time (``time.process_time``: the ca
 inference, the comparison and the batches' decoding) is taken; a request that finds it empty
 is skipped.
 An empty message ends the process.
+
+The child runs at the lowest CPU priority (nice 19): a core the serving process wants is
+taken from it at once, so that the candidate uses what serving leaves idle.
+
+``CandidateProcess`` is the parent's side: it starts the child, waits until it has loaded the
+candidate, hands it batches and reads the results, and ends it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
+import os
 import pickle
 import time
 from multiprocessing.connection import Connection
@@ -30,9 +39,14 @@ from typing import Any
 
 from agent._shadow_judge import Judge
 from agent.runtime import load_bundle
+from edgec.errors import EdgecError
 from edgec.manifest import Manifest
 
-__all__ = ["main"]
+__all__ = ["CandidateProcess", "ChildFailed", "main", "one_line"]
+
+_POLL_S = 0.1  # how often a wait for the child looks whether it is still alive
+_START_S = 60.0  # how long the child may take to load the candidate
+_EXIT_S = 2.0  # how long a child asked to end gets before it is terminated
 
 
 def one_line(e: BaseException) -> str:
@@ -42,6 +56,8 @@ def one_line(e: BaseException) -> str:
 def main(
     conn: Connection, folder: str, *, candidate: str, serving: str, cpu_budget: float, window_s: float
 ) -> None:
+    with contextlib.suppress(OSError, AttributeError):  # no nice() here: the budget still holds
+        os.nice(19)
     try:
         model = load_bundle(Path(folder), threads=1)
         judge = Judge(Manifest.model_validate_json(candidate), Manifest.model_validate_json(serving))
@@ -80,3 +96,83 @@ def main(
             except Exception as e:  # counted as no agreement; the parent logs it
                 results.append(("ok", infer_s, [False] * len(names), one_line(e)))
         conn.send_bytes(pickle.dumps(results, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+class ChildFailed(EdgecError):
+    """The child process could not start, cannot run the candidate, or ended under the run."""
+
+
+class CandidateProcess:
+    """The parent's side of the child: ``CandidateProcess(folder, ...)`` starts it and waits
+    until it has loaded the candidate (at most ``_START_S``); ``judge`` hands it one batch and
+    returns its results; ``close`` ends it. ``ChildFailed`` says why it cannot go on."""
+
+    def __init__(
+        self, folder: Path, *, candidate: Manifest, serving: Manifest, cpu_budget: float, window_s: float
+    ) -> None:
+        context = multiprocessing.get_context("spawn")  # nothing of the serving process's state
+        self._conn, child_conn = context.Pipe()
+        self._process = context.Process(
+            target=main,
+            args=(child_conn, str(folder)),
+            kwargs={
+                "candidate": candidate.model_dump_json(),
+                "serving": serving.model_dump_json(),
+                "cpu_budget": cpu_budget,
+                "window_s": window_s,
+            },
+            name=f"shadow {candidate.name}:{candidate.version}",
+            daemon=True,
+        )
+        try:
+            try:
+                self._process.start()
+            except OSError as e:  # no process to be had
+                raise ChildFailed(f"cannot start the candidate's process: {e}") from e
+            finally:
+                child_conn.close()
+            self._receive(_START_S, "load the candidate")
+        except ChildFailed:
+            self.close()
+            raise
+
+    def judge(self, batch: list[tuple[dict[str, Any], dict[str, Any]]], timeout_s: float) -> list[Any]:
+        """The child's results for ``batch`` (``(inputs, serving outputs)`` pairs), in order."""
+        with contextlib.suppress(OSError):  # the child is gone: _receive says how
+            self._conn.send_bytes(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
+        results: list[Any] = self._receive(timeout_s, "answer")
+        return results
+
+    def _receive(self, timeout_s: float, doing: str) -> Any:
+        """The child's next message; ``ChildFailed`` when it ends, says it cannot run, or is
+        silent for ``timeout_s``."""
+        until = time.monotonic() + timeout_s
+        while not self._conn.poll(min(_POLL_S, timeout_s)):
+            if not self._process.is_alive():
+                break
+            if time.monotonic() >= until:
+                raise ChildFailed(f"the candidate's process did not {doing} within {timeout_s:.0f} s")
+        try:
+            data = self._conn.recv_bytes()
+        except (EOFError, OSError):
+            self._process.join(_EXIT_S)
+            raise ChildFailed(
+                f"the candidate's process ended unexpectedly (exit code {self._process.exitcode})"
+            ) from None
+        message = pickle.loads(data)
+        if isinstance(message, tuple) and message[0] == "error":
+            raise ChildFailed(f"the candidate's process cannot run it: {message[1]}")
+        return message
+
+    def close(self) -> None:
+        """Ask the child to end; terminate it if it does not within ``_EXIT_S``."""
+        process = self._process
+        if process.pid is not None:
+            with contextlib.suppress(OSError):  # it is gone already
+                self._conn.send_bytes(b"")
+            process.join(_EXIT_S)
+            if process.is_alive():
+                process.terminate()
+                process.join(_EXIT_S)
+            process.close()
+        self._conn.close()

@@ -10,8 +10,9 @@ bounded queue without waiting; a full queue drops the request and counts it (``d
 
 A candidate loaded from a bundle (``agent.runtime.RuntimeModel``) runs in a child process
 (``agent._shadow_child``, spawned when the run starts; the constructor waits until it has
-loaded the bundle itself, with one intra-op thread, at most ``_START_S``), so that its
-inference and the judging take neither the serving process's CPU nor its GIL. A feeder
+loaded the bundle itself, with one intra-op thread, at most a minute), so that its
+inference and the judging take neither the serving process's CPU nor its GIL, and at the
+lowest CPU priority, so that serving takes a core from it whenever it wants one. A feeder
 thread sleeps until a request is sampled, gathers for ``_TICK_S`` more (less if the queue
 gets half full), sends the requests waiting as one batch and counts the child's answers: at
 most one wake-up per batch, none while no request is sampled. A child that cannot load the
@@ -43,27 +44,24 @@ callback (``agent.serving.OnInfer``) feeds the tap, which forwards to the run at
 from __future__ import annotations
 
 import collections
-import contextlib
-import dataclasses
-import datetime as dt
 import logging
-import multiprocessing
-import pickle
 import queue
 import random
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
-from agent import _shadow_child
+from agent._shadow_child import CandidateProcess, ChildFailed, one_line
+from agent._shadow_figures import MAX_LATENCIES, Counts, Reservoir, ShadowFigures, iso, percentiles
 from agent._shadow_judge import Judge, ShadowMismatchError
+from agent._shadow_tap import ShadowBusyError, ShadowTap
 from agent.runtime import RuntimeModel
 from agent.slot import LoadedModel
-from edgec.errors import ConflictError, EdgecError, OptionError
+from edgec.errors import OptionError
 from edgec.manifest import Manifest
 
 __all__ = [
@@ -78,20 +76,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MAX_LATENCIES = 100_000  # requests whose latencies a run (and each window) keeps
 _POLL_S = 0.1  # how often the idle worker looks at the clock and the stop flag
 _STOP_WAIT_S = 10.0  # how long close() and a stopped wait() give the worker to finish a request
 _TICK_S = 0.015  # how long the feeder gathers sampled requests into a batch for the child process
-_START_S = 60.0  # how long the child process may take to load the candidate
-_CHILD_EXIT_S = 2.0  # how long a child asked to end gets before it is terminated
-
-
-class _ChildFailed(EdgecError):
-    """The child process could not start, or ended under the run."""
-
-
-class ShadowBusyError(ConflictError):
-    """A shadow run is already attached to the agent's tap (one at a time)."""
 
 
 @dataclass(frozen=True)
@@ -124,106 +111,10 @@ class ShadowPlan:
             raise OptionError(f"shadow queue must hold at least 1 request, got {self.queue}")
 
 
-@dataclass(frozen=True)
-class ShadowFigures:
-    """A shadow run's figures, over the whole run or one window.
-
-    ``offered``: requests the serving model answered in the span; ``sampled``: those picked
-    for the candidate, of which ``dropped`` (the queue was full), ``over_budget`` (skipped
-    over the CPU budget), ``errors`` (the candidate raised; ``last_error`` says how) and
-    ``compared``. ``agreement``: share of compared requests on which every output agrees;
-    ``outputs``: that share per output. Latencies in ms, the candidate's inference and the
-    serving model's on the same requests; ``None`` where nothing was compared.
-    """
-
-    release: str  # the candidate, NAME:VERSION
-    serving: str  # the serving model, NAME:VERSION
-    started_at: str  # ISO 8601 UTC
-    ended_at: str
-    offered: int
-    sampled: int
-    compared: int
-    dropped: int
-    over_budget: int
-    errors: int
-    agreement: float | None
-    outputs: dict[str, float]
-    p50_ms: float | None
-    p95_ms: float | None
-    p99_ms: float | None
-    serving_p50_ms: float | None
-    serving_p95_ms: float | None
-    serving_p99_ms: float | None
-    done: bool
-    reason: str | None  # why the run ended: "duration", "requests", "stopped" ("failed": a bug, logged)
-    last_error: str | None = None  # the candidate's last failure, one line
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _iso(seconds: float) -> str:
-    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat(timespec="milliseconds")
-
-
-def _percentiles(values: list[float]) -> tuple[float | None, float | None, float | None]:
-    if not values:
-        return None, None, None
-    p50, p95, p99 = np.percentile(np.asarray(values) * 1000.0, (50, 95, 99))
-    return float(p50), float(p95), float(p99)
-
-
-# --------------------------------------------------------------------------- counting
-
-
 class _Sample(NamedTuple):
     inputs: Mapping[str, np.ndarray]
     outputs: Mapping[str, np.ndarray]
     infer_s: float
-
-
-class _Counts:
-    """Running totals; a window's figures are the difference of two snapshots."""
-
-    __slots__ = ("agreed", "compared", "dropped", "errors", "offered", "outputs", "over_budget", "sampled")
-
-    def __init__(self, outputs: list[str]) -> None:
-        self.offered = self.sampled = self.dropped = 0  # the request path's (under ShadowRun._offer_lock)
-        self.compared = self.over_budget = self.errors = self.agreed = 0  # the worker's (under _lock)
-        self.outputs = dict.fromkeys(outputs, 0)
-
-    def copy(self) -> _Counts:
-        other = _Counts([])
-        for name in self.__slots__:
-            value = getattr(self, name)
-            setattr(other, name, dict(value) if isinstance(value, dict) else value)
-        return other
-
-    def minus(self, earlier: _Counts) -> _Counts:
-        other = self.copy()
-        for name in self.__slots__:
-            if name != "outputs":
-                setattr(other, name, getattr(self, name) - getattr(earlier, name))
-        other.outputs = {k: v - earlier.outputs.get(k, 0) for k, v in self.outputs.items()}
-        return other
-
-
-class _Reservoir:
-    """At most ``MAX_LATENCIES`` (candidate, serving) latency pairs, a uniform sample of all seen."""
-
-    def __init__(self, rng: random.Random) -> None:
-        self.pairs: list[tuple[float, float]] = []
-        self.seen = 0
-        self._rng = rng
-
-    def add(self, pair: tuple[float, float]) -> None:
-        self.seen += 1
-        if len(self.pairs) < MAX_LATENCIES:
-            self.pairs.append(pair)
-            return
-        slot = self._rng.randrange(self.seen)
-        if slot < MAX_LATENCIES:
-            self.pairs[slot] = pair
 
 
 # --------------------------------------------------------------------------- the run
@@ -263,10 +154,10 @@ class ShadowRun:
         self._offer_lock = threading.Lock()
         self._lock = threading.Lock()
         self._eligible = 0  # answered requests the sample picks from
-        self._counts = _Counts(list(self._judge.kinds))
+        self._counts = Counts(list(self._judge.kinds))
         self._rng = random.Random(0)  # the reservoirs' picks: the same traffic keeps the same requests
-        self._latencies = _Reservoir(self._rng)
-        self._window_latencies = _Reservoir(self._rng)
+        self._latencies = Reservoir(self._rng)
+        self._window_latencies = Reservoir(self._rng)
         self._last_error: str | None = None
         self._window_error: str | None = None
         self._started = time.time()
@@ -277,9 +168,8 @@ class ShadowRun:
         self._stop = threading.Event()
         self._done = threading.Event()
         if self._in_child:
-            child = self._start_child()
             self._thread = threading.Thread(
-                target=self._feed, args=child, name=f"shadow {self.release}", daemon=True
+                target=self._feed, args=self._start_child(), name=f"shadow {self.release}", daemon=True
             )
         else:
             self._thread = threading.Thread(target=self._work, name=f"shadow {self.release}", daemon=True)
@@ -376,7 +266,7 @@ class ShadowRun:
         try:
             found = self.candidate.infer(dict(sample.inputs))
         except Exception as e:  # the candidate's failure is a figure, not the worker's end
-            self._count_error(_shadow_child.one_line(e))
+            self._count_error(one_line(e))
             return
         infer_s = time.perf_counter() - started
         try:
@@ -402,47 +292,28 @@ class ShadowRun:
             self._window_latencies.add((infer_s, sample.infer_s))
 
     # -- the feeder of the child process --------------------------------------------------
-    def _start_child(self) -> tuple[Any, Any, str | None]:
-        """Start the child process and wait until it has loaded the candidate (at most
-        ``_START_S``): its connection, the process, and why it cannot run, if it cannot."""
-        context = multiprocessing.get_context("spawn")
-        conn, child_conn = context.Pipe()
+    def _start_child(self) -> tuple[CandidateProcess | None, str | None]:
+        """The child process, once it has loaded the candidate, or why it cannot run."""
         candidate = self.candidate
         assert isinstance(candidate, RuntimeModel)
-        child = context.Process(
-            target=_shadow_child.main,
-            args=(child_conn, str(candidate.folder)),
-            kwargs={
-                "candidate": candidate.manifest.model_dump_json(),
-                "serving": self._serving_manifest.model_dump_json(),
-                "cpu_budget": self.plan.cpu_budget,
-                "window_s": self.plan.window_s,
-            },
-            name=f"shadow {self.release}",
-            daemon=True,
-        )
         try:
-            child.start()
-            child_conn.close()
-            until = time.monotonic() + _START_S
-            while not conn.poll(_POLL_S):
-                if not child.is_alive():
-                    break
-                if time.monotonic() >= until:
-                    raise _ChildFailed(f"the candidate's process did not load it within {_START_S:.0f} s")
-            self._receive(conn, child, _POLL_S)
-        except _ChildFailed as e:
-            return conn, child, str(e)
-        except OSError as e:  # no process to be had
-            return conn, child, f"cannot start the candidate's process: {e}"
-        return conn, child, None
+            child = CandidateProcess(
+                candidate.folder,
+                candidate=candidate.manifest,
+                serving=self._serving_manifest,
+                cpu_budget=self.plan.cpu_budget,
+                window_s=self.plan.window_s,
+            )
+        except ChildFailed as e:
+            return None, str(e)
+        return child, None
 
-    def _feed(self, conn: Any, child: Any, error: str | None) -> None:
+    def _feed(self, child: CandidateProcess | None, error: str | None) -> None:
         try:
-            if error is not None:
-                raise _ChildFailed(error)
-            reason = self._serve_child(conn, child)
-        except _ChildFailed as e:
+            if child is None:
+                raise ChildFailed(error or "the candidate's process did not start")
+            reason = self._serve_child(child)
+        except ChildFailed as e:
             logger.error("shadow %s: %s", self.release, e)
             with self._lock:
                 self._last_error = self._window_error = str(e)
@@ -451,10 +322,11 @@ class ShadowRun:
             logger.exception("shadow %s: the feeder failed", self.release)
             reason = "failed"
         finally:
-            self._end_child(conn, child)
+            if child is not None:
+                child.close()
         self._finish(reason)
 
-    def _serve_child(self, conn: Any, child: Any) -> str:
+    def _serve_child(self, child: CandidateProcess) -> str:
         """Hand the sampled requests to the child in batches until the plan is met; why it ended."""
         plan = self.plan
         start = time.monotonic()
@@ -488,9 +360,7 @@ class ShadowRun:
             if not batch:
                 continue
             data = [(dict(s.inputs), dict(s.outputs)) for s in batch]
-            with contextlib.suppress(OSError):  # the child is gone: _receive says how
-                conn.send_bytes(pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL))
-            results = self._receive(conn, child, _STOP_WAIT_S + _TICK_S * len(batch) + 60.0)
+            results = child.judge(data, _STOP_WAIT_S + _TICK_S * len(batch) + 60.0)
             for sample, result in zip(batch, results, strict=True):
                 if result[0] == "ok":
                     _, infer_s, agrees, compare_error = result
@@ -503,41 +373,7 @@ class ShadowRun:
                     with self._lock:
                         self._counts.over_budget += 1
 
-    def _receive(self, conn: Any, child: Any, timeout_s: float) -> Any:
-        """The child's next message (its start-up's, or a batch's results); ``_ChildFailed``
-        when it ends or says it cannot run, or is silent for ``timeout_s``."""
-        until = time.monotonic() + timeout_s
-        while not conn.poll(min(_POLL_S, timeout_s)):
-            if not child.is_alive():
-                break
-            if time.monotonic() >= until:
-                raise _ChildFailed(f"the candidate's process did not answer within {timeout_s:.0f} s")
-        try:
-            data = conn.recv_bytes()
-        except (EOFError, OSError):
-            child.join(_CHILD_EXIT_S)
-            raise _ChildFailed(
-                f"the candidate's process ended unexpectedly (exit code {child.exitcode})"
-            ) from None
-        message = pickle.loads(data)
-        if isinstance(message, tuple) and message[0] == "error":
-            raise _ChildFailed(f"the candidate's process cannot run it: {message[1]}")
-        return message if not (isinstance(message, tuple) and message[0] == "ready") else None
-
-    @staticmethod
-    def _end_child(conn: Any, child: Any) -> None:
-        """Ask the child to end, terminate it if it does not within ``_CHILD_EXIT_S``."""
-        if child.pid is not None:
-            with contextlib.suppress(OSError):  # it is gone already
-                conn.send_bytes(b"")
-            child.join(_CHILD_EXIT_S)
-            if child.is_alive():
-                child.terminate()
-                child.join(_CHILD_EXIT_S)
-            child.close()
-        conn.close()
-
-    def _snapshot(self) -> _Counts:
+    def _snapshot(self) -> Counts:
         with self._offer_lock, self._lock:
             return self._counts.copy()
 
@@ -546,7 +382,7 @@ class ShadowRun:
         now = time.time() if now is None else now
         counts = self._snapshot()
         with self._lock:
-            latencies, self._window_latencies = self._window_latencies, _Reservoir(self._rng)
+            latencies, self._window_latencies = self._window_latencies, Reservoir(self._rng)
             error, self._window_error = self._window_error, None
         since, started = self._window_counts, self._window_started
         self._window_counts, self._window_started = counts, now
@@ -578,20 +414,20 @@ class ShadowRun:
     # -- figures ---------------------------------------------------------------------------
     def _figures(
         self,
-        counts: _Counts,
+        counts: Counts,
         pairs: list[tuple[float, float]],
         started: float,
         ended: float,
         error: str | None,
     ) -> ShadowFigures:
         compared = counts.compared
-        candidate = _percentiles([c for c, _ in pairs])
-        serving = _percentiles([s for _, s in pairs])
+        candidate = percentiles([c for c, _ in pairs])
+        serving = percentiles([s for _, s in pairs])
         return ShadowFigures(
             release=self.release,
             serving=self.serving,
-            started_at=_iso(started),
-            ended_at=_iso(ended),
+            started_at=iso(started),
+            ended_at=iso(ended),
             offered=counts.offered,
             sampled=counts.sampled,
             compared=compared,
@@ -648,47 +484,3 @@ class ShadowRun:
         self._wake.set()
         if self._thread is not threading.current_thread():
             self._thread.join(_STOP_WAIT_S)
-
-
-# --------------------------------------------------------------------------- the tap
-
-
-class ShadowTap:
-    """The agent's one shadow slot: the serving callback offers every request here, and the
-    run attached, if any, takes its share."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._run: ShadowRun | None = None
-
-    @property
-    def run(self) -> ShadowRun | None:
-        return self._run
-
-    def attach(self, run: ShadowRun) -> None:
-        """Feed ``run``; ``ShadowBusyError`` while another is attached."""
-        with self._lock:
-            if self._run is not None and self._run is not run:
-                raise ShadowBusyError(
-                    f"a shadow run of {self._run.release} is in progress: wait for it to end or stop it first"
-                )
-            self._run = run
-
-    def detach(self, run: ShadowRun) -> None:
-        """Stop feeding ``run`` (nothing if another is attached)."""
-        with self._lock:
-            if self._run is run:
-                self._run = None
-
-    def offer(
-        self,
-        version: str,
-        infer_s: float,
-        ok: bool,
-        inputs: Mapping[str, np.ndarray],
-        outputs: Mapping[str, np.ndarray] | None,
-    ) -> None:
-        """``agent.serving.OnInfer``: forwards to the run attached, if any."""
-        run = self._run
-        if run is not None:
-            run.offer(version, infer_s, ok, inputs, outputs)
