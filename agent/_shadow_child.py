@@ -19,9 +19,6 @@ inference, the comparison and the batches' decoding) is taken; a request that fi
 is skipped.
 An empty message ends the process.
 
-The child runs at the lowest CPU priority (nice 19): a core the serving process wants is
-taken from it at once, so that the candidate uses what serving leaves idle.
-
 ``CandidateProcess`` is the parent's side: it starts the child, waits until it has loaded the
 candidate, hands it batches and reads the results, and ends it.
 """
@@ -30,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
-import os
 import pickle
 import time
 from multiprocessing.connection import Connection
@@ -56,8 +52,6 @@ def one_line(e: BaseException) -> str:
 def main(
     conn: Connection, folder: str, *, candidate: str, serving: str, cpu_budget: float, window_s: float
 ) -> None:
-    with contextlib.suppress(OSError, AttributeError):  # no nice() here: the budget still holds
-        os.nice(19)
     try:
         model = load_bundle(Path(folder), threads=1)
         judge = Judge(Manifest.model_validate_json(candidate), Manifest.model_validate_json(serving))

@@ -11,8 +11,7 @@ bounded queue without waiting; a full queue drops the request and counts it (``d
 A candidate loaded from a bundle (``agent.runtime.RuntimeModel``) runs in a child process
 (``agent._shadow_child``, spawned when the run starts; the constructor waits until it has
 loaded the bundle itself, with one intra-op thread, at most a minute), so that its
-inference and the judging take neither the serving process's CPU nor its GIL, and at the
-lowest CPU priority, so that serving takes a core from it whenever it wants one. A feeder
+inference and the judging take neither the serving process's CPU nor its GIL. A feeder
 thread sleeps until a request is sampled, gathers for ``_TICK_S`` more (less if the queue
 gets half full), sends the requests waiting as one batch and counts the child's answers: at
 most one wake-up per batch, none while no request is sampled. A child that cannot load the
@@ -36,9 +35,8 @@ candidate (compared or failed: a candidate that always fails still ends), or whe
 
 Latencies are kept for at most ``MAX_LATENCIES`` requests (a reservoir, pairs of the
 candidate's and the serving model's time on the same request), per run and per window.
-
-A ``ShadowTap`` is the agent's one point where the serving path meets a run: the serving
-callback (``agent.serving.OnInfer``) feeds the tap, which forwards to the run attached, if any.
+The serving callback (``agent.serving.OnInfer``) feeds a ``ShadowTap`` (``agent._shadow_tap``),
+which forwards to the run attached, if any.
 """
 
 from __future__ import annotations
@@ -118,6 +116,28 @@ class _Sample(NamedTuple):
 
 
 # --------------------------------------------------------------------------- the run
+
+
+class _PlanClock:
+    """A run's times from its start: its deadline, if it has a duration, and its windows."""
+
+    def __init__(self, plan: ShadowPlan) -> None:
+        start = time.monotonic()
+        self.window_s = plan.window_s
+        self.deadline = start + plan.duration_s if plan.duration_s is not None else None
+        self.next_window = start + plan.window_s
+
+    def window_due(self, now: float) -> bool:
+        """Whether a window ended by ``now`` (the next one starts at the following boundary)."""
+        if now < self.next_window:
+            return False
+        while self.next_window <= now:
+            self.next_window += self.window_s
+        return True
+
+    def wake(self) -> float:
+        """When the loop must look again at the latest: the next window's end or the deadline."""
+        return min(self.next_window, self.deadline) if self.deadline is not None else self.next_window
 
 
 class ShadowRun:
@@ -232,26 +252,17 @@ class ShadowRun:
     def _serve_plan(self) -> str:
         """Run sampled requests on the candidate until the plan is met; why it ended."""
         plan = self.plan
-        start = time.monotonic()
-        deadline = start + plan.duration_s if plan.duration_s is not None else None
-        next_window = start + plan.window_s
+        clock = _PlanClock(plan)
         wall_since, cpu_since = time.perf_counter(), time.thread_time()
         while True:
             now = time.monotonic()
-            if self._stop.is_set():
-                return "stopped"
-            if deadline is not None and now >= deadline:
-                return "duration"
-            if plan.requests is not None and self._counts.compared + self._counts.errors >= plan.requests:
-                return "requests"
-            if now >= next_window:
+            if ended := self._plan_met(clock, now):
+                return ended
+            if clock.window_due(now):
                 self._close_window()
-                while next_window <= now:
-                    next_window += plan.window_s
                 wall_since, cpu_since = time.perf_counter(), time.thread_time()
-            wake = min(next_window, deadline) if deadline is not None else next_window
             try:
-                sample = self._queue.get(timeout=max(0.0, min(_POLL_S, wake - now)))
+                sample = self._queue.get(timeout=max(0.0, min(_POLL_S, clock.wake() - now)))
             except queue.Empty:
                 continue
             used = time.thread_time() - cpu_since
@@ -260,6 +271,17 @@ class ShadowRun:
                     self._counts.over_budget += 1
                 continue
             self._run_one(sample)
+
+    def _plan_met(self, clock: _PlanClock, now: float) -> str | None:
+        """Why the run ends at ``now``, if it does: stopped, its duration or its requests."""
+        if self._stop.is_set():
+            return "stopped"
+        if clock.deadline is not None and now >= clock.deadline:
+            return "duration"
+        requests = self.plan.requests
+        if requests is not None and self._counts.compared + self._counts.errors >= requests:
+            return "requests"
+        return None
 
     def _run_one(self, sample: _Sample) -> None:
         started = time.perf_counter()
@@ -328,24 +350,15 @@ class ShadowRun:
 
     def _serve_child(self, child: CandidateProcess) -> str:
         """Hand the sampled requests to the child in batches until the plan is met; why it ended."""
-        plan = self.plan
-        start = time.monotonic()
-        deadline = start + plan.duration_s if plan.duration_s is not None else None
-        next_window = start + plan.window_s
+        requests, clock = self.plan.requests, _PlanClock(self.plan)
         while True:
             now = time.monotonic()
-            if self._stop.is_set():
-                return "stopped"
-            if deadline is not None and now >= deadline:
-                return "duration"
+            if ended := self._plan_met(clock, now):
+                return ended
             done = self._counts.compared + self._counts.errors
-            if plan.requests is not None and done >= plan.requests:
-                return "requests"
-            if now >= next_window:
+            if clock.window_due(now):
                 self._close_window()
-                while next_window <= now:
-                    next_window += plan.window_s
-            wake = min(next_window, deadline) if deadline is not None else next_window
+            wake = clock.wake()
             if not self._pending:  # sleep until a request is sampled, the window ends or the plan
                 self._wake.wait(max(0.0, wake - now))
                 self._wake.clear()
@@ -355,8 +368,8 @@ class ShadowRun:
             with self._offer_lock:
                 batch = list(self._pending)
                 self._pending.clear()
-            if plan.requests is not None:
-                batch = batch[: plan.requests - done]
+            if requests is not None:
+                batch = batch[: requests - done]
             if not batch:
                 continue
             data = [(dict(s.inputs), dict(s.outputs)) for s in batch]

@@ -758,12 +758,12 @@ def plot(table: dict[str, dict[int, dict[str, Any]]], path: Path, repeats: int) 
     return True
 
 
-def build_bundle(out: Path, code_root: Path = ROOT) -> tuple[Path, Any, np.ndarray]:
+def build_bundle(out: Path, code_root: Path = ROOT, version: str = "1.0.0") -> tuple[Path, Any, np.ndarray]:
     """The digits x86-64-cpu bundle (built with ``edgec build``, of the code in ``code_root``),
     its manifest, one eval sample."""
     build = subprocess.run(
         [sys.executable, "-m", "edgec", "build", str(DIGITS / "model.onnx"), "--name", "digits",
-         "--version", "1.0.0", "--target", "x86-64-cpu", "--eval", str(DIGITS / "eval.npz"),
+         "--version", version, "--target", "x86-64-cpu", "--eval", str(DIGITS / "eval.npz"),
          "--out", str(out), "--force", "--json"],
         capture_output=True, text=True, cwd=code_root, check=False,
     )  # fmt: skip

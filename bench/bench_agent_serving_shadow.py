@@ -47,7 +47,6 @@ if str(ROOT) not in sys.path:
 from bench._common import ResponseFramer  # noqa: E402
 from bench.bench_agent_serving import (  # noqa: E402
     CONCURRENCY,
-    DIGITS,
     RESULTS,
     WARMUP_S,
     ServerProcess,
@@ -133,15 +132,7 @@ def serve(bundle: Path, root: Path) -> None:
 
 def build_candidate(out: Path) -> Path:
     """digits 1.1.0: the same network as the served 1.0.0, built again."""
-    build = subprocess.run(
-        [sys.executable, "-m", "edgec", "build", str(DIGITS / "model.onnx"), "--name", "digits",
-         "--version", "1.1.0", "--target", "x86-64-cpu", "--eval", str(DIGITS / "eval.npz"),
-         "--out", str(out), "--force", "--json"],
-        capture_output=True, text=True, cwd=ROOT, check=False,
-    )  # fmt: skip
-    if build.returncode != 0:
-        raise SystemExit(f"edgec build of the candidate failed:\n{build.stderr}")
-    return Path(json.loads(build.stdout)["bundles"][0]["path"])
+    return build_bundle(out, version="1.1.0")[0]
 
 
 def cpu_flags() -> list[str]:
