@@ -264,15 +264,12 @@ class ServerProcess:
     """``--serve SERVER`` in a process of its own (``serve``: its arguments, else ``SERVERS[label]``)."""
 
     def __init__(self, label: str, bundle: Path, serve: list[str] | None = None) -> None:
+        script, serve = str(Path(__file__).resolve()), serve or SERVERS[label]
+        self._start(label, [sys.executable, script, "--serve", *serve, "--bundle", str(bundle)])
+
+    def _start(self, label: str, command: list[str]) -> None:
+        """Run ``command``, a server that prints ``PORT N [SERVED_FROM]`` once it listens."""
         self.label = label
-        command = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--serve",
-            *(serve or SERVERS[label]),
-            "--bundle",
-            str(bundle),
-        ]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.process.stdout is not None
         line = self.process.stdout.readline()

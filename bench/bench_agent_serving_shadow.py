@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-import subprocess
 import sys
 import time
 import urllib.request
@@ -95,16 +94,8 @@ class ShadowServer(ServerProcess):
     """This script's ``--serve`` in a process of its own: the agent with a tap and ``/v2/shadow``."""
 
     def __init__(self, bundle: Path, root: Path) -> None:
-        self.label = "agent"
-        command = [sys.executable, str(Path(__file__).resolve()), "--serve", str(bundle), "--root", str(root)]
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line.startswith("PORT "):
-            self.process.kill()
-            raise SystemExit(f"the agent server did not start: {line!r}")
-        self.port = int(line.split()[1])
-        self.served_from = None
+        script = str(Path(__file__).resolve())
+        self._start("agent", [sys.executable, script, "--serve", str(bundle), "--root", str(root)])
 
     def shadow(self, method: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         data = None if body is None else json.dumps(body).encode()

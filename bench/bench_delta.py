@@ -248,80 +248,56 @@ def cases(out: Path, profiles: list[str]) -> dict[str, Callable[[], list[dict[st
     sources = out / "sources"
     sources.mkdir(parents=True, exist_ok=True)
 
-    def digits_head() -> list[dict[str, Any]]:
-        tuned = _moved_head(DIGITS / "model.onnx", sources / "digits-head.onnx", None, seed=1)
-        eval_set = _eval_subset(DIGITS / "eval.npz", sources / "digits-eval.npz", 100)
+    def releases(
+        case: str,
+        name: str,
+        models: tuple[Path, Path],
+        precisions: dict[str, str],
+        calibrations: tuple[Path, Path],
+        *,
+        eval_set: Path,
+    ) -> list[dict[str, Any]]:
+        """``name`` 1.0.0 and 1.0.1 built from the two models and calibrations, for each profile,
+        and what a device holding the first fetches of the second."""
         rows = []
         for profile in profiles:
-            precision = PROFILES[profile]
-            a = _build(
-                DIGITS / "model.onnx",
-                "digits:1.0.0",
-                profile,
-                precision,
-                calib=DIGITS / "calib.npz",
-                eval_set=eval_set,
-                out=out,
+            a, b = (
+                _build(
+                    model,
+                    f"{name}:{v}",
+                    profile,
+                    precisions[profile],
+                    calib=calib,
+                    eval_set=eval_set,
+                    out=out,
+                )
+                for model, v, calib in zip(models, ("1.0.0", "1.0.1"), calibrations, strict=True)
             )
-            b = _build(
-                tuned,
-                "digits:1.0.1",
-                profile,
-                precision,
-                calib=DIGITS / "calib.npz",
-                eval_set=eval_set,
-                out=out,
-            )
-            rows.append({"case": "digits-head", "profile": profile, **measure(a, b, out / "work")})
+            rows.append({"case": case, "profile": profile, **measure(a, b, out / "work")})
         return rows
+
+    def digits_head() -> list[dict[str, Any]]:
+        model = DIGITS / "model.onnx"
+        tuned = _moved_head(model, sources / "digits-head.onnx", None, seed=1)
+        eval_set = _eval_subset(DIGITS / "eval.npz", sources / "digits-eval.npz", 100)
+        calib = DIGITS / "calib.npz"
+        return releases("digits-head", "digits", (model, tuned), PROFILES, (calib, calib), eval_set=eval_set)
 
     def mobilenet_head() -> list[dict[str, Any]]:
         model = MOBILENET / "mobilenetv2.onnx"
         tuned = _moved_head(model, sources / "mobilenet-head.onnx", slice(0, 10), seed=2)
         eval_set = _eval_subset(MOBILENET / "eval.npz", sources / "mobilenet-eval.npz", 20)
-        rows = []
-        for profile in profiles:
-            precision = PROFILES[profile]
-            a = _build(
-                model,
-                "mnv2:1.0.0",
-                profile,
-                precision,
-                calib=MOBILENET / "calib.npz",
-                eval_set=eval_set,
-                out=out,
-            )
-            b = _build(
-                tuned,
-                "mnv2:1.0.1",
-                profile,
-                precision,
-                calib=MOBILENET / "calib.npz",
-                eval_set=eval_set,
-                out=out,
-            )
-            rows.append({"case": "mobilenet-head", "profile": profile, **measure(a, b, out / "work")})
-        return rows
+        calib = MOBILENET / "calib.npz"
+        return releases("mobilenet-head", "mnv2", (model, tuned), PROFILES, (calib, calib), eval_set=eval_set)
 
     def mobilenet_requant() -> list[dict[str, Any]]:
         model = MOBILENET / "mobilenetv2.onnx"
         eval_set = _eval_subset(MOBILENET / "eval.npz", sources / "mobilenet-eval.npz", 20)
         other = _other_calibration(sources / "mobilenet-calib-b.npz")
-        rows = []
-        for profile in profiles:
-            precision = REQUANT_PROFILES[profile]
-            a = _build(
-                model,
-                "mnv2q:1.0.0",
-                profile,
-                precision,
-                calib=MOBILENET / "calib.npz",
-                eval_set=eval_set,
-                out=out,
-            )
-            b = _build(model, "mnv2q:1.0.1", profile, precision, calib=other, eval_set=eval_set, out=out)
-            rows.append({"case": "mobilenet-requant", "profile": profile, **measure(a, b, out / "work")})
-        return rows
+        calibrations = (MOBILENET / "calib.npz", other)
+        return releases(
+            "mobilenet-requant", "mnv2q", (model, model), REQUANT_PROFILES, calibrations, eval_set=eval_set
+        )
 
     return {
         "digits-head": digits_head,
