@@ -98,8 +98,9 @@ class ChildFailed(EdgecError):
 
 class CandidateProcess:
     """The parent's side of the child: ``CandidateProcess(folder, ...)`` starts it and waits
-    until it has loaded the candidate (at most ``_START_S``); ``judge`` hands it one batch and
-    returns its results; ``close`` ends it. ``ChildFailed`` says why it cannot go on."""
+    until it has loaded the candidate (at most ``_START_S``); ``send`` hands it one batch,
+    ``answered`` (without waiting) or ``results`` (waiting) return its results; ``close`` ends
+    it. ``ChildFailed`` says why it cannot go on."""
 
     def __init__(
         self, folder: Path, *, candidate: Manifest, serving: Manifest, cpu_budget: float, window_s: float
@@ -125,16 +126,27 @@ class CandidateProcess:
                 raise ChildFailed(f"cannot start the candidate's process: {e}") from e
             finally:
                 child_conn.close()
-            self._receive(_START_S, "load the candidate")
+            self._receive(_START_S, f"load the candidate within {_START_S:.0f} s")
         except ChildFailed:
             self.close()
             raise
 
-    def judge(self, batch: list[tuple[dict[str, Any], dict[str, Any]]], timeout_s: float) -> list[Any]:
-        """The child's results for ``batch`` (``(inputs, serving outputs)`` pairs), in order."""
-        with contextlib.suppress(OSError):  # the child is gone: _receive says how
+    def send(self, batch: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+        """Hand the child one batch of ``(inputs, serving outputs)`` pairs to run and judge."""
+        with contextlib.suppress(OSError):  # the child is gone: the next read says how
             self._conn.send_bytes(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
-        results: list[Any] = self._receive(timeout_s, "answer")
+
+    def answered(self, wait_s: float = 0.0) -> list[Any] | None:
+        """The child's results for the batch sent last, in order, if they are in (waiting at
+        most ``wait_s`` for them); None if not yet. ``ChildFailed`` if the child has ended."""
+        if not self._conn.poll(wait_s) and self._process.is_alive():
+            return None
+        results: list[Any] = self._read()
+        return results
+
+    def results(self, timeout_s: float) -> list[Any]:
+        """The child's results for the batch sent last, waiting for them at most ``timeout_s``."""
+        results: list[Any] = self._receive(timeout_s, f"answer within {timeout_s:.0f} s")
         return results
 
     def _receive(self, timeout_s: float, doing: str) -> Any:
@@ -145,7 +157,10 @@ class CandidateProcess:
             if not self._process.is_alive():
                 break
             if time.monotonic() >= until:
-                raise ChildFailed(f"the candidate's process did not {doing} within {timeout_s:.0f} s")
+                raise ChildFailed(f"the candidate's process did not {doing}")
+        return self._read()
+
+    def _read(self) -> Any:
         try:
             data = self._conn.recv_bytes()
         except (EOFError, OSError):

@@ -12,9 +12,10 @@ A candidate loaded from a bundle (``agent.runtime.RuntimeModel``) runs in a chil
 (``agent._shadow_child``, spawned when the run starts; the constructor waits until it has
 loaded the bundle itself, with one intra-op thread, at most a minute), so that its
 inference and the judging take neither the serving process's CPU nor its GIL. A feeder
-thread sleeps until a request is sampled, gathers for ``_TICK_S`` more (less if the queue
-gets half full), sends the requests waiting as one batch and counts the child's answers: at
-most one wake-up per batch, none while no request is sampled. A child that cannot load the
+thread hands the child the requests sampled since its last look as one batch, once a tick
+(``_TICK_S``), and counts the answers to that batch at its next look: one wake-up of the
+serving process a tick while requests are sampled (another when the queue half fills before
+the tick ends), none while none are. A child that cannot load the
 candidate, or that dies (a runtime's crash), ends the run ("failed", ``last_error`` says how)
 and leaves serving as it was. Any other candidate (a ``LoadedModel`` with no folder) runs on
 a worker thread of this process, one request at a time, as before.
@@ -48,18 +49,17 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from agent._shadow_child import CandidateProcess, ChildFailed, one_line
 from agent._shadow_figures import MAX_LATENCIES, Counts, Reservoir, ShadowFigures, iso, percentiles
 from agent._shadow_judge import Judge, ShadowMismatchError
+from agent._shadow_plan import PlanClock, ShadowPlan
 from agent._shadow_tap import ShadowBusyError, ShadowTap
 from agent.runtime import RuntimeModel
 from agent.slot import LoadedModel
-from edgec.errors import OptionError
 from edgec.manifest import Manifest
 
 __all__ = [
@@ -76,37 +76,8 @@ logger = logging.getLogger(__name__)
 
 _POLL_S = 0.1  # how often the idle worker looks at the clock and the stop flag
 _STOP_WAIT_S = 10.0  # how long close() and a stopped wait() give the worker to finish a request
-_TICK_S = 0.015  # how long the feeder gathers sampled requests into a batch for the child process
-
-
-@dataclass(frozen=True)
-class ShadowPlan:
-    """How long a shadow run lasts and what it may take (see the module docstring)."""
-
-    duration_s: float | None = None  # stop after this long ...
-    requests: int | None = None  # ... or after this many requests run on the candidate, whichever first
-    sample: float = 0.1  # share of served requests also run on the candidate
-    cpu_budget: float = 0.5  # the candidate may use at most this share of one core
-    window_s: float = 10.0  # a window of figures is handed to on_window this often
-    queue: int = 8  # sampled requests waiting for the candidate; more are dropped (counted)
-
-    def __post_init__(self) -> None:
-        if self.duration_s is None and self.requests is None:
-            raise OptionError("a shadow plan needs a duration or a request count (or both)")
-        if self.duration_s is not None and not self.duration_s > 0:
-            raise OptionError(f"shadow duration must be > 0 s, got {self.duration_s}")
-        if self.requests is not None and self.requests < 1:
-            raise OptionError(f"shadow request count must be >= 1, got {self.requests}")
-        if not 0.0 < self.sample <= 1.0:
-            raise OptionError(f"shadow sample must be a share in (0, 1], got {self.sample}")
-        if not 0.0 < self.cpu_budget <= 1.0:
-            raise OptionError(
-                f"shadow CPU budget must be a share of one core in (0, 1], got {self.cpu_budget}"
-            )
-        if not self.window_s > 0:
-            raise OptionError(f"shadow window must be > 0 s, got {self.window_s}")
-        if self.queue < 1:
-            raise OptionError(f"shadow queue must hold at least 1 request, got {self.queue}")
+_TICK_S = 0.1  # how often the feeder hands the child process the requests sampled since
+_ANSWER_S = 60.0  # how long the child may take to answer a batch (and 1 s more per request)
 
 
 class _Sample(NamedTuple):
@@ -116,28 +87,6 @@ class _Sample(NamedTuple):
 
 
 # --------------------------------------------------------------------------- the run
-
-
-class _PlanClock:
-    """A run's times from its start: its deadline, if it has a duration, and its windows."""
-
-    def __init__(self, plan: ShadowPlan) -> None:
-        start = time.monotonic()
-        self.window_s = plan.window_s
-        self.deadline = start + plan.duration_s if plan.duration_s is not None else None
-        self.next_window = start + plan.window_s
-
-    def window_due(self, now: float) -> bool:
-        """Whether a window ended by ``now`` (the next one starts at the following boundary)."""
-        if now < self.next_window:
-            return False
-        while self.next_window <= now:
-            self.next_window += self.window_s
-        return True
-
-    def wake(self) -> float:
-        """When the loop must look again at the latest: the next window's end or the deadline."""
-        return min(self.next_window, self.deadline) if self.deadline is not None else self.next_window
 
 
 class ShadowRun:
@@ -171,6 +120,7 @@ class ShadowRun:
         self._pending: collections.deque[_Sample] = collections.deque()
         self._wake_at = max(1, plan.queue // 2)  # pending samples that wake the feeder early
         self._wake = threading.Event()
+        self._idle = False  # the feeder sleeps until a request is sampled
         self._offer_lock = threading.Lock()
         self._lock = threading.Lock()
         self._eligible = 0  # answered requests the sample picks from
@@ -227,7 +177,8 @@ class ShadowRun:
                         counts.dropped += 1
                         return
                     self._pending.append(_Sample(inputs, outputs, infer_s))
-                    if len(self._pending) not in {1, self._wake_at}:
+                    waiting = len(self._pending)  # wake the feeder if it sleeps, or the queue half fills
+                    if waiting != self._wake_at and not (waiting == 1 and self._idle):
                         return
             if self._in_child:
                 self._wake.set()
@@ -252,7 +203,7 @@ class ShadowRun:
     def _serve_plan(self) -> str:
         """Run sampled requests on the candidate until the plan is met; why it ended."""
         plan = self.plan
-        clock = _PlanClock(plan)
+        clock = PlanClock(plan)
         wall_since, cpu_since = time.perf_counter(), time.thread_time()
         while True:
             now = time.monotonic()
@@ -272,7 +223,7 @@ class ShadowRun:
                 continue
             self._run_one(sample)
 
-    def _plan_met(self, clock: _PlanClock, now: float) -> str | None:
+    def _plan_met(self, clock: PlanClock, now: float) -> str | None:
         """Why the run ends at ``now``, if it does: stopped, its duration or its requests."""
         if self._stop.is_set():
             return "stopped"
@@ -349,42 +300,80 @@ class ShadowRun:
         self._finish(reason)
 
     def _serve_child(self, child: CandidateProcess) -> str:
-        """Hand the sampled requests to the child in batches until the plan is met; why it ended."""
-        requests, clock = self.plan.requests, _PlanClock(self.plan)
+        """Hand the sampled requests to the child in batches until the plan is met; why it ended.
+
+        One batch at a time is with the child. The feeder wakes once a tick: it counts the
+        answers to the batch it sent before, if they are in, and sends the requests gathered
+        since as the next batch. It wakes early when the queue is half full (and then, if the
+        child still holds a batch, waits for its answers), and sleeps while nothing is sampled."""
+        requests, clock, wake = self.plan.requests, PlanClock(self.plan), self._wake
+        sent: list[_Sample] = []  # the batch the child holds
+        answer_by = 0.0
         while True:
+            wake.clear()
             now = time.monotonic()
+            if sent and (results := child.answered()) is not None:
+                self._count_results(sent, results)
+                sent = []
+            elif sent and now > answer_by:
+                raise ChildFailed(f"the candidate's process did not answer {len(sent)} requests in time")
             if ended := self._plan_met(clock, now):
+                self._last_answers(child, sent, _STOP_WAIT_S / 2 if ended == "stopped" else _ANSWER_S)
                 return ended
-            done = self._counts.compared + self._counts.errors
             if clock.window_due(now):
                 self._close_window()
-            wake = clock.wake()
-            if not self._pending:  # sleep until a request is sampled, the window ends or the plan
-                self._wake.wait(max(0.0, wake - now))
-                self._wake.clear()
-            if self._pending and len(self._pending) < self._wake_at:  # gather a batch
-                self._wake.wait(max(0.0, min(_TICK_S, wake - time.monotonic())))
-                self._wake.clear()
             with self._offer_lock:
-                batch = list(self._pending)
-                self._pending.clear()
-            if requests is not None:
-                batch = batch[: requests - done]
-            if not batch:
-                continue
-            data = [(dict(s.inputs), dict(s.outputs)) for s in batch]
-            results = child.judge(data, _STOP_WAIT_S + _TICK_S * len(batch) + 60.0)
-            for sample, result in zip(batch, results, strict=True):
-                if result[0] == "ok":
-                    _, infer_s, agrees, compare_error = result
-                    if compare_error is not None:
-                        logger.error("shadow %s: comparing outputs failed: %s", self.release, compare_error)
-                    self._count_compared(sample, infer_s, dict(zip(self._judge.kinds, agrees, strict=True)))
-                elif result[0] == "error":
-                    self._count_error(result[1])
-                else:
-                    with self._lock:
-                        self._counts.over_budget += 1
+                batch = []
+                if not sent:
+                    batch = list(self._pending)
+                    self._pending.clear()
+                waiting = len(self._pending)
+                self._idle = not sent and not batch
+            if requests is not None:  # the plan's last requests: no more than it needs
+                del batch[max(0, requests - self._counts.compared - self._counts.errors) :]
+            if batch:
+                child.send([(dict(x.inputs), dict(x.outputs)) for x in batch])
+                sent, answer_by = batch, now + _ANSWER_S + len(batch)
+            until = clock.wake()
+            if self._idle:  # nothing sampled: sleep until a request is, a window ends or the plan
+                wake.wait(max(0.0, until - now))
+            elif sent and waiting >= self._wake_at:  # the queue fills: take the answers as they come
+                if (results := child.answered(max(0.0, min(_TICK_S, until - now)))) is not None:
+                    self._count_results(sent, results)
+                    sent = []
+            else:
+                wake.wait(max(0.0, min(_TICK_S, until - now)))
+            self._idle = False
+
+    def _last_answers(self, child: CandidateProcess, sent: list[_Sample], wait_s: float) -> None:
+        """Count the answers to the batch the child holds and to the requests sampled since
+        (as many as the plan still needs), waiting at most ``wait_s`` for them in all."""
+        until = time.monotonic() + wait_s
+        with self._offer_lock:
+            rest = list(self._pending)
+            self._pending.clear()
+        requests = self.plan.requests
+        if requests is not None:
+            del rest[max(0, requests - self._counts.compared - self._counts.errors - len(sent)) :]
+        for batch in (sent, rest):
+            if batch:
+                if batch is rest:
+                    child.send([(dict(x.inputs), dict(x.outputs)) for x in rest])
+                self._count_results(batch, child.results(max(_POLL_S, until - time.monotonic())))
+
+    def _count_results(self, batch: list[_Sample], results: list[Any]) -> None:
+        """Count the child's answers to ``batch`` (see ``agent._shadow_child``)."""
+        for sample, result in zip(batch, results, strict=True):
+            if result[0] == "ok":
+                _, infer_s, agrees, compare_error = result
+                if compare_error is not None:
+                    logger.error("shadow %s: comparing outputs failed: %s", self.release, compare_error)
+                self._count_compared(sample, infer_s, dict(zip(self._judge.kinds, agrees, strict=True)))
+            elif result[0] == "error":
+                self._count_error(result[1])
+            else:
+                with self._lock:
+                    self._counts.over_budget += 1
 
     def _snapshot(self) -> Counts:
         with self._offer_lock, self._lock:

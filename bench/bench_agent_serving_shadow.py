@@ -16,11 +16,11 @@ to back, which goes first rotating:
 
 The closed-loop load generator is bench/bench_agent_serving.py's (this process, keep-alive
 connections, each sending its next JSON request when the last answer is in) at concurrency 1,
-4 and 16; the paced one (``--rates``, default 200 and 1000 requests/s) sends requests due at
-fixed times on 8 keep-alive connections. Client-side p50 and p99, requests/s, ``--seconds`` per
-measurement after a 0.5 s warm-up, and the CPU per request of the server process and of the
-shadow's candidate process. Reported: the median of ``--repeats`` rounds per
-side and concurrency, and shadow over no shadow (the goal: within 5 %). Writes
+4 and 16 (``--concurrency``); the paced one (``--rates``, default 200 and 1000 requests/s)
+sends requests due at fixed times on 8 keep-alive connections. Client-side p50 and p99,
+requests/s, ``--seconds`` per measurement after a 0.5 s warm-up, and the CPU per request of
+the server process and of the shadow's candidate process. Reported: the median of
+``--repeats`` rounds per side and load, and shadow over no shadow (the goal: within 5 %). Writes
 ``bench/results/agent_serving_shadow.json``, ``.md`` and ``.png``. About 4 minutes on 2 cores
 with the defaults.
 """
@@ -339,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
     request = json_request(name, sample, f"/v2/models/{manifest.name}/infer")
     expected = session_for(bundle).run(None, {name: sample})[0].ravel()
     server = ShadowServer(bundle, args.bundles)
-    loads: list[int | float] = [*CONCURRENCY, *args.rates]
+    loads: list[int | float] = [*args.concurrency, *args.rates]
     rounds: dict[str, dict[str, list[dict[str, Any]]]] = {
         side: {load_label(load): [] for load in loads} for side in SIDES
     }
@@ -418,7 +418,7 @@ def run(args: argparse.Namespace) -> int:
             "repeats": args.repeats,
             "seconds_per_run": args.seconds,
             "warmup_s": WARMUP_S,
-            "concurrency": list(CONCURRENCY),
+            "concurrency": list(args.concurrency),
             "paced_rates_per_s": list(args.rates),
             "paced_connections": PACED_CONNECTIONS,
             "workers": 0,
@@ -471,6 +471,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="measured seconds per run (default 2)")
     parser.add_argument(
         "--sample", type=float, default=0.1, help="the shadow's share of requests (default 0.1)"
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=lambda text: [int(c) for c in text.split(",") if c],
+        default=list(CONCURRENCY),
+        help="closed-loop loads, connections, comma-separated; empty for none (default 1,4,16)",
     )
     parser.add_argument(
         "--rates",

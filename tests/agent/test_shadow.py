@@ -25,6 +25,7 @@ import onnx
 import pytest
 from onnx import helper
 
+from agent._shadow_child import CandidateProcess
 from agent._shadow_judge import Judge
 from agent.runtime import RuntimeModel, load_bundle
 from agent.serving import InferenceServer
@@ -347,6 +348,36 @@ def test_windows_are_handed_over_and_add_up_to_the_totals(bundles, serving, inpu
     assert all(w.started_at < w.ended_at for w in windows)
     assert windows[0].started_at == totals.started_at
     assert windows[-1].ended_at == totals.ended_at
+
+
+def test_the_child_is_fed_once_a_tick_and_a_stop_counts_every_sampled_request(
+    bundles, serving, inputs, monkeypatch
+) -> None:
+    """The serving process's feeder wakes once a tick while requests are sampled, not once a
+    request; what it holds when the run stops is still run and counted."""
+    batches: list[int] = []
+    send = CandidateProcess.send
+
+    def counted(self: CandidateProcess, batch: list[Any]) -> None:
+        batches.append(len(batch))
+        send(self, batch)
+
+    monkeypatch.setattr(CandidateProcess, "send", counted)
+    plan = ShadowPlan(duration_s=60, sample=1.0, cpu_budget=1.0, queue=64)
+    run = ShadowRun(load_bundle(bundles["2.0.0"]), serving.manifest, plan)
+    started = time.monotonic()
+    for i in range(50):  # 2 requests every 20 ms: 100 sampled a second for 1 s
+        offer_all(run, serving, inputs[2 * i : 2 * i + 2])
+        time.sleep(max(0.0, started + 0.02 * (i + 1) - time.monotonic()))
+    elapsed = time.monotonic() - started
+    run.close()
+    figures = run.figures()
+    assert figures.reason == "stopped"
+    assert (figures.offered, figures.sampled, figures.compared, figures.dropped) == (100, 100, 100, 0)
+    assert sum(batches) == 100
+    # one batch each 100 ms tick (plus the first request's and the stop's); fed every 15 ms,
+    # as before, it was one every 20 ms here, each request pair
+    assert len(batches) <= elapsed / 0.1 + 3, (elapsed, batches)
 
 
 def test_a_duration_ends_a_run_without_traffic_and_a_stop_event_ends_a_wait(bundles, serving) -> None:
