@@ -327,7 +327,8 @@ def write_markdown(result: dict[str, Any]) -> None:
     note = (
         "# Delta downloads\n\nBytes a device downloads for a release built from the one it holds "
         "(`bench/bench_delta.py`), measured through the agent's delta assembly against a real "
-        f"installed folder. Machine: {machine['cpu']} ({', '.join(machine['isa'])}), {result['when']}.\n\n"
+        f"installed folder. Machine: {machine['cpu']} ({', '.join(machine['isa'])}), "
+        f"{result['created_at']}.\n\n"
         "*release*: every file of the new bundle; *fixed 256 KiB*: the old chunks of the new "
         "release that the installed one does not hold (by hash); *targets.json*: the repository's "
         "after publishing both releases of the pair, and what the `cdc` tables add to it.\n\n"
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     RESULTS.mkdir(exist_ok=True)
     result = {
-        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine,
         "libraries": library_versions(["pyfastcdc", "onnx", "onnxruntime", "ai-edge-litert", "tensorflow"]),
         "fixed_chunk_bytes": CHUNK_BYTES,

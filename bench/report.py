@@ -38,7 +38,7 @@ def _table(headers: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
 
 
 def _image(name: str) -> str:
-    return f"\n![{name}](results/{name}.png)\n" if (RESULTS / f"{name}.png").exists() else ""
+    return f"\n\n![{name}](results/{name}.png)\n" if (RESULTS / f"{name}.png").exists() else ""
 
 
 def onnx_precision(data: dict[str, Any]) -> str:
