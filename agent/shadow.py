@@ -86,6 +86,11 @@ class _Sample(NamedTuple):
     infer_s: float
 
 
+def _send(child: CandidateProcess, batch: list[_Sample]) -> None:
+    """Hand ``batch`` to the child: each request's inputs and the serving model's outputs."""
+    child.send([(dict(x.inputs), dict(x.outputs)) for x in batch])
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -229,10 +234,15 @@ class ShadowRun:
             return "stopped"
         if clock.deadline is not None and now >= clock.deadline:
             return "duration"
-        requests = self.plan.requests
-        if requests is not None and self._counts.compared + self._counts.errors >= requests:
+        if self._still_needed() == 0:
             return "requests"
         return None
+
+    def _still_needed(self, in_flight: int = 0) -> int | None:
+        """How many more requests the plan needs run (besides ``in_flight``); None: no count."""
+        if self.plan.requests is None:
+            return None
+        return max(0, self.plan.requests - self._counts.compared - self._counts.errors - in_flight)
 
     def _run_one(self, sample: _Sample) -> None:
         started = time.perf_counter()
@@ -306,7 +316,7 @@ class ShadowRun:
         answers to the batch it sent before, if they are in, and sends the requests gathered
         since as the next batch. It wakes early when the queue is half full (and then, if the
         child still holds a batch, waits for its answers), and sleeps while nothing is sampled."""
-        requests, clock, wake = self.plan.requests, PlanClock(self.plan), self._wake
+        clock, wake = PlanClock(self.plan), self._wake
         sent: list[_Sample] = []  # the batch the child holds
         answer_by = 0.0
         while True:
@@ -329,10 +339,10 @@ class ShadowRun:
                     self._pending.clear()
                 waiting = len(self._pending)
                 self._idle = not sent and not batch
-            if requests is not None:  # the plan's last requests: no more than it needs
-                del batch[max(0, requests - self._counts.compared - self._counts.errors) :]
+            if (needed := self._still_needed()) is not None:  # the plan's last requests: no more
+                del batch[needed:]
             if batch:
-                child.send([(dict(x.inputs), dict(x.outputs)) for x in batch])
+                _send(child, batch)
                 sent, answer_by = batch, now + _ANSWER_S + len(batch)
             until = clock.wake()
             if self._idle:  # nothing sampled: sleep until a request is, a window ends or the plan
@@ -352,14 +362,13 @@ class ShadowRun:
         with self._offer_lock:
             rest = list(self._pending)
             self._pending.clear()
-        requests = self.plan.requests
-        if requests is not None:
-            del rest[max(0, requests - self._counts.compared - self._counts.errors - len(sent)) :]
-        for batch in (sent, rest):
-            if batch:
-                if batch is rest:
-                    child.send([(dict(x.inputs), dict(x.outputs)) for x in rest])
-                self._count_results(batch, child.results(max(_POLL_S, until - time.monotonic())))
+        if (needed := self._still_needed(len(sent))) is not None:
+            del rest[needed:]
+        if sent:
+            self._count_results(sent, child.results(max(_POLL_S, until - time.monotonic())))
+        if rest:
+            _send(child, rest)
+            self._count_results(rest, child.results(max(_POLL_S, until - time.monotonic())))
 
     def _count_results(self, batch: list[_Sample], results: list[Any]) -> None:
         """Count the child's answers to ``batch`` (see ``agent._shadow_child``)."""
